@@ -1,0 +1,388 @@
+// The drun command-line tool: keygen, sign, verify, manifest.
+//
+// Exit status: 0 success; 1 integrity or authenticity failure; 2 usage or configuration error;
+// 3 I/O error. Results go to stdout, diagnostics to stderr; secrets are never printed.
+#include <drun/drun.hpp>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <atomic>
+#include <charconv>
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+namespace {
+
+constexpr int exit_ok = 0, exit_integrity = 1, exit_usage = 2, exit_io = 3;
+
+struct usage_error {
+  std::string message;
+};
+
+// A small option parser: --name VALUE, --name=VALUE, flags, repeatable options, positionals.
+struct option_spec {
+  std::string name;
+  bool takes_value;
+  bool repeatable = false;
+};
+
+struct parsed_args {
+  std::vector<std::string> positional;
+  std::map<std::string, std::vector<std::string>> values;
+  bool has(const std::string& n) const { return values.count(n) != 0; }
+  std::optional<std::string> get(const std::string& n) const {
+    auto it = values.find(n);
+    if (it == values.end()) return std::nullopt;
+    return it->second.back();
+  }
+  std::vector<std::string> all(const std::string& n) const {
+    auto it = values.find(n);
+    return it == values.end() ? std::vector<std::string>{} : it->second;
+  }
+};
+
+parsed_args parse_args(int argc, char** argv, int first, const std::vector<option_spec>& specs) {
+  parsed_args out;
+  for (int i = first; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--") {
+      for (++i; i < argc; ++i) out.positional.emplace_back(argv[i]);
+      break;
+    }
+    if (a.rfind("--", 0) != 0 || a.size() == 2) {
+      if (a.size() > 1 && a[0] == '-') throw usage_error{fmt::format("unknown option {}", a)};
+      out.positional.push_back(a);
+      continue;
+    }
+    std::string name = a.substr(2), value;
+    bool inline_value = false;
+    if (auto eq = name.find('='); eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+      inline_value = true;
+    }
+    auto spec = std::find_if(specs.begin(), specs.end(), [&](const option_spec& s) { return s.name == name; });
+    if (spec == specs.end()) throw usage_error{fmt::format("unknown option --{}", name)};
+    if (spec->takes_value && !inline_value) {
+      if (i + 1 >= argc) throw usage_error{fmt::format("--{} needs a value", name)};
+      value = argv[++i];
+    } else if (!spec->takes_value && inline_value) {
+      throw usage_error{fmt::format("--{} takes no value", name)};
+    }
+    if (!spec->repeatable && out.has(name)) throw usage_error{fmt::format("--{} given twice", name)};
+    out.values[name].push_back(value);
+  }
+  return out;
+}
+
+std::uint64_t parse_size(const std::string& text, const char* what) {
+  std::uint64_t v = 0;
+  auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+  std::string_view suffix(p, static_cast<std::size_t>(text.data() + text.size() - p));
+  unsigned shift = 0;
+  if (suffix == "" ) shift = 0;
+  else if (suffix == "K" || suffix == "KiB" || suffix == "k") shift = 10;
+  else if (suffix == "M" || suffix == "MiB" || suffix == "m") shift = 20;
+  else if (suffix == "G" || suffix == "GiB" || suffix == "g") shift = 30;
+  else throw usage_error{fmt::format("{} \"{}\" is not a number of bytes", what, text)};
+  if (ec != std::errc() || p == text.data() || (shift && v > (UINT64_MAX >> shift)))
+    throw usage_error{fmt::format("{} \"{}\" is not a number of bytes", what, text)};
+  return v << shift;
+}
+
+unsigned parse_threads(const parsed_args& args) {
+  auto t = args.get("threads");
+  if (!t) return 0;
+  auto v = parse_size(*t, "--threads");
+  if (v == 0 || v > 1024) throw usage_error{"--threads must be between 1 and 1024"};
+  return static_cast<unsigned>(v);
+}
+
+int exit_status(drun::errc c) {
+  switch (c) {
+    case drun::errc::invalid_argument:
+    case drun::errc::key_error:
+    case drun::errc::unsafe_entry: return exit_usage;
+    case drun::errc::io_error:
+    case drun::errc::not_found: return exit_io;
+    default: return exit_integrity;
+  }
+}
+
+int fail(std::string_view command, const drun::error& e) {
+  fmt::print(stderr, "drun {}: {}\n", command, e.message());
+  return exit_status(e.code());
+}
+
+// A progress line on stderr, only when stderr is a terminal and the work has run for a second.
+class progress_line {
+ public:
+  explicit progress_line(const char* verb) : verb_(verb), enabled_(::isatty(2) == 1) {}
+  ~progress_line() {
+    if (shown_) fmt::print(stderr, "\r\033[K");
+  }
+  drun::progress_callback callback() {
+    if (!enabled_) return {};
+    return [this](std::uint64_t done, std::uint64_t total) {
+      auto now = std::chrono::steady_clock::now();
+      std::unique_lock lock(mutex_, std::try_to_lock);
+      if (!lock || now - start_ < std::chrono::seconds(1) || now - last_ < std::chrono::milliseconds(100)) return;
+      last_ = now;
+      shown_ = true;
+      double secs = std::chrono::duration<double>(now - start_).count();
+      fmt::print(stderr, "\r{}: {:3.0f}%  {:.0f} / {:.0f} MiB  {:.0f} MiB/s", verb_,
+                 total ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 100.0,
+                 static_cast<double>(done) / 1048576.0, static_cast<double>(total) / 1048576.0,
+                 static_cast<double>(done) / 1048576.0 / secs);
+    };
+  }
+
+ private:
+  const char* verb_;
+  bool enabled_;
+  bool shown_ = false;
+  std::mutex mutex_;
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now(), last_{};
+};
+
+// The signature file's path relative to the model root, when it lies inside it: it is ignored.
+std::optional<std::string> signature_inside(const std::filesystem::path& model, const std::filesystem::path& sig) {
+  std::error_code ec;
+  auto root = std::filesystem::weakly_canonical(model, ec);
+  if (ec) return std::nullopt;
+  auto s = std::filesystem::weakly_canonical(sig, ec);
+  if (ec) return std::nullopt;
+  auto rel = s.lexically_relative(root);
+  if (rel.empty() || *rel.begin() == ".." || rel == ".") return std::nullopt;
+  return rel.generic_string();
+}
+
+std::filesystem::path default_signature(const std::filesystem::path& model) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(model, ec)) return model / "model.sig";
+  auto p = model;
+  p += ".sig";
+  return p;
+}
+
+std::string one_positional(const parsed_args& args, const char* what) {
+  if (args.positional.size() != 1)
+    throw usage_error{fmt::format("expected exactly one {} (got {})", what, args.positional.size())};
+  return args.positional[0];
+}
+
+// ---- commands ------------------------------------------------------------------------------
+
+int cmd_keygen(int argc, char** argv) {
+  auto args = parse_args(argc, argv, 2, {{"type", true}, {"out", true}});
+  if (!args.positional.empty()) throw usage_error{"keygen takes no positional arguments"};
+  auto type_name = args.get("type").value_or("ed25519");
+  auto type = drun::parse_key_type(type_name);
+  if (!type) throw usage_error{fmt::format("unknown key type \"{}\" (ed25519, ecdsa-p256, ecdsa-p384, ecdsa-p521)", type_name)};
+  auto out = args.get("out");
+  if (!out) throw usage_error{"--out KEY is required"};
+  std::filesystem::path key_path(*out), pub_path(*out + ".pub");
+  std::error_code ec;
+  for (const auto& p : {key_path, pub_path})
+    if (std::filesystem::symlink_status(p, ec).type() != std::filesystem::file_type::not_found)
+      return fail("keygen", drun::error(drun::errc::invalid_argument, "already exists; refusing to overwrite it")
+                                .with_path(p.string()));
+  auto key = drun::private_key::generate(*type);
+  if (!key) return fail("keygen", key.error());
+  if (auto r = key->save(key_path); !r) return fail("keygen", r.error());
+  if (auto r = drun::save_public_key(key->public_key(), pub_path); !r) return fail("keygen", r.error());
+  fmt::print("wrote {} private key {} (mode 0600) and public key {}\n", type_name, key_path.string(), pub_path.string());
+  return exit_ok;
+}
+
+int cmd_sign(int argc, char** argv) {
+  auto args = parse_args(argc, argv, 2,
+                         {{"key", true}, {"cert", true}, {"chain", true}, {"signature", true}, {"method", true},
+                          {"piece-size", true}, {"ignore", true, true}, {"threads", true}, {"hash", true},
+                          {"allow-symlinks", false}});
+  std::filesystem::path model = one_positional(args, "model PATH");
+  auto key_path = args.get("key");
+  if (!key_path) throw usage_error{"--key KEY is required"};
+  if (args.has("chain") && !args.has("cert")) throw usage_error{"--chain needs --cert"};
+
+  drun::manifest_options opts;
+  auto method = args.get("method").value_or("shards");
+  if (method == "files") opts.method = drun::serialization_method::files;
+  else if (method != "shards") throw usage_error{fmt::format("--method must be shards or files, not \"{}\"", method)};
+  if (auto h = args.get("hash")) {
+    auto alg = drun::parse_hash_algorithm(*h);
+    if (!alg) throw usage_error{fmt::format("--hash must be sha256 or blake2b, not \"{}\"", *h)};
+    opts.hash = *alg;
+  }
+  if (auto ps = args.get("piece-size")) {
+    if (opts.method == drun::serialization_method::files) throw usage_error{"--piece-size applies to --method shards"};
+    opts.piece_size = parse_size(*ps, "--piece-size");
+    if (!drun::valid_piece_size(opts.piece_size))
+      throw usage_error{fmt::format("--piece-size {} is not a power of two between 4 KiB and 1 GiB", *ps)};
+  }
+  opts.threads = parse_threads(args);
+  opts.policy.allow_symlinks = args.has("allow-symlinks");
+  opts.policy.ignore_paths = args.all("ignore");
+  std::filesystem::path sig = args.get("signature").value_or(default_signature(model).string());
+  if (auto rel = signature_inside(model, sig)) opts.policy.ignore_paths.push_back(*rel);
+
+  auto key = drun::private_key::load(*key_path);
+  if (!key) return fail("sign", key.error());
+  std::optional<drun::certificate_chain> chain;
+  if (auto cert = args.get("cert")) {
+    auto c = drun::certificate_chain::load(*cert, args.get("chain").value_or(""));
+    if (!c) return fail("sign", c.error());
+    chain.emplace(std::move(c).value());
+  }
+  auto start = std::chrono::steady_clock::now();
+  progress_line progress("hashing");
+  opts.progress = progress.callback();
+  auto m = drun::build_manifest(model, opts);
+  if (!m) return fail("sign", m.error());
+  auto bundle = drun::sign_manifest(*m, *key, chain ? &*chain : nullptr);
+  if (!bundle) return fail("sign", bundle.error());
+  if (auto r = drun::write_file_atomically(sig, *bundle); !r) return fail("sign", r.error());
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  fmt::print("signed {} -> {} ({} resources, {}, {}{}, {:.1f} MiB in {:.2f} s)\n", model.string(), sig.string(),
+             m->resource_count(), drun::to_string(m->hash_type()), drun::to_string(m->method()),
+             m->shard_size() ? fmt::format(" of {} bytes", m->shard_size()) : "",
+             static_cast<double>(m->total_bytes()) / 1048576.0, secs);
+  return exit_ok;
+}
+
+int cmd_verify(int argc, char** argv) {
+  auto args = parse_args(argc, argv, 2,
+                         {{"signature", true}, {"public-key", true}, {"ca-bundle", true}, {"ignore", true, true},
+                          {"ignore-unsigned-files", false}, {"threads", true}, {"certificate-time", true}});
+  std::filesystem::path model = one_positional(args, "model PATH");
+  if (args.has("public-key") == args.has("ca-bundle"))
+    throw usage_error{"give exactly one of --public-key PEM and --ca-bundle PEM"};
+  std::filesystem::path sig = args.get("signature").value_or(default_signature(model).string());
+  auto policy = drun::certificate_time_policy::now;
+  if (auto t = args.get("certificate-time")) {
+    if (*t == "not-before") policy = drun::certificate_time_policy::leaf_not_before;
+    else if (*t != "now") throw usage_error{"--certificate-time must be now or not-before"};
+  }
+  std::optional<drun::trust_store> trust;
+  if (auto pk = args.get("public-key")) {
+    auto key = drun::public_key::load(*pk);
+    if (!key) return fail("verify", key.error());
+    trust.emplace(drun::trust_store::from_public_key(std::move(key).value()));
+  } else {
+    auto t = drun::trust_store::from_ca_bundle(*args.get("ca-bundle"), policy);
+    if (!t) return fail("verify", t.error());
+    trust.emplace(std::move(t).value());
+  }
+  drun::verify_options opts;
+  opts.ignore_paths = args.all("ignore");
+  opts.ignore_unsigned_files = args.has("ignore-unsigned-files");
+  opts.threads = parse_threads(args);
+  if (auto rel = signature_inside(model, sig)) opts.ignore_paths.push_back(*rel);
+
+  auto text = drun::read_bundle_file(sig);
+  if (!text) return fail("verify", text.error());
+  auto vm = drun::verify_bundle(*text, *trust);
+  if (!vm) return fail("verify", std::move(vm).error().with_path(sig.string()));
+  progress_line progress("verifying");
+  opts.progress = progress.callback();
+  if (auto r = drun::verify_model(*vm, model, opts); !r) return fail("verify", r.error());
+  fmt::print("verified {}: {} files, {} pieces match {} (signed by {}{})\n", model.string(), vm->files().size(),
+             vm->pieces().size(), sig.string(), vm->signer().method,
+             vm->signer().method == "key" ? "" : ": " + vm->signer().subject);
+  return exit_ok;
+}
+
+int cmd_manifest(int argc, char** argv) {
+  auto args = parse_args(argc, argv, 2, {{"json", false}});
+  std::filesystem::path sig = one_positional(args, "signature file");
+  auto text = drun::read_bundle_file(sig);
+  if (!text) return fail("manifest", text.error());
+  auto s = drun::inspect_bundle(*text);
+  if (!s) return fail("manifest", std::move(s).error().with_path(sig.string()));
+  if (args.has("json")) {
+    nlohmann::ordered_json files = nlohmann::ordered_json::array();
+    for (const auto& f : s->files) {
+      nlohmann::ordered_json j{{"name", f.name}, {"pieces", f.piece_count}};
+      j["size"] = f.size ? nlohmann::ordered_json(*f.size) : nlohmann::ordered_json(nullptr);
+      files.push_back(j);
+    }
+    nlohmann::ordered_json out{{"verified", false},
+                               {"artifact_id", s->artifact_id},
+                               {"subject", s->subject_name},
+                               {"method", drun::to_string(s->method)},
+                               {"hash_type", drun::to_string(s->hash_type)},
+                               {"shard_size", s->shard_size},
+                               {"signer", {{"method", s->signer.method}, {"key_hint", s->signer.key_hint},
+                                           {"subject", s->signer.subject}}},
+                               {"ignore_paths", s->ignore_paths},
+                               {"piece_count", s->piece_count},
+                               {"files", files}};
+    fmt::print("{}\n", out.dump(2));
+    return exit_ok;
+  }
+  fmt::print(stderr, "note: this shows what the bundle claims; its signature was NOT checked (use drun verify)\n");
+  fmt::print("artifact id:   {}\nsubject:       {}\n", s->artifact_id, s->subject_name);
+  if (s->signer.method == "key")
+    fmt::print("signer:        key{}\n", s->signer.key_hint.empty() ? "" : " with hint " + s->signer.key_hint);
+  else
+    fmt::print("signer:        certificate {}\n", s->signer.subject);
+  fmt::print("serialization: {}, {}{}\n", drun::to_string(s->method), drun::to_string(s->hash_type),
+             s->shard_size ? fmt::format(", pieces of {} bytes", s->shard_size) : "");
+  fmt::print("files:         {} ({} pieces)\n", s->files.size(), s->piece_count);
+  for (const auto& f : s->files)
+    fmt::print("  {:>14}  {:>6}  {}\n", f.size ? std::to_string(*f.size) : "-", f.piece_count, f.name);
+  return exit_ok;
+}
+
+void print_usage(std::FILE* to) {
+  fmt::print(to,
+             "usage: drun <command> [options]\n\n"
+             "  keygen   --type ed25519|ecdsa-p256|ecdsa-p384|ecdsa-p521 --out KEY\n"
+             "  sign     PATH --key KEY [--cert LEAF.pem [--chain CHAIN.pem]] [--signature OUT]\n"
+             "           [--method shards|files] [--hash sha256|blake2b] [--piece-size BYTES]\n"
+             "           [--ignore REL]... [--allow-symlinks] [--threads N]\n"
+             "  verify   PATH [--signature SIG] (--public-key PEM | --ca-bundle PEM [--certificate-time now|not-before])\n"
+             "           [--ignore REL]... [--ignore-unsigned-files] [--threads N]\n"
+             "  manifest SIG [--json]      what a bundle covers (NOT verified)\n\n"
+             "exit status: 0 ok, 1 integrity/authenticity failure, 2 usage/configuration, 3 I/O\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    print_usage(stderr);
+    return exit_usage;
+  }
+  std::string command = argv[1];
+  try {
+    if (command == "keygen") return cmd_keygen(argc, argv);
+    if (command == "sign") return cmd_sign(argc, argv);
+    if (command == "verify") return cmd_verify(argc, argv);
+    if (command == "manifest") return cmd_manifest(argc, argv);
+    if (command == "help" || command == "--help" || command == "-h") {
+      print_usage(stdout);
+      return exit_ok;
+    }
+    if (command == "version" || command == "--version") {
+      fmt::print("drun {}.{}.{}\n", DRUN_VERSION_MAJOR, DRUN_VERSION_MINOR, DRUN_VERSION_PATCH);
+      return exit_ok;
+    }
+    fmt::print(stderr, "drun: unknown command \"{}\"\n", command);
+    print_usage(stderr);
+    return exit_usage;
+  } catch (const usage_error& e) {
+    fmt::print(stderr, "drun {}: {}\n", command, e.message);
+    return exit_usage;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "drun {}: internal error: {}\n", command, e.what());
+    return exit_io;
+  }
+}

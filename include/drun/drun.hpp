@@ -1,0 +1,11 @@
+// Everything drun offers, in one include.
+#pragma once
+
+#include <drun/error.hpp>
+#include <drun/hash.hpp>
+#include <drun/keys.hpp>
+#include <drun/manifest.hpp>
+#include <drun/piece.hpp>
+#include <drun/sign.hpp>
+#include <drun/trust.hpp>
+#include <drun/verify.hpp>

@@ -1,0 +1,21 @@
+// Hex and base64 codecs. Decoders are strict: a malformed input is an error, never skipped.
+#pragma once
+
+#include <cstddef>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace drun::detail {
+
+std::string hex_encode(std::span<const std::byte> bytes);
+// Accepts lower- and upper-case digits; nullopt on odd length or a non-hex character.
+std::optional<std::vector<std::byte>> hex_decode(std::string_view hex);
+
+std::string base64_encode(std::span<const std::byte> bytes);
+// Standard alphabet with '=' padding (RFC 4648 section 4); nullopt on anything else.
+std::optional<std::string> base64_decode(std::string_view text);
+
+}  // namespace drun::detail

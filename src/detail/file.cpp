@@ -1,0 +1,100 @@
+// POSIX file helpers.
+#include "detail/file.hpp"
+
+#include <fmt/format.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace drun::detail {
+
+void unique_fd::reset() noexcept {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+}
+
+error sys_error(std::string_view what, const std::filesystem::path& path, int err) {
+  return error(err == ENOENT ? errc::not_found : errc::io_error, std::string(what))
+      .with_path(path.string())
+      .with_errno(err);
+}
+
+result<unique_fd> open_read(const std::filesystem::path& path, bool follow) {
+  int flags = O_RDONLY | O_CLOEXEC | (follow ? 0 : O_NOFOLLOW);
+  int fd;
+  do fd = ::open(path.c_str(), flags);
+  while (fd < 0 && errno == EINTR);
+  if (fd < 0) return sys_error("cannot open", path, errno);
+  return unique_fd(fd);
+}
+
+result<void> pread_exact(int fd, std::span<std::byte> buf, std::uint64_t offset,
+                         const std::filesystem::path& path) {
+  std::size_t done = 0;
+  while (done < buf.size()) {
+    ssize_t n = ::pread(fd, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return sys_error("read failed", path, errno).with_range(offset, offset + buf.size());
+    }
+    if (n == 0)
+      return error(errc::io_error, "file ended early (it changed while it was read)")
+          .with_path(path.string())
+          .with_range(offset, offset + buf.size());
+    done += static_cast<std::size_t>(n);
+  }
+  return {};
+}
+
+result<std::string> read_file(const std::filesystem::path& path, std::size_t max_size) {
+  auto fd = open_read(path, /*follow=*/true);
+  if (!fd) return std::move(fd).error();
+  struct stat st {};
+  if (::fstat(fd->get(), &st) != 0) return sys_error("cannot stat", path, errno);
+  if (!S_ISREG(st.st_mode)) return error(errc::invalid_argument, "not a regular file").with_path(path.string());
+  if (static_cast<std::uint64_t>(st.st_size) > max_size)
+    return error(errc::invalid_argument,
+                 fmt::format("file is too large ({} bytes, at most {})", st.st_size, max_size))
+        .with_path(path.string());
+  // Read to EOF rather than trusting st_size, but never past the limit.
+  std::string out;
+  out.resize(static_cast<std::size_t>(st.st_size));
+  std::size_t len = 0;
+  for (;;) {
+    if (len == out.size()) {
+      if (out.size() > max_size)
+        return error(errc::invalid_argument, fmt::format("file is too large (more than {} bytes)", max_size))
+            .with_path(path.string());
+      out.resize(out.size() + 4096);
+    }
+    ssize_t n = ::read(fd->get(), out.data() + len, out.size() - len);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return sys_error("read failed", path, errno);
+    }
+    if (n == 0) break;
+    len += static_cast<std::size_t>(n);
+  }
+  out.resize(len);
+  if (len > max_size)
+    return error(errc::invalid_argument, fmt::format("file is too large (more than {} bytes)", max_size))
+        .with_path(path.string());
+  return out;
+}
+
+result<void> write_all(int fd, std::string_view data, const std::filesystem::path& path) {
+  while (!data.empty()) {
+    ssize_t n = ::write(fd, data.data(), data.size());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return sys_error("write failed", path, errno);
+    }
+    data.remove_prefix(static_cast<std::size_t>(n));
+  }
+  return {};
+}
+
+}  // namespace drun::detail

@@ -1,0 +1,51 @@
+// POSIX file helpers: an owning descriptor, exact positional reads, bounded whole-file reads.
+#pragma once
+
+#include <drun/error.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <string_view>
+
+namespace drun::detail {
+
+class unique_fd {
+ public:
+  unique_fd() = default;
+  explicit unique_fd(int fd) noexcept : fd_(fd) {}
+  ~unique_fd() { reset(); }
+  unique_fd(unique_fd&& o) noexcept : fd_(o.release()) {}
+  unique_fd& operator=(unique_fd&& o) noexcept { if (this != &o) { reset(); fd_ = o.release(); } return *this; }
+  unique_fd(const unique_fd&) = delete;
+  unique_fd& operator=(const unique_fd&) = delete;
+
+  int get() const noexcept { return fd_; }
+  explicit operator bool() const noexcept { return fd_ >= 0; }
+  int release() noexcept { int f = fd_; fd_ = -1; return f; }
+  void reset() noexcept;
+
+ private:
+  int fd_ = -1;
+};
+
+// An error for a failed system call on `path`: not_found for ENOENT, io_error otherwise.
+error sys_error(std::string_view what, const std::filesystem::path& path, int err);
+
+// Opens for reading without following a final symlink (O_NOFOLLOW) unless follow is set.
+result<unique_fd> open_read(const std::filesystem::path& path, bool follow = false);
+
+// Reads exactly buf.size() bytes at offset; a short read (the file shrank) is an io_error.
+result<void> pread_exact(int fd, std::span<std::byte> buf, std::uint64_t offset,
+                         const std::filesystem::path& path);
+
+// Reads a whole file, refusing one larger than max_size (errc::malformed_bundle is the caller's
+// to choose; this returns invalid_argument with "too large").
+result<std::string> read_file(const std::filesystem::path& path, std::size_t max_size);
+
+// Writes all of data; retries short writes and EINTR.
+result<void> write_all(int fd, std::string_view data, const std::filesystem::path& path);
+
+}  // namespace drun::detail

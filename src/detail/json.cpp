@@ -1,0 +1,66 @@
+// Strict JSON parsing on top of nlohmann::json's SAX-style callback.
+#include "detail/json.hpp"
+
+#include <fmt/format.h>
+
+#include <set>
+#include <string>
+#include <vector>
+
+namespace drun::detail {
+
+result<json> parse_json_strict(std::string_view text, std::string_view what) {
+  std::vector<std::set<std::string>> keys;  // keys seen in each open object
+  std::string problem;
+  auto callback = [&](int depth, json::parse_event_t event, json& parsed) -> bool {
+    if (!problem.empty()) return false;
+    if (static_cast<std::size_t>(depth) > max_json_depth) {
+      problem = fmt::format("nested deeper than {} levels", max_json_depth);
+      return false;
+    }
+    switch (event) {
+      case json::parse_event_t::object_start: keys.emplace_back(); break;
+      case json::parse_event_t::object_end: if (!keys.empty()) keys.pop_back(); break;
+      case json::parse_event_t::key:
+        if (!keys.empty() && !keys.back().insert(parsed.get<std::string>()).second) {
+          problem = fmt::format("duplicate key \"{}\"", parsed.get<std::string>());
+          return false;
+        }
+        break;
+      default: break;
+    }
+    return true;
+  };
+  json doc;
+  try {
+    doc = json::parse(text.begin(), text.end(), callback, /*allow_exceptions=*/true);
+  } catch (const json::exception& e) {
+    if (problem.empty()) problem = e.what();
+  }
+  if (!problem.empty() || doc.is_discarded())
+    return error(errc::malformed_bundle,
+                 fmt::format("{} is not valid JSON: {}", what, problem.empty() ? "rejected" : problem));
+  return doc;
+}
+
+result<const json*> require_field(const json& obj, std::string_view key, json::value_t type,
+                                  std::string_view where) {
+  auto it = obj.find(key);
+  if (it == obj.end())
+    return error(errc::malformed_bundle, fmt::format("{} has no \"{}\"", where, key));
+  bool ok = it->type() == type ||
+            (type == json::value_t::number_unsigned && it->type() == json::value_t::number_integer &&
+             it->get<std::int64_t>() >= 0);
+  if (!ok)
+    return error(errc::malformed_bundle,
+                 fmt::format("{}.{} has the wrong type ({} expected, {} found)", where, key,
+                             json(type).type_name(), it->type_name()));
+  return &*it;
+}
+
+const json* optional_field(const json& obj, std::string_view key) {
+  auto it = obj.find(key);
+  return it == obj.end() || it->is_null() ? nullptr : &*it;
+}
+
+}  // namespace drun::detail

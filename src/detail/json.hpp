@@ -1,0 +1,25 @@
+// Strict, bounded JSON parsing for untrusted input (bundles, statements): size and depth limits,
+// duplicate keys refused (two parsers reading one document differently is a classic bypass).
+#pragma once
+
+#include <drun/error.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <string_view>
+
+namespace drun::detail {
+
+using json = nlohmann::json;
+
+inline constexpr std::size_t max_json_depth = 64;
+
+// `what` names the document in errors ("bundle", "statement"). Errors: malformed_bundle.
+result<json> parse_json_strict(std::string_view text, std::string_view what);
+
+// Typed field access with errors that name the field path. All return malformed_bundle.
+result<const json*> require_field(const json& obj, std::string_view key, json::value_t type,
+                                  std::string_view where);
+const json* optional_field(const json& obj, std::string_view key);
+
+}  // namespace drun::detail

@@ -1,0 +1,310 @@
+// Keys. OpenSSL parses and writes PEM/ASN.1 for every type and does ECDSA; libsodium does the
+// Ed25519 arithmetic and holds its secret key in guarded memory that is wiped on free.
+#include <drun/keys.hpp>
+
+#include "detail/encoding.hpp"
+#include "detail/file.hpp"
+#include "detail/openssl.hpp"
+#include "key_data.hpp"
+
+#include <drun/hash.hpp>
+
+#include <fmt/format.h>
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/pem.h>
+#include <sodium.h>
+
+#include <array>
+#include <cerrno>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace drun {
+namespace {
+
+constexpr std::size_t max_key_file = 64 * 1024;
+
+std::optional<key_type> type_of(EVP_PKEY* pkey) {
+  if (EVP_PKEY_get_base_id(pkey) == EVP_PKEY_ED25519) return key_type::ed25519;
+  if (EVP_PKEY_get_base_id(pkey) != EVP_PKEY_EC) return std::nullopt;
+  char group[64] = {};
+  std::size_t len = 0;
+  if (EVP_PKEY_get_group_name(pkey, group, sizeof group, &len) != 1) return std::nullopt;
+  std::string_view g(group, len);
+  if (g == "prime256v1" || g == "P-256") return key_type::ecdsa_p256;
+  if (g == "secp384r1" || g == "P-384") return key_type::ecdsa_p384;
+  if (g == "secp521r1" || g == "P-521") return key_type::ecdsa_p521;
+  return std::nullopt;
+}
+
+const char* digest_name(key_type t) {
+  switch (t) {
+    case key_type::ecdsa_p256: return "SHA256";
+    case key_type::ecdsa_p384: return "SHA384";
+    case key_type::ecdsa_p521: return "SHA512";
+    case key_type::ed25519: break;
+  }
+  return nullptr;
+}
+
+// A PEM callback that refuses to prompt: drun never reads passphrases from a terminal.
+int no_passphrase(char*, int, int, void*) { return -1; }
+
+// Secret bytes in libsodium guarded memory, wiped and freed on destruction.
+struct secret_buffer {
+  unsigned char* p = nullptr;
+  std::size_t n = 0;
+  explicit secret_buffer(std::size_t size) : p(static_cast<unsigned char*>(sodium_malloc(size))), n(size) {
+    if (!p) throw std::bad_alloc();
+  }
+  ~secret_buffer() { sodium_free(p); }  // sodium_free zeroes before unmapping
+  secret_buffer(const secret_buffer&) = delete;
+  secret_buffer& operator=(const secret_buffer&) = delete;
+};
+
+// Wipes a std::string holding secret text when it goes out of scope.
+struct wipe_on_exit {
+  std::string& s;
+  ~wipe_on_exit() { OPENSSL_cleanse(s.data(), s.size()); }
+};
+
+}  // namespace
+
+std::string_view to_string(key_type t) noexcept {
+  switch (t) {
+    case key_type::ed25519: return "ed25519";
+    case key_type::ecdsa_p256: return "ecdsa-p256";
+    case key_type::ecdsa_p384: return "ecdsa-p384";
+    case key_type::ecdsa_p521: return "ecdsa-p521";
+  }
+  return "unknown";
+}
+
+std::optional<key_type> parse_key_type(std::string_view name) noexcept {
+  for (auto t : {key_type::ed25519, key_type::ecdsa_p256, key_type::ecdsa_p384, key_type::ecdsa_p521})
+    if (to_string(t) == name) return t;
+  return std::nullopt;
+}
+
+// ---- public_key ---------------------------------------------------------------------------
+
+struct public_key::impl {
+  key_type type;
+  detail::evp_pkey_ptr pkey;
+  std::array<unsigned char, crypto_sign_PUBLICKEYBYTES> ed25519{};
+  std::string pem;
+};
+
+public_key::public_key(std::shared_ptr<const impl> p) : impl_(std::move(p)) {}
+
+result<public_key> detail::key_access::from_evp(EVP_PKEY* raw) {
+  auto type = type_of(raw);
+  if (!type)
+    return error(errc::key_error, "unsupported public key type (Ed25519 or ECDSA P-256/P-384/P-521 expected)");
+  if (EVP_PKEY_up_ref(raw) != 1) return error(errc::key_error, "cannot reference public key");
+  auto p = std::make_shared<public_key::impl>();
+  p->type = *type;
+  p->pkey.reset(raw);
+  if (*type == key_type::ed25519) {
+    std::size_t len = p->ed25519.size();
+    if (EVP_PKEY_get_raw_public_key(raw, p->ed25519.data(), &len) != 1 || len != p->ed25519.size())
+      return error(errc::key_error, "cannot read Ed25519 public key");
+  }
+  detail::bio_ptr bio(BIO_new(BIO_s_mem()));
+  if (!bio || PEM_write_bio_PUBKEY(bio.get(), raw) != 1)
+    return error(errc::key_error, "cannot encode public key: " + detail::openssl_errors());
+  p->pem = detail::bio_contents(bio.get());
+  return public_key(std::move(p));
+}
+
+EVP_PKEY* detail::key_access::evp(const public_key& key) { return key.impl_->pkey.get(); }
+
+result<public_key> public_key::from_pem(std::string_view pem) {
+  // PEM files may carry text (comments, openssl's "Public-Key:" dump) before the BEGIN line.
+  auto begin = pem.find("-----BEGIN");
+  if (begin == std::string_view::npos) return error(errc::key_error, "no PEM block found");
+  auto bio = detail::memory_bio(pem.substr(begin));
+  detail::evp_pkey_ptr pkey(PEM_read_bio_PUBKEY(bio.get(), nullptr, no_passphrase, nullptr));
+  if (!pkey)
+    return error(errc::key_error, "not a PEM public key (SubjectPublicKeyInfo): " + detail::openssl_errors());
+  return detail::key_access::from_evp(pkey.get());
+}
+
+result<public_key> public_key::load(const std::filesystem::path& file) {
+  auto text = detail::read_file(file, max_key_file);
+  if (!text) {
+    auto e = std::move(text).error();
+    return std::move(e).with_path(file.string());
+  }
+  auto key = from_pem(*text);
+  if (!key) return std::move(key).error().with_path(file.string());
+  return key;
+}
+
+key_type public_key::type() const noexcept { return impl_->type; }
+std::string public_key::pem() const { return impl_->pem; }
+std::string public_key::hint() const { return hash(hash_algorithm::sha256, as_bytes(impl_->pem)).hex(); }
+bool operator==(const public_key& a, const public_key& b) noexcept { return a.impl_->pem == b.impl_->pem; }
+
+// ---- private_key --------------------------------------------------------------------------
+
+struct private_key::impl {
+  key_type type;
+  detail::evp_pkey_ptr pkey;            // every type: PEM output and the public half
+  std::unique_ptr<secret_buffer> ed_sk; // Ed25519: libsodium's 64-byte secret key
+};
+
+private_key::private_key(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+private_key::~private_key() = default;
+private_key::private_key(private_key&&) noexcept = default;
+private_key& private_key::operator=(private_key&&) noexcept = default;
+key_type private_key::type() const noexcept { return impl_->type; }
+
+result<void> detail::key_access::finish_ed25519(private_key::impl& k) {
+  secret_buffer seed(crypto_sign_SEEDBYTES);
+  std::size_t len = seed.n;
+  if (EVP_PKEY_get_raw_private_key(k.pkey.get(), seed.p, &len) != 1 || len != seed.n)
+    return error(errc::key_error, "cannot read Ed25519 private key");
+  k.ed_sk = std::make_unique<secret_buffer>(crypto_sign_SECRETKEYBYTES);
+  std::array<unsigned char, crypto_sign_PUBLICKEYBYTES> pk{};
+  crypto_sign_seed_keypair(pk.data(), k.ed_sk->p, seed.p);
+  return {};
+}
+
+result<private_key> private_key::generate(key_type type) {
+  auto k = std::make_unique<impl>();
+  k->type = type;
+  if (type == key_type::ed25519) {
+    secret_buffer seed(crypto_sign_SEEDBYTES);
+    randombytes_buf(seed.p, seed.n);
+    k->pkey.reset(EVP_PKEY_new_raw_private_key(EVP_PKEY_ED25519, nullptr, seed.p, seed.n));
+    if (!k->pkey) return error(errc::key_error, "cannot create Ed25519 key: " + detail::openssl_errors());
+    if (auto r = detail::key_access::finish_ed25519(*k); !r) return std::move(r).error();
+  } else {
+    const char* curve = type == key_type::ecdsa_p256 ? "P-256" : type == key_type::ecdsa_p384 ? "P-384" : "P-521";
+    k->pkey.reset(EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", curve));
+    if (!k->pkey) return error(errc::key_error, "cannot generate ECDSA key: " + detail::openssl_errors());
+  }
+  return private_key(std::move(k));
+}
+
+result<private_key> private_key::load(const std::filesystem::path& file) {
+  // Follow symlinks (a Kubernetes Secret mount is one), but judge the file actually opened.
+  auto fd = detail::open_read(file, /*follow=*/true);
+  if (!fd) return std::move(fd).error().with_operation("private key");
+  struct stat st {};
+  if (::fstat(fd->get(), &st) != 0) return detail::sys_error("cannot stat", file, errno);
+  if (!S_ISREG(st.st_mode)) return error(errc::key_error, "private key is not a regular file").with_path(file.string());
+  if ((st.st_mode & 077) != 0)
+    return error(errc::key_error,
+                 fmt::format("private key file has permissions {:04o}: it must be readable by its owner only "
+                             "(chmod 600)", st.st_mode & 07777))
+        .with_path(file.string());
+  auto text = detail::read_file(fmt::format("/proc/self/fd/{}", fd->get()), max_key_file);
+  if (!text) return std::move(text).error().with_path(file.string());
+  wipe_on_exit wipe{*text};
+  auto begin = text->find("-----BEGIN");
+  if (begin == std::string::npos) return error(errc::key_error, "no PEM block found").with_path(file.string());
+  auto bio = detail::memory_bio(std::string_view(*text).substr(begin));
+  auto k = std::make_unique<impl>();
+  k->pkey.reset(PEM_read_bio_PrivateKey(bio.get(), nullptr, no_passphrase, nullptr));
+  if (!k->pkey)
+    return error(errc::key_error, "not a PEM private key (encrypted keys are not supported): " +
+                                      detail::openssl_errors())
+        .with_path(file.string());
+  auto type = type_of(k->pkey.get());
+  if (!type)
+    return error(errc::key_error, "unsupported private key type (Ed25519 or ECDSA P-256/P-384/P-521 expected)")
+        .with_path(file.string());
+  k->type = *type;
+  if (*type == key_type::ed25519)
+    if (auto r = detail::key_access::finish_ed25519(*k); !r) return std::move(r).error().with_path(file.string());
+  return private_key(std::move(k));
+}
+
+public_key private_key::public_key() const {
+  // The EVP handle of a private key also serves as its public key: only public parts are read.
+  auto pub = detail::key_access::from_evp(impl_->pkey.get());
+  return std::move(pub).value();
+}
+
+namespace {
+
+// Creates `file` exclusively with `mode` and writes content; removes it again on failure.
+result<void> write_new_file(const std::filesystem::path& file, std::string_view content, mode_t mode) {
+  int fd_raw = ::open(file.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
+  if (fd_raw < 0) {
+    if (errno == EEXIST)
+      return error(errc::invalid_argument, "already exists; refusing to overwrite it").with_path(file.string());
+    return detail::sys_error("cannot create", file, errno);
+  }
+  detail::unique_fd fd(fd_raw);
+  auto r = detail::write_all(fd.get(), content, file);
+  if (r && ::fchmod(fd.get(), mode) != 0) r = detail::sys_error("cannot chmod", file, errno);
+  if (r && ::fsync(fd.get()) != 0) r = detail::sys_error("cannot fsync", file, errno);
+  if (!r) ::unlink(file.c_str());
+  return r;
+}
+
+}  // namespace
+
+result<void> private_key::save(const std::filesystem::path& file) const {
+  // Secure-heap BIO: the PEM text of the key never sits in ordinary heap memory.
+  detail::bio_ptr bio(BIO_new(BIO_s_secmem()));
+  if (!bio || PEM_write_bio_PrivateKey(bio.get(), impl_->pkey.get(), nullptr, nullptr, 0, nullptr, nullptr) != 1)
+    return error(errc::key_error, "cannot encode private key: " + detail::openssl_errors());
+  char* data = nullptr;
+  long len = BIO_get_mem_data(bio.get(), &data);
+  return write_new_file(file, std::string_view(data, static_cast<std::size_t>(len)), 0600);
+}
+
+result<void> save_public_key(const public_key& key, const std::filesystem::path& file) {
+  return write_new_file(file, key.pem(), 0644);
+}
+
+// ---- signing ------------------------------------------------------------------------------
+
+result<std::string> detail::key_access::sign(const private_key& key, std::span<const std::byte> msg) {
+  const auto& k = *key.impl_;
+  if (k.type == key_type::ed25519) {
+    std::string sig(crypto_sign_BYTES, '\0');
+    crypto_sign_detached(reinterpret_cast<unsigned char*>(sig.data()), nullptr,
+                         reinterpret_cast<const unsigned char*>(msg.data()), msg.size(), k.ed_sk->p);
+    return sig;
+  }
+  detail::evp_md_ctx_ptr ctx(EVP_MD_CTX_new());
+  std::size_t len = 0;
+  if (!ctx ||
+      EVP_DigestSignInit_ex(ctx.get(), nullptr, digest_name(k.type), nullptr, nullptr, k.pkey.get(), nullptr) != 1 ||
+      EVP_DigestSign(ctx.get(), nullptr, &len, reinterpret_cast<const unsigned char*>(msg.data()), msg.size()) != 1)
+    return error(errc::key_error, "ECDSA signing failed: " + detail::openssl_errors());
+  std::string sig(len, '\0');
+  if (EVP_DigestSign(ctx.get(), reinterpret_cast<unsigned char*>(sig.data()), &len,
+                     reinterpret_cast<const unsigned char*>(msg.data()), msg.size()) != 1)
+    return error(errc::key_error, "ECDSA signing failed: " + detail::openssl_errors());
+  sig.resize(len);
+  return sig;
+}
+
+bool detail::key_access::verify(const public_key& key, std::span<const std::byte> msg,
+                                std::span<const std::byte> sig) {
+  const auto& k = *key.impl_;
+  if (k.type == key_type::ed25519) {
+    return sig.size() == crypto_sign_BYTES &&
+           crypto_sign_verify_detached(reinterpret_cast<const unsigned char*>(sig.data()),
+                                       reinterpret_cast<const unsigned char*>(msg.data()), msg.size(),
+                                       k.ed25519.data()) == 0;
+  }
+  detail::evp_md_ctx_ptr ctx(EVP_MD_CTX_new());
+  bool ok = ctx &&
+            EVP_DigestVerifyInit_ex(ctx.get(), nullptr, digest_name(k.type), nullptr, nullptr, k.pkey.get(),
+                                    nullptr) == 1 &&
+            EVP_DigestVerify(ctx.get(), reinterpret_cast<const unsigned char*>(sig.data()), sig.size(),
+                             reinterpret_cast<const unsigned char*>(msg.data()), msg.size()) == 1;
+  detail::openssl_errors();  // a failed check leaves entries in the queue; drop them
+  return ok;
+}
+
+}  // namespace drun

@@ -1,0 +1,27 @@
+// Internal access to trust stores and certificate chains.
+#pragma once
+
+#include <drun/trust.hpp>
+
+#include "detail/openssl.hpp"
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace drun::detail {
+
+struct trust_access {
+  // The trusted publisher key, if this store trusts one key.
+  static const std::optional<public_key>& key(const trust_store& t);
+  // Verifies a chain (leaf first, DER) to the store's roots and the leaf's key usage; returns
+  // the leaf's public key and subject. Errors: untrusted_certificate, malformed_bundle, key_error.
+  static result<std::pair<public_key, std::string>> verify_chain(const trust_store& t,
+                                                                 const std::vector<std::string>& der_chain);
+  // DER of leaf and intermediates, leaf first.
+  static std::vector<std::string> der_chain(const certificate_chain& c);
+  // The subject line of a DER certificate ("" if it does not parse).
+  static std::string subject_of(const std::string& der);
+};
+
+}  // namespace drun::detail
