@@ -5,6 +5,7 @@
 #include "detail/encoding.hpp"
 #include "detail/file.hpp"
 #include "detail/openssl.hpp"
+#include "detail/sodium_init.hpp"
 #include "key_data.hpp"
 
 #include <drun/hash.hpp>
@@ -56,7 +57,9 @@ int no_passphrase(char*, int, int, void*) { return -1; }
 struct secret_buffer {
   unsigned char* p = nullptr;
   std::size_t n = 0;
-  explicit secret_buffer(std::size_t size) : p(static_cast<unsigned char*>(sodium_malloc(size))), n(size) {
+  explicit secret_buffer(std::size_t size) : n(size) {
+    detail::ensure_sodium();
+    p = static_cast<unsigned char*>(sodium_malloc(size));
     if (!p) throw std::bad_alloc();
   }
   ~secret_buffer() { sodium_free(p); }  // sodium_free zeroes before unmapping

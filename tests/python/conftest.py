@@ -157,18 +157,32 @@ DRUN_KEY_TYPES = ("ed25519", "ecdsa-p256", "ecdsa-p384", "ecdsa-p521")
 ECDSA_TYPES = {"ecdsa-p256": "p256", "ecdsa-p384": "p384", "ecdsa-p521": "p521"}
 
 
+class _DrunKeys:
+    """{type: (private_path, public_path)}, each made by `drun keygen` on first use and cached for the
+    session; a type whose keygen fails fails only the tests that use it."""
+
+    def __init__(self, directory, drun_bin):
+        self.dir, self.bin, self.cache = directory, drun_bin, {}
+
+    def __getitem__(self, t):
+        if t not in self.cache:
+            k = self.dir / f"{t}.key"
+            p = subprocess.run([self.bin, "keygen", "--type", t, "--out", str(k)], capture_output=True,
+                               stdin=subprocess.DEVNULL, timeout=60)
+            if p.returncode == 0:
+                self.cache[t] = (k, Path(str(k) + ".pub"))
+            else:
+                self.cache[t] = (f"drun keygen --type {t} failed with exit status {p.returncode}: "
+                                 f"{p.stderr.decode(errors='replace')}")
+        v = self.cache[t]
+        if isinstance(v, str):
+            pytest.fail(v)
+        return v
+
+
 @pytest.fixture(scope="session")
 def drun_keys(tmp_path_factory, drun_bin):
-    """{type: (private_path, public_path)} made once per session by `drun keygen`."""
-    d = tmp_path_factory.mktemp("drun_keys")
-    keys = {}
-    for t in DRUN_KEY_TYPES:
-        k = d / f"{t}.key"
-        p = subprocess.run([drun_bin, "keygen", "--type", t, "--out", str(k)], capture_output=True,
-                           stdin=subprocess.DEVNULL, timeout=60)
-        assert p.returncode == 0, f"drun keygen --type {t} failed: {p.stderr.decode(errors='replace')}"
-        keys[t] = (k, Path(str(k) + ".pub"))
-    return keys
+    return _DrunKeys(tmp_path_factory.mktemp("drun_keys"), drun_bin)
 
 
 @pytest.fixture(scope="session")

@@ -415,7 +415,7 @@ def test_drun_rejects_bad_certificate(drun, tmp_path, pki, case):
     drun("verify", m, "--signature", sig, "--ca-bundle", getattr(pki, ca)).fails(1)
 
 
-def test_drun_rejects_cert_bundle_without_ca_or_with_key_bundle(drun, tmp_path, pki, ref_keys):
+def test_drun_ca_bundle_needs_certificate_chain(drun, tmp_path, pki, ref_keys):
     # a key-method bundle verified against a CA bundle has no chain to check
     key, _, _ = ref_keys["p256"]
     m = make_model(tmp_path / "m")
