@@ -303,9 +303,12 @@ result<void> verify_model(const verified_manifest& m, const std::filesystem::pat
       local_of[i] = it->second;
       matched[it->second] = true;
     }
+    // In shards mode an empty file has no resource (nothing to hash), so it cannot be "extra".
+    bool shards = m.method() == serialization_method::shards;
     if (!options.ignore_unsigned_files)
       for (std::size_t k = 0; k < local->size(); ++k)
-        if (!matched[k]) problems.push_back(fmt::format("{}: not in the manifest (unsigned file)", (*local)[k].name));
+        if (!matched[k] && !(shards && (*local)[k].size == 0))
+          problems.push_back(fmt::format("{}: not in the manifest (unsigned file)", (*local)[k].name));
   }
   for (std::size_t i = 0; i < files.size(); ++i) {
     if (local_of[i] == SIZE_MAX || !files[i].size) continue;

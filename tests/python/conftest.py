@@ -58,6 +58,9 @@ class Result:
 
 def _drun_bin():
     p = os.environ.get("DRUN_BIN")
+    if os.environ.get("DRUN_REQUIRE_BIN") == "1" and not (p and os.access(p, os.X_OK)):
+        # Under ctest a missing binary is a failure, never a silent skip.
+        pytest.fail(f"DRUN_REQUIRE_BIN=1 but DRUN_BIN={p!r} is not an executable")
     if not p:
         pytest.skip("DRUN_BIN is not set: build drun and run with DRUN_BIN=/path/to/drun to test the CLI")
     if not (os.path.isfile(p) and os.access(p, os.X_OK)):

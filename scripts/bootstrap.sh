@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs, from Debian 12's own archive, whatever drun needs to build, test and benchmark that
+# is not already installed. Idempotent: when everything is present it only runs dpkg-query.
+set -euo pipefail
+
+packages=(
+  g++ cmake make pkg-config        # toolchain
+  libssl-dev                       # OpenSSL 3: SHA-256, ECDSA, X.509, PEM
+  libsodium-dev                    # Ed25519, BLAKE2b, guarded memory for secrets
+  libfmt-dev                       # formatting
+  nlohmann-json3-dev               # JSON (strict parsing layered on top, see src/detail/json.cpp)
+  doctest-dev                      # unit tests
+  openssl                          # the CLI: benchmark baseline and interop checks
+  python3 python3-pytest python3-cryptography   # CLI and interop tests, independent OMS checker
+  time                             # /usr/bin/time: peak memory in the benchmark
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  if [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)" != "installed" ]; then
+    missing+=("$p")
+  fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+
+echo "bootstrap: installing ${missing[*]}" >&2
+if [ "$(id -u)" -ne 0 ]; then
+  sudo=sudo
+else
+  sudo=
+fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
