@@ -29,7 +29,7 @@ std::string_view to_string(serialization_method m) noexcept {
 namespace detail {
 namespace {
 
-constexpr std::size_t read_chunk = std::size_t{1} << 20;  // per-thread buffer: bounds memory
+constexpr std::size_t read_chunk = std::size_t{1} << 18;  // per-thread, L2-sized: bounds memory
 
 error bad_statement(std::string detail) { return error(errc::malformed_bundle, std::move(detail)); }
 

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# drun's hashing and signing speed next to what a user would run instead, measured in one run.
+#   benchmarks/run.sh [BUILD_DIR] [WORK_DIR]
+# Needs ~2.2 GiB free in WORK_DIR (default: BUILD_DIR/bench) and memory to keep it cached.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+build=$(cd "${1:-$root/build}" && pwd)
+work=${2:-$build/bench}
+drun=$build/drun
+bench=$build/benchmarks/bench_hash
+mkdir -p "$work"
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+# Best (lowest) wall time of 3 runs of a command, in seconds.
+best_of_3() {
+  local best=""
+  for _ in 1 2 3; do
+    local t0 t1 dt
+    t0=$(date +%s.%N); "$@" >/dev/null; t1=$(date +%s.%N)
+    dt=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
+    best=$(awk -v a="$best" -v b="$dt" 'BEGIN { print (a == "" || b < a) ? b : a }')
+  done
+  echo "$best"
+}
+
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $(grep -o -w sha_ni /proc/cpuinfo | head -1 || echo no) SHA extensions"
+echo "openssl: $(openssl version)"
+echo
+
+echo "== per-core SHA-256 (MB/s, 10^6 bytes)"
+openssl_speed=$(openssl speed -evp sha256 -bytes 16384 -seconds 3 2>/dev/null | awk '/^sha256/ { sub("k", "", $NF); print $NF / 1000 }')
+drun_memory=$("$bench" memory 3 | awk '{ print $2 }')
+echo "openssl speed -evp sha256, 16 KiB blocks : $openssl_speed"
+echo "drun piece hashing, from memory          : $drun_memory  ($(ratio "$drun_memory" "$openssl_speed")x openssl)"
+
+file=$work/model/weights.bin
+if [ ! -f "$file" ] || [ "$(stat -c %s "$file")" -ne $((2 << 30)) ]; then
+  mkdir -p "$work/model"
+  head -c $((2 << 30)) /dev/urandom > "$file"
+fi
+cat "$file" > /dev/null  # every tool reads from the page cache
+drun_manifest=$("$bench" manifest "$work/model" | awk '{ print $2 }')
+echo "drun piece hashing, pread + hash, 1 thread: $drun_manifest  ($(ratio "$drun_manifest" "$openssl_speed")x openssl)"
+echo
+
+echo "== hashing or signing one 2 GiB file (best of 3, page cache warm)"
+[ -f "$work/key" ] || "$drun" keygen --type ecdsa-p256 --out "$work/key" >/dev/null
+t_openssl=$(best_of_3 openssl dgst -sha256 "$file")
+t_sha256sum=$(best_of_3 sha256sum "$file")
+t_drun=$(best_of_3 "$drun" sign "$work/model" --key "$work/key" --signature "$work/model.sig" --threads 2)
+peak_kib=$( { /usr/bin/time -f '%M' "$drun" sign "$work/model" --key "$work/key" --signature "$work/model.sig" --threads 2 >/dev/null; } 2>&1 | tail -1)
+echo "openssl dgst -sha256        : ${t_openssl} s"
+echo "sha256sum                   : ${t_sha256sum} s  ($(ratio "$t_sha256sum" "$t_openssl")x openssl)"
+echo "drun sign --threads 2       : ${t_drun} s  ($(ratio "$t_drun" "$t_openssl")x openssl's time)"
+echo "drun sign peak memory (RSS) : $((peak_kib / 1024)) MiB for a 2048 MiB file"
