@@ -11,6 +11,7 @@
 #include <charconv>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -124,7 +125,10 @@ int fail(std::string_view command, const drun::error& e) {
 // A progress line on stderr, only when stderr is a terminal and the work has run for a second.
 class progress_line {
  public:
-  explicit progress_line(const char* verb) : verb_(verb), enabled_(::isatty(2) == 1) {}
+  // DRUN_PROGRESS_DELAY_MS overrides the one-second delay (tests use 0 to see the line).
+  explicit progress_line(const char* verb) : verb_(verb), enabled_(::isatty(2) == 1) {
+    if (const char* d = std::getenv("DRUN_PROGRESS_DELAY_MS")) delay_ = std::chrono::milliseconds(std::atoll(d));
+  }
   ~progress_line() {
     if (shown_) fmt::print(stderr, "\r\033[K");
   }
@@ -133,7 +137,7 @@ class progress_line {
     return [this](std::uint64_t done, std::uint64_t total) {
       auto now = std::chrono::steady_clock::now();
       std::unique_lock lock(mutex_, std::try_to_lock);
-      if (!lock || now - start_ < std::chrono::seconds(1) || now - last_ < std::chrono::milliseconds(100)) return;
+      if (!lock || now - start_ < delay_ || now - last_ < std::chrono::milliseconds(100)) return;
       last_ = now;
       shown_ = true;
       double secs = std::chrono::duration<double>(now - start_).count();
@@ -147,6 +151,7 @@ class progress_line {
  private:
   const char* verb_;
   bool enabled_;
+  std::chrono::milliseconds delay_{1000};
   bool shown_ = false;
   std::mutex mutex_;
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now(), last_{};

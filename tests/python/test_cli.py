@@ -617,3 +617,44 @@ def test_manifest_does_not_verify_but_needs_the_file(drun, signed_model, tmp_pat
     j = json.loads(drun("manifest", sig, "--json").ok().out)
     assert "weights.bin" in {f["name"] for f in j["files"]}
     drun("manifest", tmp_path / "absent.sig").fails(3)
+
+
+# ------------------------------------------------------------------------------------------------
+# progress line: only when stderr is a terminal
+
+
+def _run_with_tty_stderr(drun_bin, *args, env=None):
+    import pty
+    import subprocess
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.run([drun_bin, *map(str, args)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=slave, env=env, timeout=60)
+    finally:
+        os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return p.returncode, b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_progress_line_on_a_terminal_only(drun_bin, drun, drun_keys, tmp_path):
+    m = tmp_path / "m"
+    m.mkdir()
+    (m / "w.bin").write_bytes(det_bytes(32 * MiB, 5))
+    env = dict(os.environ, DRUN_PROGRESS_DELAY_MS="0")
+    rc, tty_err = _run_with_tty_stderr(drun_bin, "sign", m, "--key", drun_keys["ecdsa-p256"][0], "--threads", "1",
+                                       env=env)
+    assert rc == 0, tty_err
+    assert "hashing:" in tty_err and "MiB" in tty_err, tty_err
+    # The same run with stderr on a pipe prints no progress.
+    (m / "model.sig").unlink()
+    r = drun("sign", m, "--key", drun_keys["ecdsa-p256"][0], "--threads", "1").ok()
+    assert "hashing:" not in r.err

@@ -511,3 +511,34 @@ def test_drun_uses_openssl_generated_key_and_pem_with_preamble(drun, tmp_path):
     assert b["verificationMaterial"]["publicKey"]["hint"] == hashlib.sha256(p.stdout).hexdigest()
     drun("verify", m, "--signature", m / "model.sig", "--public-key", pub).ok()
     ref_verify_ok(m, m / "model.sig", pub)
+
+
+# ------------------------------------------------------------------------------------------------
+# certificate time policy, and drun's blake2b bundles checked by the independent implementation
+
+
+def test_expired_leaf_is_accepted_only_under_the_not_before_policy(drun, tmp_path, pki):
+    # Expired an hour ago, issued while the CAs were already valid.
+    hour = datetime.timedelta(hours=1)
+    m, sig = make_cert_bundle(tmp_path, pki, {"not_before": now - 12 * hour, "not_after": now - hour}, True)
+    drun("verify", m, "--signature", sig, "--ca-bundle", pki.root_pem).fails(1, "expired")
+    drun("verify", m, "--signature", sig, "--ca-bundle", pki.root_pem, "--certificate-time", "not-before").ok()
+    flip_byte(m / "weights.bin", 0)
+    drun("verify", m, "--signature", sig, "--ca-bundle", pki.root_pem,
+         "--certificate-time", "not-before").fails(1, "mismatch")
+    drun("verify", m, "--signature", sig, "--ca-bundle", pki.root_pem, "--certificate-time", "later").fails(2)
+
+
+@pytest.mark.parametrize("method", ["files", "shards"])
+def test_drun_blake2b_bundle_verified_by_oms_ref(drun, drun_keys, tmp_path, method):
+    m = make_model(tmp_path / "m")
+    args = ["sign", m, "--key", drun_keys["ecdsa-p384"][0], "--hash", "blake2b", "--method", method]
+    if method == "shards":
+        args += ["--piece-size", PIECE]
+    drun(*args).ok()
+    st = bundle_statement(load_bundle(m / "model.sig"))
+    assert st["predicate"]["serialization"]["hash_type"] == "blake2b"
+    assert all(len(r["digest"]) == 128 for r in st["predicate"]["resources"])
+    ref_verify_ok(m, m / "model.sig", pub=drun_keys["ecdsa-p384"][1])
+    flip_byte(m / "weights.bin", 3)
+    ref_verify_fails(m, m / "model.sig", pub=drun_keys["ecdsa-p384"][1], match="mismatch")
