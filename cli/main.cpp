@@ -202,7 +202,10 @@ int cmd_keygen(int argc, char** argv) {
   auto key = drun::private_key::generate(*type);
   if (!key) return fail("keygen", key.error());
   if (auto r = key->save(key_path); !r) return fail("keygen", r.error());
-  if (auto r = drun::save_public_key(key->public_key(), pub_path); !r) return fail("keygen", r.error());
+  if (auto r = drun::save_public_key(key->public_key(), pub_path); !r) {
+    std::filesystem::remove(key_path, ec);  // never leave half a key pair behind
+    return fail("keygen", r.error());
+  }
   fmt::print("wrote {} private key {} (mode 0600) and public key {}\n", type_name, key_path.string(), pub_path.string());
   return exit_ok;
 }

@@ -194,10 +194,7 @@ result<verified_piece> verified_manifest::check_piece(std::size_t index, std::sp
 // ---- bundles ---------------------------------------------------------------------------------
 
 result<std::string> read_bundle_file(const std::filesystem::path& file) {
-  auto text = detail::read_file(file, max_bundle_size);
-  if (!text && text.error().code() == errc::invalid_argument)
-    return error(errc::malformed_bundle, "bundle is too large (at most 64 MiB)").with_path(file.string());
-  return text;
+  return detail::read_file(file, max_bundle_size, errc::malformed_bundle);
 }
 
 result<verified_manifest> verify_bundle(std::string_view bundle_json, const trust_store& trust) {

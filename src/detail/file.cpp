@@ -49,15 +49,14 @@ result<void> pread_exact(int fd, std::span<std::byte> buf, std::uint64_t offset,
   return {};
 }
 
-result<std::string> read_file(const std::filesystem::path& path, std::size_t max_size) {
+result<std::string> read_file(const std::filesystem::path& path, std::size_t max_size, errc too_large) {
   auto fd = open_read(path, /*follow=*/true);
   if (!fd) return std::move(fd).error();
   struct stat st {};
   if (::fstat(fd->get(), &st) != 0) return sys_error("cannot stat", path, errno);
   if (!S_ISREG(st.st_mode)) return error(errc::invalid_argument, "not a regular file").with_path(path.string());
   if (static_cast<std::uint64_t>(st.st_size) > max_size)
-    return error(errc::invalid_argument,
-                 fmt::format("file is too large ({} bytes, at most {})", st.st_size, max_size))
+    return error(too_large, fmt::format("file is too large ({} bytes, at most {})", st.st_size, max_size))
         .with_path(path.string());
   // Read to EOF rather than trusting st_size, but never past the limit.
   std::string out;
@@ -66,7 +65,7 @@ result<std::string> read_file(const std::filesystem::path& path, std::size_t max
   for (;;) {
     if (len == out.size()) {
       if (out.size() > max_size)
-        return error(errc::invalid_argument, fmt::format("file is too large (more than {} bytes)", max_size))
+        return error(too_large, fmt::format("file is too large (more than {} bytes)", max_size))
             .with_path(path.string());
       out.resize(out.size() + 4096);
     }
@@ -80,7 +79,7 @@ result<std::string> read_file(const std::filesystem::path& path, std::size_t max
   }
   out.resize(len);
   if (len > max_size)
-    return error(errc::invalid_argument, fmt::format("file is too large (more than {} bytes)", max_size))
+    return error(too_large, fmt::format("file is too large (more than {} bytes)", max_size))
         .with_path(path.string());
   return out;
 }

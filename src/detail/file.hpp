@@ -41,9 +41,10 @@ result<unique_fd> open_read(const std::filesystem::path& path, bool follow = fal
 result<void> pread_exact(int fd, std::span<std::byte> buf, std::uint64_t offset,
                          const std::filesystem::path& path);
 
-// Reads a whole file, refusing one larger than max_size (errc::malformed_bundle is the caller's
-// to choose; this returns invalid_argument with "too large").
-result<std::string> read_file(const std::filesystem::path& path, std::size_t max_size);
+// Reads a whole regular file, refusing one larger than max_size with `too_large` ("too large"
+// in the message): a bundle that is too big is malformed, a key file that is too big is misuse.
+result<std::string> read_file(const std::filesystem::path& path, std::size_t max_size,
+                              errc too_large = errc::invalid_argument);
 
 // Writes all of data; retries short writes and EINTR.
 result<void> write_all(int fd, std::string_view data, const std::filesystem::path& path);

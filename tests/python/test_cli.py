@@ -658,3 +658,10 @@ def test_progress_line_on_a_terminal_only(drun_bin, drun, drun_keys, tmp_path):
     (m / "model.sig").unlink()
     r = drun("sign", m, "--key", drun_keys["ecdsa-p256"][0], "--threads", "1").ok()
     assert "hashing:" not in r.err
+
+
+def test_signature_path_that_is_a_directory(drun, drun_keys, model, tmp_path):
+    sig_dir = tmp_path / "sigdir"
+    sig_dir.mkdir()
+    verify(drun, model, sig_dir, drun_keys["ecdsa-p256"][1]).fails(2, "not a regular file")
+    drun("manifest", sig_dir).fails(2, "not a regular file")
