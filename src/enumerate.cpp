@@ -89,7 +89,7 @@ struct walker {
       if (S_ISDIR(st.st_mode)) {
         if (auto r = walk(child, child_rel); !r) return r;
       } else if (S_ISREG(st.st_mode)) {
-        out.push_back({child_rel, child, static_cast<std::uint64_t>(st.st_size)});
+        out.push_back({child_rel, child, static_cast<std::uint64_t>(st.st_size), st.st_dev, st.st_ino});
       } else {
         return error(errc::unsafe_entry, fmt::format("is {}", file_kind(st.st_mode))).with_path(child_rel);
       }
@@ -134,7 +134,7 @@ result<std::vector<model_file>> enumerate_model(const std::filesystem::path& mod
     if (::stat(model.c_str(), &st) != 0) return detail::sys_error("cannot stat", model, errno);
   }
   if (S_ISREG(st.st_mode))
-    return std::vector<model_file>{{".", model, static_cast<std::uint64_t>(st.st_size)}};
+    return std::vector<model_file>{{".", model, static_cast<std::uint64_t>(st.st_size), st.st_dev, st.st_ino}};
   if (!S_ISDIR(st.st_mode))
     return error(errc::unsafe_entry, fmt::format("is {}", file_kind(st.st_mode))).with_path(model.string());
 

@@ -5,7 +5,7 @@
 #include "detail/encoding.hpp"
 #include "detail/file.hpp"
 #include "detail/openssl.hpp"
-#include "detail/sodium_init.hpp"
+#include "detail/secret.hpp"
 #include "key_data.hpp"
 
 #include <drun/hash.hpp>
@@ -16,6 +16,7 @@
 #include <openssl/pem.h>
 #include <sodium.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <fcntl.h>
@@ -53,25 +54,43 @@ const char* digest_name(key_type t) {
 // A PEM callback that refuses to prompt: drun never reads passphrases from a terminal.
 int no_passphrase(char*, int, int, void*) { return -1; }
 
-// Secret bytes in libsodium guarded memory, wiped and freed on destruction.
-struct secret_buffer {
-  unsigned char* p = nullptr;
-  std::size_t n = 0;
-  explicit secret_buffer(std::size_t size) : n(size) {
-    detail::ensure_sodium();
-    p = static_cast<unsigned char*>(sodium_malloc(size));
-    if (!p) throw std::bad_alloc();
+// Extracts the DER of a PEM private key ("PRIVATE KEY" or "EC PRIVATE KEY") into guarded memory.
+// drun does this itself rather than through OpenSSL's PEM reader so no copy of the key text is
+// freed unwiped. Encrypted keys are refused: drun never prompts for a passphrase.
+result<std::unique_ptr<detail::secret_buffer>> decode_private_pem(std::string_view text) {
+  // The first private key block counts; others (openssl ecparam's "EC PARAMETERS") are skipped.
+  std::string_view label;
+  std::size_t label_end = 0;
+  for (std::size_t pos = 0;;) {
+    auto begin = text.find("-----BEGIN ", pos);
+    if (begin == std::string_view::npos) return error(errc::key_error, "no PEM private key block found");
+    auto label_start = begin + 11;
+    label_end = text.find("-----", label_start);
+    if (label_end == std::string_view::npos) return error(errc::key_error, "malformed PEM BEGIN line");
+    label = text.substr(label_start, label_end - label_start);
+    if (label == "ENCRYPTED PRIVATE KEY")
+      return error(errc::key_error, "private key is encrypted; drun needs an unencrypted PKCS#8 key (mode 0600)");
+    if (label == "PRIVATE KEY" || label == "EC PRIVATE KEY") break;
+    pos = label_end + 5;
   }
-  ~secret_buffer() { sodium_free(p); }  // sodium_free zeroes before unmapping
-  secret_buffer(const secret_buffer&) = delete;
-  secret_buffer& operator=(const secret_buffer&) = delete;
-};
-
-// Wipes a std::string holding secret text when it goes out of scope.
-struct wipe_on_exit {
-  std::string& s;
-  ~wipe_on_exit() { OPENSSL_cleanse(s.data(), s.size()); }
-};
+  auto body_start = label_end + 5;
+  std::string end_line = fmt::format("-----END {}-----", label);
+  auto body_end = text.find(end_line, body_start);
+  if (body_end == std::string_view::npos) return error(errc::key_error, "PEM block has no END line");
+  auto body = text.substr(body_start, body_end - body_start);
+  if (body.find(':') != std::string_view::npos)
+    return error(errc::key_error, "private key is encrypted (PEM headers); drun needs an unencrypted key");
+  detail::secret_buffer b64(body.size());
+  std::size_t n = 0;
+  for (char c : body)
+    if (c != '\n' && c != '\r' && c != ' ' && c != '\t') b64.data()[n++] = static_cast<std::byte>(c);
+  auto der = std::make_unique<detail::secret_buffer>(n / 4 * 3);
+  auto len = detail::base64_decode_into(b64.view(n), der->span());
+  if (!len) return error(errc::key_error, "PEM body is not valid base64");
+  auto out = std::make_unique<detail::secret_buffer>(*len);
+  std::copy_n(der->data(), *len, out->data());
+  return out;
+}
 
 }  // namespace
 
@@ -106,10 +125,19 @@ result<public_key> detail::key_access::from_evp(EVP_PKEY* raw) {
   auto type = type_of(raw);
   if (!type)
     return error(errc::key_error, "unsupported public key type (Ed25519 or ECDSA P-256/P-384/P-521 expected)");
-  if (EVP_PKEY_up_ref(raw) != 1) return error(errc::key_error, "cannot reference public key");
+  // Re-encode as SubjectPublicKeyInfo and parse it back: the handle then holds public parts only,
+  // so a public_key made from a private_key never keeps the secret alive.
+  unsigned char* der = nullptr;
+  int der_len = i2d_PUBKEY(raw, &der);
+  if (der_len <= 0) return error(errc::key_error, "cannot encode public key: " + detail::openssl_errors());
+  const unsigned char* cursor = der;
+  detail::evp_pkey_ptr pub(d2i_PUBKEY(nullptr, &cursor, der_len));
+  OPENSSL_free(der);
+  if (!pub) return error(errc::key_error, "cannot decode public key: " + detail::openssl_errors());
+  raw = pub.get();
   auto p = std::make_shared<public_key::impl>();
   p->type = *type;
-  p->pkey.reset(raw);
+  p->pkey = std::move(pub);
   if (*type == key_type::ed25519) {
     std::size_t len = p->ed25519.size();
     if (EVP_PKEY_get_raw_public_key(raw, p->ed25519.data(), &len) != 1 || len != p->ed25519.size())
@@ -156,7 +184,7 @@ bool operator==(const public_key& a, const public_key& b) noexcept { return a.im
 struct private_key::impl {
   key_type type;
   detail::evp_pkey_ptr pkey;            // every type: PEM output and the public half
-  std::unique_ptr<secret_buffer> ed_sk; // Ed25519: libsodium's 64-byte secret key
+  std::unique_ptr<detail::secret_buffer> ed_sk; // Ed25519: libsodium's 64-byte secret key
 };
 
 private_key::private_key(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
@@ -166,13 +194,13 @@ private_key& private_key::operator=(private_key&&) noexcept = default;
 key_type private_key::type() const noexcept { return impl_->type; }
 
 result<void> detail::key_access::finish_ed25519(private_key::impl& k) {
-  secret_buffer seed(crypto_sign_SEEDBYTES);
-  std::size_t len = seed.n;
-  if (EVP_PKEY_get_raw_private_key(k.pkey.get(), seed.p, &len) != 1 || len != seed.n)
+  detail::secret_buffer seed(crypto_sign_SEEDBYTES);
+  std::size_t len = seed.size();
+  if (EVP_PKEY_get_raw_private_key(k.pkey.get(), seed.uchar(), &len) != 1 || len != seed.size())
     return error(errc::key_error, "cannot read Ed25519 private key");
-  k.ed_sk = std::make_unique<secret_buffer>(crypto_sign_SECRETKEYBYTES);
+  k.ed_sk = std::make_unique<detail::secret_buffer>(crypto_sign_SECRETKEYBYTES);
   std::array<unsigned char, crypto_sign_PUBLICKEYBYTES> pk{};
-  crypto_sign_seed_keypair(pk.data(), k.ed_sk->p, seed.p);
+  crypto_sign_seed_keypair(pk.data(), k.ed_sk->uchar(), seed.uchar());
   return {};
 }
 
@@ -180,9 +208,9 @@ result<private_key> private_key::generate(key_type type) {
   auto k = std::make_unique<impl>();
   k->type = type;
   if (type == key_type::ed25519) {
-    secret_buffer seed(crypto_sign_SEEDBYTES);
-    randombytes_buf(seed.p, seed.n);
-    k->pkey.reset(EVP_PKEY_new_raw_private_key(EVP_PKEY_ED25519, nullptr, seed.p, seed.n));
+    detail::secret_buffer seed(crypto_sign_SEEDBYTES);
+    randombytes_buf(seed.data(), seed.size());
+    k->pkey.reset(EVP_PKEY_new_raw_private_key(EVP_PKEY_ED25519, nullptr, seed.uchar(), seed.size()));
     if (!k->pkey) return error(errc::key_error, "cannot create Ed25519 key: " + detail::openssl_errors());
     if (auto r = detail::key_access::finish_ed25519(*k); !r) return std::move(r).error();
   } else {
@@ -199,24 +227,24 @@ result<private_key> private_key::load(const std::filesystem::path& file) {
   if (!fd) return std::move(fd).error().with_operation("private key");
   struct stat st {};
   if (::fstat(fd->get(), &st) != 0) return detail::sys_error("cannot stat", file, errno);
-  if (!S_ISREG(st.st_mode)) return error(errc::key_error, "private key is not a regular file").with_path(file.string());
   if ((st.st_mode & 077) != 0)
     return error(errc::key_error,
                  fmt::format("private key file has permissions {:04o}: it must be readable by its owner only "
                              "(chmod 600)", st.st_mode & 07777))
         .with_path(file.string());
-  auto text = detail::read_file(fmt::format("/proc/self/fd/{}", fd->get()), max_key_file);
-  if (!text) return std::move(text).error().with_path(file.string());
-  wipe_on_exit wipe{*text};
-  auto begin = text->find("-----BEGIN");
-  if (begin == std::string::npos) return error(errc::key_error, "no PEM block found").with_path(file.string());
-  auto bio = detail::memory_bio(std::string_view(*text).substr(begin));
+  auto size = static_cast<std::uint64_t>(st.st_size);
+  if (size > max_key_file)
+    return error(errc::key_error, fmt::format("private key file is too large ({} bytes)", size)).with_path(file.string());
+  // The PEM text, its base64 body and the DER all live in guarded memory, wiped when freed.
+  detail::secret_buffer text(static_cast<std::size_t>(size));
+  if (auto r = detail::pread_exact(fd->get(), text.span(), 0, file); !r) return std::move(r).error();
+  auto der = decode_private_pem(text.view(text.size()));
+  if (!der) return std::move(der).error().with_path(file.string());
+  const unsigned char* cursor = (*der)->uchar();
   auto k = std::make_unique<impl>();
-  k->pkey.reset(PEM_read_bio_PrivateKey(bio.get(), nullptr, no_passphrase, nullptr));
+  k->pkey.reset(d2i_AutoPrivateKey(nullptr, &cursor, static_cast<long>((*der)->size())));
   if (!k->pkey)
-    return error(errc::key_error, "not a PEM private key (encrypted keys are not supported): " +
-                                      detail::openssl_errors())
-        .with_path(file.string());
+    return error(errc::key_error, "not a valid private key: " + detail::openssl_errors()).with_path(file.string());
   auto type = type_of(k->pkey.get());
   if (!type)
     return error(errc::key_error, "unsupported private key type (Ed25519 or ECDSA P-256/P-384/P-521 expected)")
@@ -228,7 +256,6 @@ result<private_key> private_key::load(const std::filesystem::path& file) {
 }
 
 public_key private_key::public_key() const {
-  // The EVP handle of a private key also serves as its public key: only public parts are read.
   auto pub = detail::key_access::from_evp(impl_->pkey.get());
   return std::move(pub).value();
 }
@@ -274,7 +301,7 @@ result<std::string> detail::key_access::sign(const private_key& key, std::span<c
   if (k.type == key_type::ed25519) {
     std::string sig(crypto_sign_BYTES, '\0');
     crypto_sign_detached(reinterpret_cast<unsigned char*>(sig.data()), nullptr,
-                         reinterpret_cast<const unsigned char*>(msg.data()), msg.size(), k.ed_sk->p);
+                         reinterpret_cast<const unsigned char*>(msg.data()), msg.size(), k.ed_sk->uchar());
     return sig;
   }
   detail::evp_md_ctx_ptr ctx(EVP_MD_CTX_new());

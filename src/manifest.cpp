@@ -272,6 +272,12 @@ result<std::vector<digest>> hash_ranges(const std::vector<model_file>& files,
     struct stat st {};
     if (::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode))
       return fail(error(errc::unsafe_entry, "is no longer a regular file").with_path(f.name));
+    if (f.inode != 0 && (st.st_ino != f.inode || st.st_dev != f.device))
+      return fail(error(errc::unsafe_entry, "was replaced after the model was listed").with_path(f.name));
+    if (static_cast<std::uint64_t>(st.st_size) != f.size)
+      return fail(error(errc::unsafe_entry, fmt::format("changed size while the model was read ({} bytes when "
+                                                        "listed, {} now)", f.size, st.st_size))
+                      .with_path(f.name));
     ::posix_fadvise(fd.get(), static_cast<off_t>(t.range.begin), static_cast<off_t>(t.range.size()),
                     POSIX_FADV_SEQUENTIAL);
     auto& buf = buffers[w];

@@ -123,12 +123,20 @@ result<std::pair<public_key, std::string>> detail::trust_access::verify_chain(
                  fmt::format("certificate chain does not verify: {} (leaf: {})", X509_verify_cert_error_string(err),
                              subject_line(leaf)));
   }
+  // The leaf must be meant for signing code. Present extensions restrict (RFC 5280 4.2.1.3 and
+  // 4.2.1.12): a keyUsage without digitalSignature, or an extendedKeyUsage without codeSigning
+  // (a TLS server certificate, say), refuses the leaf; at least one of them must be present.
   std::uint32_t flags = X509_get_extension_flags(leaf);
-  bool digital_signature = (flags & EXFLAG_KUSAGE) && (X509_get_key_usage(leaf) & KU_DIGITAL_SIGNATURE);
-  bool code_signing = (flags & EXFLAG_XKUSAGE) && (X509_get_extended_key_usage(leaf) & XKU_CODE_SIGN);
-  if (!digital_signature && !code_signing)
+  bool has_ku = flags & EXFLAG_KUSAGE, has_eku = flags & EXFLAG_XKUSAGE;
+  if (X509_check_ca(leaf) != 0)
     return error(errc::untrusted_certificate,
-                 fmt::format("leaf certificate allows neither digitalSignature nor codeSigning ({})", subject_line(leaf)));
+                 fmt::format("the signing certificate is a CA certificate, not a signer ({})", subject_line(leaf)));
+  if ((has_ku && !(X509_get_key_usage(leaf) & KU_DIGITAL_SIGNATURE)) ||
+      (has_eku && !(X509_get_extended_key_usage(leaf) & XKU_CODE_SIGN)) || (!has_ku && !has_eku))
+    return error(errc::untrusted_certificate,
+                 fmt::format("leaf certificate is not for code signing: a keyUsage must include digitalSignature, an "
+                             "extendedKeyUsage must include codeSigning, and one of them must be present ({})",
+                             subject_line(leaf)));
   auto key = key_access::from_evp(X509_get0_pubkey(leaf));
   if (!key) return std::move(key).error();
   return std::pair{std::move(key).value(), subject_line(leaf)};

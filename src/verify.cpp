@@ -328,7 +328,11 @@ result<void> verify_model(const verified_manifest& m, const std::filesystem::pat
     tasks.push_back({k, p.range.value_or(byte_range{0, (*local)[k].size})});
   }
   auto digests = detail::hash_ranges(*local, tasks, m.hash_type(), options.threads, m.allow_symlinks(), options.progress);
-  if (!digests) return std::move(digests).error();
+  if (!digests) {
+    // A file replaced or resized under the verifier is a model that does not match.
+    if (digests.error().code() == errc::unsafe_entry) return std::move(digests).error().with_code(errc::model_mismatch);
+    return std::move(digests).error();
+  }
   std::size_t bad = 0, first = 0;
   for (std::size_t i = 0; i < pieces.size(); ++i)
     if (!((*digests)[i] == pieces[i].expected) && bad++ == 0) first = i;

@@ -42,6 +42,10 @@ struct model_file {
   std::string name;             // OMS resource name: root-relative POSIX path, "." for a single file
   std::filesystem::path path;   // where it is on disk
   std::uint64_t size = 0;
+  // Identity when listed: hashing refuses a file replaced (or reached through a swapped directory)
+  // between listing and reading.
+  std::uint64_t device = 0;
+  std::uint64_t inode = 0;
 };
 
 // Lists a model's files in OMS order (path component by component). A single file lists itself

@@ -77,10 +77,10 @@ std::string base64_encode(std::span<const std::byte> bytes) {
   return out;
 }
 
-std::optional<std::string> base64_decode(std::string_view text) {
-  if (text.size() % 4 != 0) return std::nullopt;
-  std::string out;
-  out.reserve(text.size() / 4 * 3);
+std::optional<std::size_t> base64_decode_into(std::string_view text, std::span<std::byte> out) {
+  if (text.size() % 4 != 0 || out.size() < text.size() / 4 * 3) return std::nullopt;
+  std::size_t len = 0;
+  auto put = [&](std::uint32_t v) { out[len++] = static_cast<std::byte>(v & 0xff); };
   for (std::size_t i = 0; i < text.size(); i += 4) {
     bool last = i + 4 == text.size();
     int pad = 0;
@@ -99,12 +99,20 @@ std::optional<std::string> base64_decode(std::string_view text) {
       if (d < 0) return std::nullopt;
       v = v << 6 | static_cast<std::uint32_t>(d);
     }
-    out.push_back(static_cast<char>(v >> 16 & 0xff));
-    if (pad < 2) out.push_back(static_cast<char>(v >> 8 & 0xff));
-    if (pad < 1) out.push_back(static_cast<char>(v & 0xff));
     // Non-canonical encodings (stray bits under the padding) are refused.
     if ((pad == 1 && (v & 0xff) != 0) || (pad == 2 && (v & 0xffff) != 0)) return std::nullopt;
+    put(v >> 16);
+    if (pad < 2) put(v >> 8);
+    if (pad < 1) put(v);
   }
+  return len;
+}
+
+std::optional<std::string> base64_decode(std::string_view text) {
+  std::string out(text.size() / 4 * 3, '\0');
+  auto len = base64_decode_into(text, std::as_writable_bytes(std::span(out)));
+  if (!len) return std::nullopt;
+  out.resize(*len);
   return out;
 }
 

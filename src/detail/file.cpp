@@ -23,12 +23,24 @@ error sys_error(std::string_view what, const std::filesystem::path& path, int er
 }
 
 result<unique_fd> open_read(const std::filesystem::path& path, bool follow) {
-  int flags = O_RDONLY | O_CLOEXEC | (follow ? 0 : O_NOFOLLOW);
-  int fd;
-  do fd = ::open(path.c_str(), flags);
-  while (fd < 0 && errno == EINTR);
-  if (fd < 0) return sys_error("cannot open", path, errno);
-  return unique_fd(fd);
+  // O_NONBLOCK: opening a FIFO planted where a file is expected must fail, not hang.
+  int flags = O_RDONLY | O_CLOEXEC | O_NONBLOCK | (follow ? 0 : O_NOFOLLOW);
+  int raw;
+  do raw = ::open(path.c_str(), flags);
+  while (raw < 0 && errno == EINTR);
+  if (raw < 0) return sys_error("cannot open", path, errno);
+  unique_fd fd(raw);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return sys_error("cannot stat", path, errno);
+  if (!S_ISREG(st.st_mode)) return error(errc::invalid_argument, "not a regular file").with_path(path.string());
+  ::fcntl(fd.get(), F_SETFL, ::fcntl(fd.get(), F_GETFL) & ~O_NONBLOCK);
+  return fd;
+}
+
+result<std::uint64_t> file_size(int fd, const std::filesystem::path& path) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return sys_error("cannot stat", path, errno);
+  return static_cast<std::uint64_t>(st.st_size);
 }
 
 result<void> pread_exact(int fd, std::span<std::byte> buf, std::uint64_t offset,
@@ -52,35 +64,17 @@ result<void> pread_exact(int fd, std::span<std::byte> buf, std::uint64_t offset,
 result<std::string> read_file(const std::filesystem::path& path, std::size_t max_size, errc too_large) {
   auto fd = open_read(path, /*follow=*/true);
   if (!fd) return std::move(fd).error();
-  struct stat st {};
-  if (::fstat(fd->get(), &st) != 0) return sys_error("cannot stat", path, errno);
-  if (!S_ISREG(st.st_mode)) return error(errc::invalid_argument, "not a regular file").with_path(path.string());
-  if (static_cast<std::uint64_t>(st.st_size) > max_size)
-    return error(too_large, fmt::format("file is too large ({} bytes, at most {})", st.st_size, max_size))
+  auto size = file_size(fd->get(), path);
+  if (!size) return std::move(size).error();
+  if (*size > max_size)
+    return error(too_large, fmt::format("file is too large ({} bytes, at most {})", *size, max_size))
         .with_path(path.string());
-  // Read to EOF rather than trusting st_size, but never past the limit.
-  std::string out;
-  out.resize(static_cast<std::size_t>(st.st_size));
-  std::size_t len = 0;
-  for (;;) {
-    if (len == out.size()) {
-      if (out.size() > max_size)
-        return error(too_large, fmt::format("file is too large (more than {} bytes)", max_size))
-            .with_path(path.string());
-      out.resize(out.size() + 4096);
-    }
-    ssize_t n = ::read(fd->get(), out.data() + len, out.size() - len);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return sys_error("read failed", path, errno);
-    }
-    if (n == 0) break;
-    len += static_cast<std::size_t>(n);
-  }
-  out.resize(len);
-  if (len > max_size)
-    return error(too_large, fmt::format("file is too large (more than {} bytes)", max_size))
-        .with_path(path.string());
+  // Sized once from fstat: no reallocation leaves stray copies (key files are read this way too).
+  std::string out(static_cast<std::size_t>(*size), '\0');
+  if (auto r = pread_exact(fd->get(), std::as_writable_bytes(std::span(out)), 0, path); !r) return std::move(r).error();
+  char extra;
+  if (::pread(fd->get(), &extra, 1, static_cast<off_t>(out.size())) != 0)
+    return error(errc::io_error, "file changed while it was read").with_path(path.string());
   return out;
 }
 

@@ -34,8 +34,11 @@ class unique_fd {
 // An error for a failed system call on `path`: not_found for ENOENT, io_error otherwise.
 error sys_error(std::string_view what, const std::filesystem::path& path, int err);
 
-// Opens for reading without following a final symlink (O_NOFOLLOW) unless follow is set.
+// Opens a regular file for reading, without following a final symlink unless follow is set.
+// Anything but a regular file (a FIFO, a device, a directory) is refused without blocking.
 result<unique_fd> open_read(const std::filesystem::path& path, bool follow = false);
+
+result<std::uint64_t> file_size(int fd, const std::filesystem::path& path);
 
 // Reads exactly buf.size() bytes at offset; a short read (the file shrank) is an io_error.
 result<void> pread_exact(int fd, std::span<std::byte> buf, std::uint64_t offset,

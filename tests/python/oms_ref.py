@@ -586,18 +586,25 @@ def _is_ca(cert):
 
 
 def check_leaf_usage(leaf):
-    """The leaf must allow digitalSignature (keyUsage) or codeSigning (extendedKeyUsage)."""
+    """The leaf must be a code signer: not a CA; a keyUsage, if present, includes digitalSignature;
+    an extendedKeyUsage, if present, includes codeSigning (RFC 5280: present extensions restrict);
+    at least one of the two is present."""
+    if _is_ca(leaf):
+        raise OmsError("the signing certificate is a CA certificate")
     try:
-        if leaf.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature:
-            return
+        ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
-        pass
+        ku = None
     try:
-        if ExtendedKeyUsageOID.CODE_SIGNING in leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value:
-            return
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
-        pass
-    raise OmsError("leaf certificate allows neither digitalSignature nor codeSigning")
+        eku = None
+    if ku is None and eku is None:
+        raise OmsError("leaf certificate has neither keyUsage nor extendedKeyUsage")
+    if ku is not None and not ku.digital_signature:
+        raise OmsError("leaf certificate keyUsage lacks digitalSignature")
+    if eku is not None and ExtendedKeyUsageOID.CODE_SIGNING not in eku:
+        raise OmsError("leaf certificate extendedKeyUsage lacks codeSigning")
 
 
 def verify_cert_chain(chain, roots, at=None):

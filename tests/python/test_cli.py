@@ -665,3 +665,36 @@ def test_signature_path_that_is_a_directory(drun, drun_keys, model, tmp_path):
     sig_dir.mkdir()
     verify(drun, model, sig_dir, drun_keys["ecdsa-p256"][1]).fails(2, "not a regular file")
     drun("manifest", sig_dir).fails(2, "not a regular file")
+
+
+def test_fifo_where_a_file_is_expected_does_not_hang(drun, drun_keys, model, tmp_path):
+    # A FIFO planted as the default signature inside a downloaded model, or given as a key.
+    os.mkfifo(model / "model.sig")
+    drun("verify", model, "--public-key", drun_keys["ecdsa-p256"][1], timeout=10).fails(2, "not a regular file")
+    os.mkfifo(tmp_path / "pub.pem")
+    verify(drun, model, model / "model.sig", tmp_path / "pub.pem").fails(2, "not a regular file")
+
+
+def test_private_keys_made_by_openssl(drun, model, tmp_path):
+    import subprocess
+
+    def openssl(*args):
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+    sec1 = tmp_path / "sec1.pem"  # "BEGIN EC PRIVATE KEY"
+    openssl("ecparam", "-name", "prime256v1", "-genkey", "-out", sec1)  # EC PARAMETERS block first
+    ed = tmp_path / "ed.pem"
+    openssl("genpkey", "-algorithm", "ed25519", "-out", ed)
+    for key in (sec1, ed):
+        os.chmod(key, 0o600)
+        pub = tmp_path / (key.name + ".pub")
+        openssl("pkey", "-in", key, "-pubout", "-out", pub)
+        sig = tmp_path / (key.name + ".sig")
+        sign(drun, model, key, "--signature", sig).ok()
+        verify(drun, model, sig, pub).ok()
+    enc = tmp_path / "enc.pem"
+    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-aes256", "-pass", "pass:x",
+            "-out", enc)
+    os.chmod(enc, 0o600)
+    sign(drun, model, enc, "--signature", tmp_path / "enc.sig").fails(2, "encrypted")
+    assert not (tmp_path / "enc.sig").exists()

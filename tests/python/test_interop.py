@@ -323,6 +323,8 @@ CERT_GOOD = [
 CERT_BAD = [
     ("expired-leaf", {"not_before": now - 30 * DAY, "not_after": now - DAY}, "root_pem", True),
     ("no-ds-no-codesigning", {"key_usage": ("key_agreement",), "eku": ("server_auth",)}, "root_pem", True),
+    ("tls-server-cert", {"eku": ("server_auth",)}, "root_pem", True),  # digitalSignature, but not for code
+    ("no-usage-extensions", {"key_usage": None, "eku": None}, "root_pem", True),
     ("untrusted-root-same-name", {}, "evil_pem", True),
     ("intermediate-missing", {}, "root_pem", False),
     ("signed-by-other-key", {"wrong_signer": True}, "root_pem", True),
@@ -542,3 +544,12 @@ def test_drun_blake2b_bundle_verified_by_oms_ref(drun, drun_keys, tmp_path, meth
     ref_verify_ok(m, m / "model.sig", pub=drun_keys["ecdsa-p384"][1])
     flip_byte(m / "weights.bin", 3)
     ref_verify_fails(m, m / "model.sig", pub=drun_keys["ecdsa-p384"][1], match="mismatch")
+
+
+def test_a_ca_certificate_cannot_sign_models(drun, tmp_path, pki):
+    # The intermediate has digitalSignature, but it is a CA: it certifies signers, it is not one.
+    m = make_model(tmp_path / "m")
+    inter_cert, inter_key = pki.inter
+    oms_ref.sign_model(m, inter_key, m / "model.sig", "shards", shard_size=PIECE, cert_chain=[inter_cert])
+    drun("verify", m, "--signature", m / "model.sig", "--ca-bundle", pki.root_pem).fails(1, "CA certificate")
+    ref_verify_fails(m, m / "model.sig", ca=pki.root_pem, match="CA certificate")

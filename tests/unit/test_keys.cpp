@@ -2,7 +2,11 @@
 #include <drun/hash.hpp>
 #include <drun/keys.hpp>
 
+#include "key_data.hpp"
 #include "support.hpp"
+
+#include <openssl/core_names.h>
+#include <openssl/err.h>
 
 #include <sys/stat.h>
 
@@ -60,7 +64,7 @@ TEST_CASE("bad key files name the cause") {
   temp_dir d;
   test::write_file(d / "junk", "not a key");
   ::chmod((d / "junk").c_str(), 0600);
-  CHECK(test::error_of(private_key::load(d / "junk")).message().find("no PEM block") != std::string::npos);
+  CHECK(test::error_of(private_key::load(d / "junk")).message().find("no PEM private key block") != std::string::npos);
   CHECK(test::error_of(private_key::load(d / "absent")).code() == errc::not_found);
   CHECK(test::error_of(public_key::from_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")).code() ==
         errc::key_error);
@@ -83,4 +87,22 @@ TEST_CASE("public key PEM is canonical and the hint is its SHA-256") {
 TEST_CASE("key type names") {
   CHECK(parse_key_type("ecdsa-p521") == key_type::ecdsa_p521);
   CHECK_FALSE(parse_key_type("rsa"));
+}
+
+TEST_CASE("a public key taken from a private key holds no secret") {
+  for (auto t : {key_type::ed25519, key_type::ecdsa_p256}) {
+    auto k = private_key::generate(t);
+    REQUIRE(k);
+    auto pub = k->public_key();
+    EVP_PKEY* evp = detail::key_access::evp(pub);
+    if (t == key_type::ed25519) {
+      std::size_t len = 0;
+      CHECK(EVP_PKEY_get_raw_private_key(evp, nullptr, &len) != 1);
+    } else {
+      BIGNUM* priv = nullptr;
+      CHECK(EVP_PKEY_get_bn_param(evp, OSSL_PKEY_PARAM_PRIV_KEY, &priv) != 1);
+      BN_clear_free(priv);
+    }
+    ERR_clear_error();
+  }
 }

@@ -225,3 +225,23 @@ TEST_CASE("statement parsing refuses what a hostile signer could write") {
   CHECK(parse_error(with([](auto& s) { s["predicate"]["resources"][0]["digest"] = std::string(64, 'a'); }), false)
             .find("subject digest does not match") != std::string::npos);
 }
+
+TEST_CASE("hashing refuses a file replaced or resized after it was listed") {
+  temp_dir d;
+  write_file(d / "m/a.bin", test::pattern(5000));
+  write_file(d / "m/b.bin", test::pattern(5000, 2));
+  auto files = enumerate_model(d / "m", {});
+  REQUIRE(files);
+  std::vector<detail::hash_task> tasks{{0, {0, 5000}}, {1, {0, 5000}}};
+  REQUIRE(detail::hash_ranges(*files, tasks, hash_algorithm::sha256, 2, false, {}));
+
+  write_file(d / "m/a.bin", test::pattern(5001));  // same inode, new size
+  auto grown = detail::hash_ranges(*files, tasks, hash_algorithm::sha256, 1, false, {});
+  CHECK(test::error_of(grown).message() == "a.bin: changed size while the model was read (5000 bytes when listed, 5001 now)");
+
+  write_file(d / "replacement", test::pattern(5000, 2));
+  std::filesystem::rename(d / "replacement", d / "m/b.bin");  // same size, another file
+  auto swapped = detail::hash_ranges(*files, {{1, {0, 5000}}}, hash_algorithm::sha256, 1, false, {});
+  CHECK(test::error_of(swapped).message() == "b.bin: was replaced after the model was listed");
+  CHECK(swapped.error().code() == errc::unsafe_entry);
+}
