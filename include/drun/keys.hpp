@@ -48,7 +48,9 @@ class DRUN_API public_key {
 class DRUN_API private_key {
  public:
   static result<private_key> generate(key_type type);
-  // Errors: not_found, io_error, key_error (permissions, not a supported key, encrypted PEM).
+  // Accepts PKCS#8 ("PRIVATE KEY") and SEC1 ("EC PRIVATE KEY") PEM. Errors: not_found, io_error,
+  // invalid_argument (not a regular file), key_error (permissions, unsupported key, encrypted).
+  // The file's text and DER are held only in guarded memory, wiped when freed.
   static result<private_key> load(const std::filesystem::path& file);
 
   ~private_key();

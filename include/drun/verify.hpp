@@ -99,7 +99,7 @@ class DRUN_API verified_manifest {
 };
 
 // Reads a bundle file, refusing one over max_bundle_size. Errors: not_found, io_error,
-// malformed_bundle (too large).
+// invalid_argument (not a regular file), malformed_bundle (too large).
 DRUN_API result<std::string> read_bundle_file(const std::filesystem::path& file);
 
 // Authenticates a bundle and validates its statement. Errors: malformed_bundle, unsupported,
