@@ -2,186 +2,13 @@
 //
 // Exit status: 0 success; 1 integrity or authenticity failure; 2 usage or configuration error;
 // 3 I/O error. Results go to stdout, diagnostics to stderr; secrets are never printed.
-#include <drun/drun.hpp>
+#include "common.hpp"
 
-#include <fmt/format.h>
 #include <nlohmann/json.hpp>
-
-#include <atomic>
-#include <charconv>
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
-#include <map>
-#include <mutex>
-#include <optional>
-#include <string>
-#include <unistd.h>
-#include <vector>
 
 namespace {
 
-constexpr int exit_ok = 0, exit_integrity = 1, exit_usage = 2, exit_io = 3;
-
-struct usage_error {
-  std::string message;
-};
-
-// A small option parser: --name VALUE, --name=VALUE, flags, repeatable options, positionals.
-struct option_spec {
-  std::string name;
-  bool takes_value;
-  bool repeatable = false;
-};
-
-struct parsed_args {
-  std::vector<std::string> positional;
-  std::map<std::string, std::vector<std::string>> values;
-  bool has(const std::string& n) const { return values.count(n) != 0; }
-  std::optional<std::string> get(const std::string& n) const {
-    auto it = values.find(n);
-    if (it == values.end()) return std::nullopt;
-    return it->second.back();
-  }
-  std::vector<std::string> all(const std::string& n) const {
-    auto it = values.find(n);
-    return it == values.end() ? std::vector<std::string>{} : it->second;
-  }
-};
-
-parsed_args parse_args(int argc, char** argv, int first, const std::vector<option_spec>& specs) {
-  parsed_args out;
-  for (int i = first; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a == "--") {
-      for (++i; i < argc; ++i) out.positional.emplace_back(argv[i]);
-      break;
-    }
-    if (a.rfind("--", 0) != 0 || a.size() == 2) {
-      if (a.size() > 1 && a[0] == '-') throw usage_error{fmt::format("unknown option {}", a)};
-      out.positional.push_back(a);
-      continue;
-    }
-    std::string name = a.substr(2), value;
-    bool inline_value = false;
-    if (auto eq = name.find('='); eq != std::string::npos) {
-      value = name.substr(eq + 1);
-      name = name.substr(0, eq);
-      inline_value = true;
-    }
-    auto spec = std::find_if(specs.begin(), specs.end(), [&](const option_spec& s) { return s.name == name; });
-    if (spec == specs.end()) throw usage_error{fmt::format("unknown option --{}", name)};
-    if (spec->takes_value && !inline_value) {
-      if (i + 1 >= argc) throw usage_error{fmt::format("--{} needs a value", name)};
-      value = argv[++i];
-    } else if (!spec->takes_value && inline_value) {
-      throw usage_error{fmt::format("--{} takes no value", name)};
-    }
-    if (!spec->repeatable && out.has(name)) throw usage_error{fmt::format("--{} given twice", name)};
-    out.values[name].push_back(value);
-  }
-  return out;
-}
-
-std::uint64_t parse_size(const std::string& text, const char* what) {
-  std::uint64_t v = 0;
-  auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-  std::string_view suffix(p, static_cast<std::size_t>(text.data() + text.size() - p));
-  unsigned shift = 0;
-  if (suffix == "" ) shift = 0;
-  else if (suffix == "K" || suffix == "KiB" || suffix == "k") shift = 10;
-  else if (suffix == "M" || suffix == "MiB" || suffix == "m") shift = 20;
-  else if (suffix == "G" || suffix == "GiB" || suffix == "g") shift = 30;
-  else throw usage_error{fmt::format("{} \"{}\" is not a number of bytes", what, text)};
-  if (ec != std::errc() || p == text.data() || (shift && v > (UINT64_MAX >> shift)))
-    throw usage_error{fmt::format("{} \"{}\" is not a number of bytes", what, text)};
-  return v << shift;
-}
-
-unsigned parse_threads(const parsed_args& args) {
-  auto t = args.get("threads");
-  if (!t) return 0;
-  auto v = parse_size(*t, "--threads");
-  if (v == 0 || v > 1024) throw usage_error{"--threads must be between 1 and 1024"};
-  return static_cast<unsigned>(v);
-}
-
-int exit_status(drun::errc c) {
-  switch (c) {
-    case drun::errc::invalid_argument:
-    case drun::errc::key_error:
-    case drun::errc::unsafe_entry: return exit_usage;
-    case drun::errc::io_error:
-    case drun::errc::not_found: return exit_io;
-    default: return exit_integrity;
-  }
-}
-
-int fail(std::string_view command, const drun::error& e) {
-  fmt::print(stderr, "drun {}: {}\n", command, e.message());
-  return exit_status(e.code());
-}
-
-// A progress line on stderr, only when stderr is a terminal and the work has run for a second.
-class progress_line {
- public:
-  // DRUN_PROGRESS_DELAY_MS overrides the one-second delay (tests use 0 to see the line).
-  explicit progress_line(const char* verb) : verb_(verb), enabled_(::isatty(2) == 1) {
-    if (const char* d = std::getenv("DRUN_PROGRESS_DELAY_MS")) delay_ = std::chrono::milliseconds(std::atoll(d));
-  }
-  ~progress_line() {
-    if (shown_) fmt::print(stderr, "\r\033[K");
-  }
-  drun::progress_callback callback() {
-    if (!enabled_) return {};
-    return [this](std::uint64_t done, std::uint64_t total) {
-      auto now = std::chrono::steady_clock::now();
-      std::unique_lock lock(mutex_, std::try_to_lock);
-      if (!lock || now - start_ < delay_ || now - last_ < std::chrono::milliseconds(100)) return;
-      last_ = now;
-      shown_ = true;
-      double secs = std::chrono::duration<double>(now - start_).count();
-      fmt::print(stderr, "\r{}: {:3.0f}%  {:.0f} / {:.0f} MiB  {:.0f} MiB/s", verb_,
-                 total ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 100.0,
-                 static_cast<double>(done) / 1048576.0, static_cast<double>(total) / 1048576.0,
-                 static_cast<double>(done) / 1048576.0 / secs);
-    };
-  }
-
- private:
-  const char* verb_;
-  bool enabled_;
-  std::chrono::milliseconds delay_{1000};
-  bool shown_ = false;
-  std::mutex mutex_;
-  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now(), last_{};
-};
-
-// The signature file's path relative to the model root, when it lies inside it: it is ignored.
-std::optional<std::string> signature_inside(const std::filesystem::path& model, const std::filesystem::path& sig) {
-  std::error_code ec;
-  auto root = std::filesystem::weakly_canonical(model, ec);
-  if (ec) return std::nullopt;
-  auto s = std::filesystem::weakly_canonical(sig, ec);
-  if (ec) return std::nullopt;
-  auto rel = s.lexically_relative(root);
-  if (rel.empty() || *rel.begin() == ".." || rel == ".") return std::nullopt;
-  return rel.generic_string();
-}
-
-std::filesystem::path default_signature(const std::filesystem::path& model) {
-  std::error_code ec;
-  if (std::filesystem::is_directory(model, ec)) return model / "model.sig";
-  auto p = model;
-  p += ".sig";
-  return p;
-}
-
-std::string one_positional(const parsed_args& args, const char* what) {
-  if (args.positional.size() != 1)
-    throw usage_error{fmt::format("expected exactly one {} (got {})", what, args.positional.size())};
-  return args.positional[0];
-}
+using namespace drun::cli;
 
 // ---- commands ------------------------------------------------------------------------------
 
@@ -270,24 +97,9 @@ int cmd_verify(int argc, char** argv) {
                          {{"signature", true}, {"public-key", true}, {"ca-bundle", true}, {"ignore", true, true},
                           {"ignore-unsigned-files", false}, {"threads", true}, {"certificate-time", true}});
   std::filesystem::path model = one_positional(args, "model PATH");
-  if (args.has("public-key") == args.has("ca-bundle"))
-    throw usage_error{"give exactly one of --public-key PEM and --ca-bundle PEM"};
   std::filesystem::path sig = args.get("signature").value_or(default_signature(model).string());
-  auto policy = drun::certificate_time_policy::now;
-  if (auto t = args.get("certificate-time")) {
-    if (*t == "not-before") policy = drun::certificate_time_policy::leaf_not_before;
-    else if (*t != "now") throw usage_error{"--certificate-time must be now or not-before"};
-  }
-  std::optional<drun::trust_store> trust;
-  if (auto pk = args.get("public-key")) {
-    auto key = drun::public_key::load(*pk);
-    if (!key) return fail("verify", key.error());
-    trust.emplace(drun::trust_store::from_public_key(std::move(key).value()));
-  } else {
-    auto t = drun::trust_store::from_ca_bundle(*args.get("ca-bundle"), policy);
-    if (!t) return fail("verify", t.error());
-    trust.emplace(std::move(t).value());
-  }
+  auto trust = trust_from_args(args);
+  if (!trust) return fail("verify", trust.error());
   drun::verify_options opts;
   opts.ignore_paths = args.all("ignore");
   opts.ignore_unsigned_files = args.has("ignore-unsigned-files");
@@ -359,6 +171,12 @@ void print_usage(std::FILE* to) {
              "  verify   PATH [--signature SIG] (--public-key PEM | --ca-bundle PEM [--certificate-time now|not-before])\n"
              "           [--ignore REL]... [--ignore-unsigned-files] [--threads N]\n"
              "  manifest SIG [--json]      what a bundle covers (NOT verified)\n\n"
+             "  cache keygen --out FILE    a new node key for an encrypted store\n"
+             "  cache import PATH [--signature SIG] (--public-key PEM | --ca-bundle PEM) [--threads N]\n"
+             "  cache export ARTIFACT DEST | ls [--json] | show ARTIFACT [--json] | verify [ARTIFACT]\n"
+             "  cache gc [--ttl SECONDS] [--high BYTES --low BYTES] | rm ARTIFACT... | pin | unpin ARTIFACT\n"
+             "  cache rotate-key --new-key-source SPEC\n"
+             "        every cache command takes --store DIR --key-source file:PATH|env:NAME|cmd:COMMAND\n\n"
              "exit status: 0 ok, 1 integrity/authenticity failure, 2 usage/configuration, 3 I/O\n");
 }
 
@@ -375,6 +193,7 @@ int main(int argc, char** argv) {
     if (command == "sign") return cmd_sign(argc, argv);
     if (command == "verify") return cmd_verify(argc, argv);
     if (command == "manifest") return cmd_manifest(argc, argv);
+    if (command == "cache") return drun::cli::cmd_cache(argc, argv);
     if (command == "help" || command == "--help" || command == "-h") {
       print_usage(stdout);
       return exit_ok;
@@ -386,7 +205,7 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "drun: unknown command \"{}\"\n", command);
     print_usage(stderr);
     return exit_usage;
-  } catch (const usage_error& e) {
+  } catch (const drun::cli::usage_error& e) {
     fmt::print(stderr, "drun {}: {}\n", command, e.message);
     return exit_usage;
   } catch (const std::exception& e) {

@@ -8,6 +8,7 @@ packages=(
   libssl-dev                       # OpenSSL 3: SHA-256, ECDSA, X.509, PEM
   libsodium-dev                    # Ed25519, BLAKE2b, guarded memory for secrets
   libfmt-dev                       # formatting
+  libsqlite3-dev                   # the store's metadata index (WAL)
   nlohmann-json3-dev               # JSON (strict parsing layered on top, see src/detail/json.cpp)
   doctest-dev                      # unit tests
   openssl                          # the CLI: benchmark baseline and interop checks

@@ -260,26 +260,6 @@ public_key private_key::public_key() const {
   return std::move(pub).value();
 }
 
-namespace {
-
-// Creates `file` exclusively with `mode` and writes content; removes it again on failure.
-result<void> write_new_file(const std::filesystem::path& file, std::string_view content, mode_t mode) {
-  int fd_raw = ::open(file.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
-  if (fd_raw < 0) {
-    if (errno == EEXIST)
-      return error(errc::invalid_argument, "already exists; refusing to overwrite it").with_path(file.string());
-    return detail::sys_error("cannot create", file, errno);
-  }
-  detail::unique_fd fd(fd_raw);
-  auto r = detail::write_all(fd.get(), content, file);
-  if (r && ::fchmod(fd.get(), mode) != 0) r = detail::sys_error("cannot chmod", file, errno);
-  if (r && ::fsync(fd.get()) != 0) r = detail::sys_error("cannot fsync", file, errno);
-  if (!r) ::unlink(file.c_str());
-  return r;
-}
-
-}  // namespace
-
 result<void> private_key::save(const std::filesystem::path& file) const {
   // Secure-heap BIO: the PEM text of the key never sits in ordinary heap memory.
   detail::bio_ptr bio(BIO_new(BIO_s_secmem()));
@@ -287,11 +267,11 @@ result<void> private_key::save(const std::filesystem::path& file) const {
     return error(errc::key_error, "cannot encode private key: " + detail::openssl_errors());
   char* data = nullptr;
   long len = BIO_get_mem_data(bio.get(), &data);
-  return write_new_file(file, std::string_view(data, static_cast<std::size_t>(len)), 0600);
+  return detail::write_new_file(file, std::string_view(data, static_cast<std::size_t>(len)), 0600);
 }
 
 result<void> save_public_key(const public_key& key, const std::filesystem::path& file) {
-  return write_new_file(file, key.pem(), 0644);
+  return detail::write_new_file(file, key.pem(), 0644);
 }
 
 // ---- signing ------------------------------------------------------------------------------

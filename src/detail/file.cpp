@@ -90,4 +90,19 @@ result<void> write_all(int fd, std::string_view data, const std::filesystem::pat
   return {};
 }
 
+result<void> write_new_file(const std::filesystem::path& file, std::string_view content, unsigned mode) {
+  int fd_raw = ::open(file.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, static_cast<mode_t>(mode));
+  if (fd_raw < 0) {
+    if (errno == EEXIST)
+      return error(errc::invalid_argument, "already exists; refusing to overwrite it").with_path(file.string());
+    return sys_error("cannot create", file, errno);
+  }
+  unique_fd fd(fd_raw);
+  auto r = write_all(fd.get(), content, file);
+  if (r && ::fchmod(fd.get(), static_cast<mode_t>(mode)) != 0) r = sys_error("cannot chmod", file, errno);
+  if (r && ::fsync(fd.get()) != 0) r = sys_error("cannot fsync", file, errno);
+  if (!r) ::unlink(file.c_str());
+  return r;
+}
+
 }  // namespace drun::detail

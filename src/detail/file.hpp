@@ -52,4 +52,8 @@ result<std::string> read_file(const std::filesystem::path& path, std::size_t max
 // Writes all of data; retries short writes and EINTR.
 result<void> write_all(int fd, std::string_view data, const std::filesystem::path& path);
 
+// Creates `file` exclusively (never overwrites, never follows a symlink) with `mode`, writes
+// content and fsyncs; removes the file again on failure.
+result<void> write_new_file(const std::filesystem::path& file, std::string_view content, unsigned mode);
+
 }  // namespace drun::detail

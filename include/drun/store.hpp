@@ -1,0 +1,165 @@
+// The encrypted piece store: where verified pieces live on a node, shared by every process on it.
+// Every piece is sealed with AES-256-GCM under a per-artifact key derived from the node key;
+// nothing in the store directory is model plaintext. A SQLite index (WAL) records which pieces
+// are stored, and a piece is marked stored only after its sealed bytes are durable.
+//
+// Thread safety: one store object may be used from several threads; several processes may open
+// the same directory at once.
+#pragma once
+
+#include <drun/config.hpp>
+#include <drun/error.hpp>
+#include <drun/node_key.hpp>
+#include <drun/piece.hpp>
+#include <drun/verify.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace drun {
+
+struct artifact_summary {
+  std::string id;                 // hex SHA-256 of the signed payload
+  std::string subject;
+  std::uint64_t bytes = 0;        // plaintext size of all files (the space the store reserves)
+  std::size_t pieces = 0;
+  std::size_t stored_pieces = 0;
+  bool pinned = false;
+  std::int64_t last_access = 0;   // Unix seconds
+};
+
+struct stored_file {
+  std::string name;               // manifest name ("." for a single-file model)
+  std::uint64_t size = 0;
+  std::size_t first_piece = 0;
+  std::size_t pieces = 0;
+  std::size_t stored_pieces = 0;
+};
+
+struct artifact_details {
+  artifact_summary summary;
+  std::uint64_t piece_size = 0;
+  std::vector<stored_file> files;
+  std::vector<std::uint32_t> key_versions;  // of the stored pieces
+};
+
+// A piece that failed a scrub, named by artifact, file and piece.
+struct scrub_failure {
+  std::string artifact;
+  std::string file;
+  std::size_t piece = 0;
+  byte_range range;
+  std::string reason;
+};
+
+struct gc_options {
+  std::optional<std::chrono::seconds> ttl;   // remove artifacts not accessed for this long
+  std::optional<std::uint64_t> high_bytes;   // when the store holds more than this ...
+  std::uint64_t low_bytes = 0;               // ... remove least recently used artifacts down to this
+};
+
+struct gc_report {
+  std::vector<std::string> removed;
+  std::vector<std::string> in_use;           // would have been removed, but another process reads them
+  std::uint64_t bytes_freed = 0;
+};
+
+class store;
+
+// Random access to an artifact's verified plaintext, by file and offset: what a model loader
+// needs. While one is open, no other process can remove the artifact.
+class DRUN_API artifact_reader {
+ public:
+  ~artifact_reader();
+  artifact_reader(artifact_reader&&) noexcept;
+  artifact_reader& operator=(artifact_reader&&) noexcept;
+
+  const std::vector<stored_file>& files() const noexcept;
+  // Decrypts [offset, offset + out.size()) of a file into out. Every piece touched is
+  // authenticated before a byte of it is copied; on failure out is wiped and the piece is
+  // dropped from the store. Errors: invalid_argument (range), model_mismatch (piece not stored),
+  // digest_mismatch (tag check failed), io_error.
+  result<void> read(std::size_t file, std::uint64_t offset, std::span<std::byte> out) const;
+
+ private:
+  friend class store;
+  struct impl;
+  explicit artifact_reader(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+class DRUN_API store {
+ public:
+  // Opens or creates a store directory (mode 0700), keeping the node key for as long as the store
+  // is open. The first key used becomes the store's key; any other key is refused (key_error
+  // "wrong key"), as is a key retired by rotate_key.
+  static result<store> open(const std::filesystem::path& dir, node_key key);
+
+  // Re-seals every stored piece under new_key, which becomes the store's only key. Crash safe:
+  // a rotation interrupted at any point is finished by calling this again with the same keys,
+  // and no piece is lost. Holds the store exclusively while it runs.
+  static result<void> rotate_key(const std::filesystem::path& dir, const node_key& old_key,
+                                 const node_key& new_key);
+
+  ~store();
+  store(store&&) noexcept;
+  store& operator=(store&&) noexcept;
+
+  // Registers a verified artifact (idempotent): keeps the bundle and reserves one data file per
+  // file. Only shards manifests are stored (they give every piece a signed digest). Errors:
+  // invalid_argument (files manifest), io_error (including no space).
+  result<void> add_artifact(const verified_manifest& m, std::string_view bundle_json);
+  // Seals and stores a verified piece of a registered artifact. Returns false when it was already
+  // stored (nothing is rewritten). The index marks it stored only after its bytes are durable.
+  result<bool> put_piece(const verified_manifest& m, const verified_piece& piece);
+  // Which pieces of an artifact are stored, by piece index.
+  result<std::vector<bool>> stored_pieces(const std::string& artifact);
+  // Decrypts a stored piece into out (out.size() must be the piece's size); see artifact_reader.
+  result<void> read_piece(const std::string& artifact, std::size_t piece, std::span<std::byte> out);
+
+  result<artifact_reader> open_artifact(const std::string& artifact);
+  // Writes every file's plaintext under dest (created; must not exist or be empty), through a
+  // staging directory inside dest: on failure nothing of the artifact is left there.
+  result<void> materialize(const std::string& artifact, const std::filesystem::path& dest);
+
+  // The full id of the one artifact whose id starts with prefix (>= 8 hex characters).
+  result<std::string> resolve(std::string_view prefix);
+  result<std::vector<artifact_summary>> list();
+  result<artifact_details> show(const std::string& artifact);
+  result<void> set_pinned(const std::string& artifact, bool pinned);
+  // Errors: invalid_argument when another process is reading the artifact.
+  result<void> remove(const std::string& artifact);
+  result<gc_report> gc(const gc_options& options);
+  // Re-checks every stored piece's tag and signed digest (of one artifact, or all); drops and
+  // reports those that fail.
+  result<std::vector<scrub_failure>> scrub(const std::optional<std::string>& artifact = std::nullopt);
+
+  struct impl;  // opaque: defined in src/store/store.cpp
+
+ private:
+  explicit store(std::unique_ptr<impl> p);
+  std::shared_ptr<impl> impl_;
+};
+
+struct import_report {
+  std::size_t stored = 0;           // pieces sealed by this call
+  std::size_t already_stored = 0;   // pieces found in the store (resume)
+  std::size_t failed = 0;           // pieces whose bytes did not match the signed digest
+};
+
+// Brings a local copy of a verified artifact into the store: registers it, then reads, checks and
+// seals every piece not yet stored, on `threads` threads (0: one per core) with at most ~96 MiB of
+// pieces in flight whatever the model size. Pieces that verify are kept even when others fail;
+// the first failure is returned as the error (digest_mismatch naming file and byte range).
+DRUN_API result<import_report> import_model(store& s, const verified_manifest& m, std::string_view bundle_json,
+                                            const std::filesystem::path& model, unsigned threads = 0,
+                                            const progress_callback& progress = {});
+
+}  // namespace drun

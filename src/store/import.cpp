@@ -1,0 +1,109 @@
+// Importing a local model into the store: read, check against the signed digest, seal, in
+// parallel with bounded memory.
+#include <drun/store.hpp>
+
+#include "detail/file.hpp"
+#include "detail/thread_pool.hpp"
+
+#include <fmt/format.h>
+#include <sodium.h>
+
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+
+namespace drun {
+
+namespace {
+constexpr std::uint64_t in_flight_budget = std::uint64_t{96} << 20;
+}
+
+result<import_report> import_model(store& s, const verified_manifest& m, std::string_view bundle_json,
+                                   const std::filesystem::path& model, unsigned threads,
+                                   const progress_callback& progress) {
+  if (auto r = s.add_artifact(m, bundle_json); !r) return std::move(r).error();
+  auto stored = s.stored_pieces(m.artifact_id());
+  if (!stored) return std::move(stored).error();
+  import_report report;
+  std::vector<std::size_t> todo;
+  std::uint64_t total = 0;
+  for (std::size_t i = 0; i < m.pieces().size(); ++i) {
+    if (i < stored->size() && (*stored)[i]) {
+      ++report.already_stored;
+    } else {
+      todo.push_back(i);
+      total += m.pieces()[i].range->size();
+    }
+  }
+  // Memory is one piece buffer per thread: bound the threads by the in-flight budget.
+  unsigned workers = detail::worker_count(threads, todo.size());
+  auto fit = static_cast<unsigned>(std::max<std::uint64_t>(1, in_flight_budget / std::max<std::uint64_t>(1, m.shard_size())));
+  workers = std::min(workers, fit);
+
+  std::vector<std::vector<std::byte>> buffers(workers);
+  std::mutex mutex;
+  std::optional<error> first_failure, fatal;
+  std::size_t first_failure_piece = SIZE_MAX;
+  std::atomic<std::size_t> sealed{0}, failed{0};
+  std::atomic<std::uint64_t> done{0};
+  detail::parallel_for(todo.size(), workers, [&](std::size_t t, unsigned w) {
+    std::size_t index = todo[t];
+    const auto& piece = m.pieces()[index];
+    const auto& file = m.files()[piece.file];
+    auto path = file.name == "." ? model : model / file.name;
+    auto& buf = buffers[w];
+    buf.resize(piece.range->size());
+    auto stop = [&](error e) {
+      std::lock_guard lock(mutex);
+      if (!fatal) fatal = std::move(e);
+      return false;
+    };
+    auto fd = detail::open_read(path, m.allow_symlinks());
+    if (!fd) return stop(std::move(fd).error());
+    if (auto r = detail::pread_exact(fd->get(), buf, piece.range->begin, path); !r) {
+      // A file shorter than signed is a model that does not match, not an I/O failure.
+      auto e = std::move(r).error();
+      if (e.sys_errno() != 0) return stop(std::move(e));
+      failed.fetch_add(1);
+      std::lock_guard lock(mutex);
+      if (index < first_failure_piece) {
+        first_failure_piece = index;
+        first_failure = error(errc::model_mismatch, "the file is shorter than signed")
+                            .with_path(file.name)
+                            .with_range(piece.range->begin, piece.range->end);
+      }
+      return true;
+    }
+    auto verified = m.check_piece(index, buf);
+    if (!verified) {
+      failed.fetch_add(1);
+      std::lock_guard lock(mutex);
+      if (index < first_failure_piece) {
+        first_failure_piece = index;
+        first_failure = verified.error();
+      }
+      return true;
+    }
+    auto put = s.put_piece(m, *verified);
+    if (!put) return stop(std::move(put).error());
+    if (*put) sealed.fetch_add(1);
+    std::uint64_t now = done.fetch_add(buf.size()) + buf.size();
+    if (progress) progress(now, total);
+    return true;
+  });
+  for (auto& b : buffers) sodium_memzero(b.data(), b.size());
+  if (fatal) return std::move(*fatal);
+  report.stored = sealed.load();
+  report.failed = failed.load();
+  if (first_failure) {
+    std::string detail = first_failure->detail();
+    if (report.failed > 1) detail += fmt::format(" (and {} more pieces failed)", report.failed - 1);
+    error e(first_failure->code(), std::move(detail));
+    e.with_path(first_failure->path());
+    if (auto r = first_failure->range()) e.with_range(r->first, r->second);
+    return e;
+  }
+  return report;
+}
+
+}  // namespace drun

@@ -1,0 +1,1089 @@
+// The encrypted piece store: layout, index, sealing, reading, materializing, GC, scrub, rotation.
+//
+// Layout of a store directory (mode 0700):
+//   index.sqlite                     the metadata index (WAL)
+//   lock                             flock: shared for every operation, exclusive for rotate_key
+//   artifacts/<id>/bundle.sig        the bundle as received (public metadata)
+//   artifacts/<id>/lock              flock: shared by readers and writers, exclusive to remove
+//   artifacts/<id>/data/<file>       one ciphertext file per model file, at plaintext offsets
+#include <drun/store.hpp>
+
+#include "detail/encoding.hpp"
+#include "detail/file.hpp"
+#include "store/seal.hpp"
+#include "store/sqlite.hpp"
+
+#include <drun/hash.hpp>
+#include <drun/manifest.hpp>
+#include <drun/sign.hpp>
+
+#include <fmt/format.h>
+#include <sodium.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <ctime>
+#include <dirent.h>
+#include <fcntl.h>
+#include <map>
+#include <mutex>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace drun {
+
+using store_detail::database;
+using store_detail::transaction;
+
+namespace {
+
+constexpr std::int64_t state_missing = 0, state_writing = 1, state_stored = 2;
+constexpr std::size_t io_chunk = std::size_t{1} << 20;
+
+const char* schema = R"sql(
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value);
+CREATE TABLE IF NOT EXISTS key_versions(version INTEGER PRIMARY KEY, fingerprint TEXT UNIQUE NOT NULL,
+                                        state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS artifacts(id TEXT PRIMARY KEY, subject TEXT, hash_type TEXT NOT NULL, bytes INTEGER NOT NULL,
+                                     piece_size INTEGER NOT NULL, created INTEGER, last_access INTEGER,
+                                     pinned INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS files(artifact TEXT NOT NULL, idx INTEGER NOT NULL, name TEXT NOT NULL, size INTEGER NOT NULL,
+                                 PRIMARY KEY(artifact, idx));
+CREATE TABLE IF NOT EXISTS pieces(artifact TEXT NOT NULL, idx INTEGER NOT NULL, file INTEGER NOT NULL,
+                                  offset INTEGER NOT NULL, length INTEGER NOT NULL, digest BLOB NOT NULL,
+                                  state INTEGER NOT NULL DEFAULT 0, generation INTEGER NOT NULL DEFAULT 0,
+                                  key_version INTEGER NOT NULL DEFAULT 0, tag BLOB, PRIMARY KEY(artifact, idx));
+CREATE TABLE IF NOT EXISTS rotation_journal(artifact TEXT NOT NULL, idx INTEGER NOT NULL, key_version INTEGER NOT NULL,
+                                            generation INTEGER NOT NULL, tag BLOB NOT NULL, ciphertext BLOB NOT NULL,
+                                            PRIMARY KEY(artifact, idx));
+)sql";
+
+std::int64_t now_seconds() { return static_cast<std::int64_t>(std::time(nullptr)); }
+
+// An flock held for a scope.
+class flock_guard {
+ public:
+  flock_guard(int fd, int op) : fd_(fd) { while (::flock(fd_, op) != 0 && errno == EINTR) {} }
+  ~flock_guard() { ::flock(fd_, LOCK_UN); }
+  flock_guard(const flock_guard&) = delete;
+  flock_guard& operator=(const flock_guard&) = delete;
+
+ private:
+  int fd_;
+};
+
+// An open-file-description byte-range lock: released by the kernel if the process dies, so a
+// writer killed mid-piece never blocks the next one.
+result<void> range_lock(int fd, short type, std::uint64_t begin, std::uint64_t len) {
+  struct flock fl {};
+  fl.l_type = type;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = static_cast<off_t>(begin);
+  fl.l_len = static_cast<off_t>(len);
+  while (::fcntl(fd, F_OFD_SETLKW, &fl) != 0) {
+    if (errno != EINTR) return error(errc::io_error, "cannot lock a piece range").with_errno(errno);
+  }
+  return {};
+}
+
+std::array<std::byte, 32> raw_id(const std::string& hex) {
+  std::array<std::byte, 32> out{};
+  auto raw = detail::hex_decode(hex);
+  if (raw && raw->size() == 32) std::copy(raw->begin(), raw->end(), out.begin());
+  return out;
+}
+
+bool valid_artifact_id(std::string_view id) {
+  return id.size() == 64 && std::all_of(id.begin(), id.end(), [](char c) {
+           return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+         });
+}
+
+result<void> pwrite_all(int fd, std::span<const std::byte> data, std::uint64_t offset, const std::filesystem::path& p) {
+  std::size_t done = 0;
+  while (done < data.size()) {
+    ssize_t n = ::pwrite(fd, data.data() + done, data.size() - done, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return detail::sys_error("write failed", p, errno);
+    }
+    done += static_cast<std::size_t>(n);
+  }
+  return {};
+}
+
+struct piece_row {
+  std::size_t file = 0;
+  std::uint64_t offset = 0, length = 0;
+  std::int64_t state = 0;
+  std::uint64_t generation = 0;
+  std::uint32_t key_version = 0;
+  store_detail::tag_bytes tag{};
+  std::vector<std::byte> digest;
+  std::string file_name;
+};
+
+}  // namespace
+
+struct store::impl {
+  std::filesystem::path dir;
+  database db;
+  std::mutex db_mutex;  // one connection, many threads: transactions must not interleave
+  detail::unique_fd lock_fd;
+  std::array<std::byte, 16> store_id{};
+  std::uint32_t key_version = 0;
+  std::optional<node_key> owned_key;  // set by open(); rotate_key borrows its caller's keys instead
+  const node_key* key = nullptr;
+  std::mutex keys_mutex;
+  std::map<std::string, std::shared_ptr<store_detail::data_key>> data_keys;
+
+  std::filesystem::path artifact_dir(const std::string& id) const { return dir / "artifacts" / id; }
+  std::filesystem::path data_file(const std::string& id, std::size_t file) const {
+    return artifact_dir(id) / "data" / std::to_string(file);
+  }
+
+  result<std::shared_ptr<store_detail::data_key>> data_key_for(const std::string& id, const node_key& k,
+                                                               bool cache = true) {
+    std::lock_guard lock(keys_mutex);
+    if (cache)
+      if (auto it = data_keys.find(id); it != data_keys.end()) return it->second;
+    auto raw = raw_id(id);
+    auto dk = store_detail::data_key::derive(k, store_id, raw);
+    if (!dk) return std::move(dk).error();
+    auto p = std::make_shared<store_detail::data_key>(std::move(dk).value());
+    if (cache) data_keys[id] = p;
+    return p;
+  }
+
+  result<piece_row> load_piece(const std::string& id, std::size_t piece) {
+    auto st = db.prepare(
+        "SELECT p.file, p.offset, p.length, p.state, p.generation, p.key_version, p.tag, p.digest, f.name "
+        "FROM pieces p JOIN files f ON f.artifact = p.artifact AND f.idx = p.file WHERE p.artifact = ? AND p.idx = ?");
+    if (!st) return std::move(st).error();
+    st->bind(1, id).bind(2, static_cast<std::int64_t>(piece));
+    auto row = st->step();
+    if (!row) return std::move(row).error();
+    if (!*row) return error(errc::not_found, fmt::format("artifact {} has no piece {}", id.substr(0, 12), piece));
+    piece_row r;
+    r.file = static_cast<std::size_t>(st->int64(0));
+    r.offset = static_cast<std::uint64_t>(st->int64(1));
+    r.length = static_cast<std::uint64_t>(st->int64(2));
+    r.state = st->int64(3);
+    r.generation = static_cast<std::uint64_t>(st->int64(4));
+    r.key_version = static_cast<std::uint32_t>(st->int64(5));
+    auto tag = st->blob(6);
+    if (tag.size() == r.tag.size()) std::copy(tag.begin(), tag.end(), r.tag.begin());
+    auto dg = st->blob(7);
+    r.digest.assign(dg.begin(), dg.end());
+    r.file_name = st->text(8);
+    return r;
+  }
+
+  result<std::uint64_t> next_generation() {  // caller holds a transaction
+    auto st = db.prepare("UPDATE meta SET value = value + 1 WHERE key = 'next_generation' RETURNING value - 1");
+    if (!st) return std::move(st).error();
+    auto row = st->step();
+    if (!row) return std::move(row).error();
+    return static_cast<std::uint64_t>(st->int64(0));
+  }
+
+  result<void> set_piece_state(const std::string& id, std::size_t piece, std::int64_t from, std::int64_t to,
+                               std::uint64_t generation) {
+    auto st = db.prepare("UPDATE pieces SET state = ? WHERE artifact = ? AND idx = ? AND state = ? AND generation = ?");
+    if (!st) return std::move(st).error();
+    st->bind(1, to).bind(2, id).bind(3, static_cast<std::int64_t>(piece)).bind(4, from)
+        .bind(5, static_cast<std::int64_t>(generation));
+    return st->run();
+  }
+
+  // Decrypts one piece into out, checking the tag before returning; drops it on failure.
+  result<void> open_piece(const std::string& id, std::size_t piece, std::span<std::byte> out) {
+    piece_row row;
+    {
+      std::lock_guard lock(db_mutex);
+      auto r = load_piece(id, piece);
+      if (!r) return std::move(r).error();
+      row = std::move(*r);
+    }
+    if (row.state != state_stored)
+      return error(errc::model_mismatch,
+                   fmt::format("piece {} is not in the store (import or fetch the artifact again)", piece))
+          .with_path(row.file_name)
+          .with_range(row.offset, row.offset + row.length);
+    if (out.size() != row.length)
+      return error(errc::invalid_argument, fmt::format("buffer of {} bytes for a piece of {}", out.size(), row.length));
+    auto dk = data_key_for(id, *key);
+    if (!dk) return std::move(dk).error();
+    auto path = data_file(id, row.file);
+    auto fd = detail::open_read(path);
+    if (!fd) return std::move(fd).error();
+    if (auto r = range_lock(fd->get(), F_RDLCK, row.offset, row.length); !r) return r;
+    store_detail::piece_address where{raw_id(id), static_cast<std::uint32_t>(row.file), piece, row.key_version,
+                                      row.generation};
+    store_detail::gcm gcm(store_detail::gcm::mode::open, **dk, where);
+    for (std::uint64_t off = 0; off < row.length; off += io_chunk) {
+      auto chunk = out.subspan(off, std::min<std::uint64_t>(io_chunk, row.length - off));
+      if (auto r = detail::pread_exact(fd->get(), chunk, row.offset + off, path); !r) {
+        sodium_memzero(out.data(), out.size());
+        return r;
+      }
+      gcm.update(chunk, chunk);
+    }
+    if (!gcm.open_check(row.tag)) {
+      // Never release bytes that did not authenticate; forget the piece so it gets fetched again.
+      sodium_memzero(out.data(), out.size());
+      std::lock_guard lock(db_mutex);
+      auto txn = transaction::begin(db);
+      if (txn && set_piece_state(id, piece, state_stored, state_missing, row.generation)) (void)txn->commit();
+      return error(errc::digest_mismatch,
+                   fmt::format("piece {} failed its authentication tag (corrupted, moved or replayed on disk); "
+                               "dropped from the store", piece))
+          .with_path(row.file_name)
+          .with_range(row.offset, row.offset + row.length);
+    }
+    return {};
+  }
+
+  result<void> touch(const std::string& id) {
+    std::lock_guard lock(db_mutex);
+    auto st = db.prepare("UPDATE artifacts SET last_access = ? WHERE id = ?");
+    if (!st) return std::move(st).error();
+    st->bind(1, now_seconds()).bind(2, id);
+    return st->run();
+  }
+
+  result<detail::unique_fd> artifact_lock(const std::string& id) {
+    int fd = ::open((artifact_dir(id) / "lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0) return detail::sys_error("cannot open the artifact lock", artifact_dir(id), errno);
+    return detail::unique_fd(fd);
+  }
+};
+
+namespace {
+
+result<void> make_dir(const std::filesystem::path& p) {
+  if (::mkdir(p.c_str(), 0700) != 0 && errno != EEXIST) return detail::sys_error("cannot create directory", p, errno);
+  struct stat st {};
+  if (::lstat(p.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
+    return error(errc::io_error, "is not a directory").with_path(p.string());
+  return {};
+}
+
+enum class open_mode { normal, rotation };
+
+result<std::unique_ptr<store::impl>> open_impl(const std::filesystem::path& dir, const node_key& key, open_mode mode,
+                                               const std::string* pending_fp = nullptr);
+
+}  // namespace
+
+store::store(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+store::~store() = default;
+store::store(store&&) noexcept = default;
+store& store::operator=(store&&) noexcept = default;
+
+namespace {
+
+result<std::unique_ptr<store::impl>> open_impl(const std::filesystem::path& dir, const node_key& key, open_mode mode,
+                                               const std::string* pending_fp) {
+  if (auto r = make_dir(dir); !r) return std::move(r).error();
+  if (auto r = make_dir(dir / "artifacts"); !r) return std::move(r).error();
+  auto p = std::make_unique<store::impl>();
+  p->dir = dir;
+  p->key = &key;
+  int lfd = ::open((dir / "lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (lfd < 0) return detail::sys_error("cannot open the store lock", dir / "lock", errno);
+  p->lock_fd = detail::unique_fd(lfd);
+  auto db = database::open(dir / "index.sqlite");
+  if (!db) return std::move(db).error();
+  p->db = std::move(*db);
+
+  auto txn = transaction::begin(p->db);
+  if (!txn) return std::move(txn).error();
+  if (auto r = p->db.exec(schema); !r) return std::move(r).error();
+  // The store id salts every data key, so two stores under one node key never share a nonce space.
+  {
+    auto st = p->db.prepare("SELECT value FROM meta WHERE key = 'store_id'");
+    if (!st) return std::move(st).error();
+    auto row = st->step();
+    if (!row) return std::move(row).error();
+    if (*row) {
+      auto b = st->blob(0);
+      if (b.size() != p->store_id.size()) return error(errc::io_error, "store index is damaged (store id)");
+      std::copy(b.begin(), b.end(), p->store_id.begin());
+    } else {
+      randombytes_buf(p->store_id.data(), p->store_id.size());
+      auto ins = p->db.prepare("INSERT INTO meta(key, value) VALUES ('store_id', ?), ('next_generation', 1)");
+      if (!ins) return std::move(ins).error();
+      ins->bind_blob(1, p->store_id);
+      if (auto r = ins->run(); !r) return std::move(r).error();
+    }
+  }
+  std::string fp = store_detail::key_fingerprint(key);
+  auto st = p->db.prepare("SELECT version, fingerprint, state FROM key_versions ORDER BY version");
+  if (!st) return std::move(st).error();
+  bool any = false, found = false, pending_other = false;
+  for (;;) {
+    auto row = st->step();
+    if (!row) return std::move(row).error();
+    if (!*row) break;
+    any = true;
+    auto version = static_cast<std::uint32_t>(st->int64(0));
+    auto f = st->text(1), state = st->text(2);
+    if (state == "pending" && (!pending_fp || f != *pending_fp)) pending_other = true;
+    if (f != fp) continue;
+    found = true;
+    if (state == "retired")
+      return error(errc::key_error, "wrong key: this node key was retired by rotate-key").with_path(dir.string());
+    if (state == "pending" && mode == open_mode::normal)
+      return error(errc::key_error, "a key rotation to this key is incomplete: run drun cache rotate-key again")
+          .with_path(dir.string());
+    p->key_version = version;
+  }
+  if (!any) {
+    auto ins = p->db.prepare("INSERT INTO key_versions(version, fingerprint, state) VALUES (1, ?, 'active')");
+    if (!ins) return std::move(ins).error();
+    ins->bind(1, fp);
+    if (auto r = ins->run(); !r) return std::move(r).error();
+    p->key_version = 1;
+  } else if (!found) {
+    return error(errc::key_error, "wrong key: this store was created with another node key").with_path(dir.string());
+  } else if (pending_other) {
+    return error(errc::key_error, "a key rotation is incomplete: finish it with drun cache rotate-key")
+        .with_path(dir.string());
+  }
+  if (auto r = txn->commit(); !r) return std::move(r).error();
+  return p;
+}
+
+}  // namespace
+
+result<store> store::open(const std::filesystem::path& dir, node_key key) {
+  auto p = open_impl(dir, key, open_mode::normal);
+  if (!p) return std::move(p).error();
+  (*p)->owned_key.emplace(std::move(key));
+  (*p)->key = &*(*p)->owned_key;
+  return store(std::move(*p));
+}
+
+result<void> store::add_artifact(const verified_manifest& m, std::string_view bundle_json) {
+  if (m.method() != serialization_method::shards)
+    return error(errc::invalid_argument,
+                 "the store keeps shards manifests only (every piece needs a signed digest); re-sign with "
+                 "drun sign --method shards");
+  flock_guard g(impl_->lock_fd.get(), LOCK_SH);
+  const std::string& id = m.artifact_id();
+  {
+    std::lock_guard lock(impl_->db_mutex);
+    auto st = impl_->db.prepare("SELECT 1 FROM artifacts WHERE id = ?");
+    if (!st) return std::move(st).error();
+    st->bind(1, id);
+    auto row = st->step();
+    if (!row) return std::move(row).error();
+    if (*row) return {};
+  }
+  auto adir = impl_->artifact_dir(id);
+  for (const auto& d : {adir, adir / "data"})
+    if (auto r = make_dir(d); !r) return r;
+  auto cleanup = [&](error e) {
+    std::error_code ec;
+    std::filesystem::remove_all(adir, ec);
+    return e;
+  };
+  if (auto r = write_file_atomically(adir / "bundle.sig", bundle_json, 0600); !r) return cleanup(std::move(r).error());
+  std::uint64_t total = 0;
+  for (std::size_t f = 0; f < m.files().size(); ++f) {
+    auto size = m.files()[f].size.value_or(0);
+    total += size;
+    auto path = impl_->data_file(id, f);
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0) return cleanup(detail::sys_error("cannot create", path, errno));
+    detail::unique_fd guard(fd);
+    // Reserve the space now: running out of disk is reported here, not halfway through.
+    if (size > 0)
+      if (int e = ::posix_fallocate(fd, 0, static_cast<off_t>(size)); e != 0)
+        return cleanup(detail::sys_error("cannot reserve space for", path, e));
+  }
+  std::lock_guard lock(impl_->db_mutex);
+  auto txn = transaction::begin(impl_->db);
+  if (!txn) return cleanup(std::move(txn).error());
+  auto ins = impl_->db.prepare(
+      "INSERT OR IGNORE INTO artifacts(id, subject, hash_type, bytes, piece_size, created, last_access) "
+      "VALUES (?, ?, ?, ?, ?, ?, ?)");
+  if (!ins) return cleanup(std::move(ins).error());
+  ins->bind(1, id).bind(2, m.subject_name()).bind(3, to_string(m.hash_type())).bind(4, static_cast<std::int64_t>(total))
+      .bind(5, static_cast<std::int64_t>(m.shard_size())).bind(6, now_seconds()).bind(7, now_seconds());
+  if (auto r = ins->run(); !r) return cleanup(std::move(r).error());
+  auto fins = impl_->db.prepare("INSERT OR IGNORE INTO files(artifact, idx, name, size) VALUES (?, ?, ?, ?)");
+  if (!fins) return cleanup(std::move(fins).error());
+  for (std::size_t f = 0; f < m.files().size(); ++f) {
+    fins->bind(1, id).bind(2, static_cast<std::int64_t>(f)).bind(3, m.files()[f].name)
+        .bind(4, static_cast<std::int64_t>(m.files()[f].size.value_or(0)));
+    if (auto r = fins->run(); !r) return cleanup(std::move(r).error());
+  }
+  auto pins = impl_->db.prepare(
+      "INSERT OR IGNORE INTO pieces(artifact, idx, file, offset, length, digest) VALUES (?, ?, ?, ?, ?, ?)");
+  if (!pins) return cleanup(std::move(pins).error());
+  for (std::size_t i = 0; i < m.pieces().size(); ++i) {
+    const auto& p = m.pieces()[i];
+    pins->bind(1, id).bind(2, static_cast<std::int64_t>(i)).bind(3, static_cast<std::int64_t>(p.file))
+        .bind(4, static_cast<std::int64_t>(p.range->begin)).bind(5, static_cast<std::int64_t>(p.range->size()))
+        .bind_blob(6, p.expected.bytes());
+    if (auto r = pins->run(); !r) return cleanup(std::move(r).error());
+  }
+  if (auto r = txn->commit(); !r) return cleanup(std::move(r).error());
+  return {};
+}
+
+result<bool> store::put_piece(const verified_manifest& m, const verified_piece& piece) {
+  flock_guard g(impl_->lock_fd.get(), LOCK_SH);
+  const std::string& id = m.artifact_id();
+  auto alock = impl_->artifact_lock(id);
+  if (!alock) return std::move(alock).error();
+  flock_guard ga(alock->get(), LOCK_SH);  // remove() waits for writers too
+  auto path = impl_->data_file(id, piece.file());
+  int raw = ::open(path.c_str(), O_WRONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (raw < 0) return detail::sys_error("cannot open", path, errno);
+  detail::unique_fd fd(raw);
+  auto range = piece.range();
+  // Another process writing the same piece holds this range; wait, then see whether it finished.
+  if (auto r = range_lock(fd.get(), F_WRLCK, range.begin, range.size()); !r) return std::move(r).error();
+
+  std::uint64_t generation = 0;
+  {
+    std::lock_guard lock(impl_->db_mutex);
+    auto txn = transaction::begin(impl_->db);
+    if (!txn) return std::move(txn).error();
+    auto row = impl_->load_piece(id, piece.index());
+    if (!row) return std::move(row).error();
+    if (row->state == state_stored) return false;
+    // A fresh generation for every write, recorded before any byte is written: a nonce is never
+    // used twice, even when a writer dies after writing and a new one starts over.
+    auto gen = impl_->next_generation();
+    if (!gen) return std::move(gen).error();
+    generation = *gen;
+    auto st = impl_->db.prepare(
+        "UPDATE pieces SET state = ?, generation = ?, key_version = ?, tag = NULL WHERE artifact = ? AND idx = ?");
+    if (!st) return std::move(st).error();
+    st->bind(1, state_writing).bind(2, static_cast<std::int64_t>(generation)).bind(3, impl_->key_version).bind(4, id)
+        .bind(5, static_cast<std::int64_t>(piece.index()));
+    if (auto r = st->run(); !r) return std::move(r).error();
+    if (auto r = txn->commit(); !r) return std::move(r).error();
+  }
+
+  auto dk = impl_->data_key_for(id, *impl_->key);
+  if (!dk) return std::move(dk).error();
+  store_detail::piece_address where{raw_id(id), static_cast<std::uint32_t>(piece.file()), piece.index(),
+                                    impl_->key_version, generation};
+  store_detail::gcm gcm(store_detail::gcm::mode::seal, **dk, where);
+  std::vector<std::byte> buf(std::min<std::size_t>(io_chunk, piece.bytes().size()));
+  for (std::size_t off = 0; off < piece.bytes().size(); off += io_chunk) {
+    auto in = piece.bytes().subspan(off, std::min(io_chunk, piece.bytes().size() - off));
+    gcm.update(in, std::span(buf.data(), in.size()));
+    if (auto r = pwrite_all(fd.get(), std::span(buf.data(), in.size()), range.begin + off, path); !r)
+      return std::move(r).error();
+  }
+  auto tag = gcm.seal_tag();
+  // Durable bytes first, then the index says "stored".
+  if (::fdatasync(fd.get()) != 0) return detail::sys_error("cannot sync", path, errno);
+
+  std::lock_guard lock(impl_->db_mutex);
+  auto txn = transaction::begin(impl_->db);
+  if (!txn) return std::move(txn).error();
+  auto st = impl_->db.prepare(
+      "UPDATE pieces SET state = ?, tag = ? WHERE artifact = ? AND idx = ? AND generation = ? AND state = ?");
+  if (!st) return std::move(st).error();
+  st->bind(1, state_stored).bind_blob(2, tag).bind(3, id).bind(4, static_cast<std::int64_t>(piece.index()))
+      .bind(5, static_cast<std::int64_t>(generation)).bind(6, state_writing);
+  if (auto r = st->run(); !r) return std::move(r).error();
+  auto touch = impl_->db.prepare("UPDATE artifacts SET last_access = ? WHERE id = ?");
+  if (!touch) return std::move(touch).error();
+  touch->bind(1, now_seconds()).bind(2, id);
+  if (auto r = touch->run(); !r) return std::move(r).error();
+  if (auto r = txn->commit(); !r) return std::move(r).error();
+  return true;
+}
+
+result<std::vector<bool>> store::stored_pieces(const std::string& artifact) {
+  std::lock_guard lock(impl_->db_mutex);
+  auto st = impl_->db.prepare("SELECT idx, state FROM pieces WHERE artifact = ? ORDER BY idx");
+  if (!st) return std::move(st).error();
+  st->bind(1, artifact);
+  std::vector<bool> out;
+  for (;;) {
+    auto row = st->step();
+    if (!row) return std::move(row).error();
+    if (!*row) break;
+    auto idx = static_cast<std::size_t>(st->int64(0));
+    if (out.size() <= idx) out.resize(idx + 1);
+    out[idx] = st->int64(1) == state_stored;
+  }
+  return out;
+}
+
+result<void> store::read_piece(const std::string& artifact, std::size_t piece, std::span<std::byte> out) {
+  flock_guard g(impl_->lock_fd.get(), LOCK_SH);
+  return impl_->open_piece(artifact, piece, out);
+}
+
+result<std::string> store::resolve(std::string_view prefix) {
+  if (prefix.size() < 8 || prefix.size() > 64 ||
+      !std::all_of(prefix.begin(), prefix.end(), [](char c) { return std::isxdigit(static_cast<unsigned char>(c)); }))
+    return error(errc::invalid_argument, fmt::format("\"{}\" is not an artifact id (8 to 64 hex characters)", prefix));
+  std::string lower(prefix);
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+  std::lock_guard lock(impl_->db_mutex);
+  auto st = impl_->db.prepare("SELECT id FROM artifacts WHERE substr(id, 1, ?) = ?");
+  if (!st) return std::move(st).error();
+  st->bind(1, static_cast<std::int64_t>(lower.size())).bind(2, lower);
+  std::vector<std::string> ids;
+  for (;;) {
+    auto row = st->step();
+    if (!row) return std::move(row).error();
+    if (!*row) break;
+    ids.push_back(st->text(0));
+  }
+  if (ids.empty()) return error(errc::invalid_argument, fmt::format("no artifact {} in the store", lower));
+  if (ids.size() > 1) return error(errc::invalid_argument, fmt::format("{} artifacts start with {}", ids.size(), lower));
+  return ids[0];
+}
+
+result<std::vector<artifact_summary>> store::list() {
+  std::lock_guard lock(impl_->db_mutex);
+  auto st = impl_->db.prepare(
+      "SELECT a.id, a.subject, a.bytes, a.pinned, a.last_access, "
+      "(SELECT count(*) FROM pieces p WHERE p.artifact = a.id), "
+      "(SELECT count(*) FROM pieces p WHERE p.artifact = a.id AND p.state = 2) "
+      "FROM artifacts a ORDER BY a.last_access DESC, a.id");
+  if (!st) return std::move(st).error();
+  std::vector<artifact_summary> out;
+  for (;;) {
+    auto row = st->step();
+    if (!row) return std::move(row).error();
+    if (!*row) break;
+    out.push_back({st->text(0), st->text(1), static_cast<std::uint64_t>(st->int64(2)),
+                   static_cast<std::size_t>(st->int64(5)), static_cast<std::size_t>(st->int64(6)), st->int64(3) != 0,
+                   st->int64(4)});
+  }
+  return out;
+}
+
+result<artifact_details> store::show(const std::string& artifact) {
+  auto all = list();
+  if (!all) return std::move(all).error();
+  auto it = std::find_if(all->begin(), all->end(), [&](const artifact_summary& a) { return a.id == artifact; });
+  if (it == all->end()) return error(errc::invalid_argument, fmt::format("no artifact {} in the store", artifact));
+  artifact_details d;
+  d.summary = *it;
+  std::lock_guard lock(impl_->db_mutex);
+  auto ps = impl_->db.prepare("SELECT piece_size FROM artifacts WHERE id = ?");
+  if (!ps) return std::move(ps).error();
+  ps->bind(1, artifact);
+  if (auto r = ps->step(); r && *r) d.piece_size = static_cast<std::uint64_t>(ps->int64(0));
+  auto st = impl_->db.prepare(
+      "SELECT f.idx, f.name, f.size, "
+      "(SELECT min(idx) FROM pieces p WHERE p.artifact = f.artifact AND p.file = f.idx), "
+      "(SELECT count(*) FROM pieces p WHERE p.artifact = f.artifact AND p.file = f.idx), "
+      "(SELECT count(*) FROM pieces p WHERE p.artifact = f.artifact AND p.file = f.idx AND p.state = 2) "
+      "FROM files f WHERE f.artifact = ? ORDER BY f.idx");
+  if (!st) return std::move(st).error();
+  st->bind(1, artifact);
+  for (;;) {
+    auto row = st->step();
+    if (!row) return std::move(row).error();
+    if (!*row) break;
+    d.files.push_back({st->text(1), static_cast<std::uint64_t>(st->int64(2)),
+                       st->is_null(3) ? 0 : static_cast<std::size_t>(st->int64(3)),
+                       static_cast<std::size_t>(st->int64(4)), static_cast<std::size_t>(st->int64(5))});
+  }
+  auto kv = impl_->db.prepare("SELECT DISTINCT key_version FROM pieces WHERE artifact = ? AND state = 2 ORDER BY 1");
+  if (!kv) return std::move(kv).error();
+  kv->bind(1, artifact);
+  for (;;) {
+    auto row = kv->step();
+    if (!row) return std::move(row).error();
+    if (!*row) break;
+    d.key_versions.push_back(static_cast<std::uint32_t>(kv->int64(0)));
+  }
+  return d;
+}
+
+result<void> store::set_pinned(const std::string& artifact, bool pinned) {
+  std::lock_guard lock(impl_->db_mutex);
+  auto st = impl_->db.prepare("UPDATE artifacts SET pinned = ? WHERE id = ?");
+  if (!st) return std::move(st).error();
+  st->bind(1, pinned ? 1 : 0).bind(2, artifact);
+  return st->run();
+}
+
+result<void> store::remove(const std::string& artifact) {
+  if (!valid_artifact_id(artifact)) return error(errc::invalid_argument, "not an artifact id");
+  flock_guard g(impl_->lock_fd.get(), LOCK_SH);
+  auto adir = impl_->artifact_dir(artifact);
+  detail::unique_fd alock;
+  if (std::filesystem::exists(adir)) {
+    auto l = impl_->artifact_lock(artifact);
+    if (!l) return std::move(l).error();
+    if (::flock(l->get(), LOCK_EX | LOCK_NB) != 0)
+      return error(errc::invalid_argument, "artifact is in use by another process").with_path(artifact);
+    alock = std::move(*l);
+  }
+  {
+    std::lock_guard lock(impl_->db_mutex);
+    auto txn = transaction::begin(impl_->db);
+    if (!txn) return std::move(txn).error();
+    for (const char* sql : {"DELETE FROM pieces WHERE artifact = ?", "DELETE FROM files WHERE artifact = ?",
+                            "DELETE FROM rotation_journal WHERE artifact = ?", "DELETE FROM artifacts WHERE id = ?"}) {
+      auto st = impl_->db.prepare(sql);
+      if (!st) return std::move(st).error();
+      st->bind(1, artifact);
+      if (auto r = st->run(); !r) return std::move(r).error();
+    }
+    if (auto r = txn->commit(); !r) return std::move(r).error();
+  }
+  // Rows first, files second: a crash in between leaves an orphan directory that gc sweeps, never
+  // a row pointing at missing data.
+  std::error_code ec;
+  std::filesystem::remove_all(adir, ec);
+  if (ec) return error(errc::io_error, "cannot remove the artifact's files").with_path(adir.string()).with_errno(ec.value());
+  std::lock_guard lock(impl_->keys_mutex);
+  impl_->data_keys.erase(artifact);
+  return {};
+}
+
+result<gc_report> store::gc(const gc_options& options) {
+  auto all = list();
+  if (!all) return std::move(all).error();
+  gc_report report;
+  std::sort(all->begin(), all->end(), [](auto& a, auto& b) { return a.last_access < b.last_access; });  // LRU first
+  std::uint64_t total = 0;
+  for (const auto& a : *all) total += a.bytes;
+  auto try_remove = [&](const artifact_summary& a) -> result<bool> {
+    auto r = remove(a.id);
+    if (r) {
+      report.removed.push_back(a.id);
+      report.bytes_freed += a.bytes;
+      total -= a.bytes;
+      return true;
+    }
+    if (r.error().code() == errc::invalid_argument) {
+      report.in_use.push_back(a.id);
+      return false;
+    }
+    return std::move(r).error();
+  };
+  std::vector<bool> gone(all->size(), false);
+  if (options.ttl) {
+    auto cutoff = now_seconds() - options.ttl->count();
+    for (std::size_t i = 0; i < all->size(); ++i) {
+      const auto& a = (*all)[i];
+      if (a.pinned || a.last_access > cutoff) continue;
+      auto r = try_remove(a);
+      if (!r) return std::move(r).error();
+      gone[i] = *r;
+    }
+  }
+  if (options.high_bytes && total > *options.high_bytes) {
+    for (std::size_t i = 0; i < all->size() && total > options.low_bytes; ++i) {
+      if (gone[i] || (*all)[i].pinned) continue;
+      auto r = try_remove((*all)[i]);
+      if (!r) return std::move(r).error();
+    }
+  }
+  // Sweep directories whose rows are gone (a remove interrupted between its two steps).
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(impl_->dir / "artifacts", ec)) {
+    auto name = entry.path().filename().string();
+    if (!valid_artifact_id(name)) continue;
+    std::lock_guard lock(impl_->db_mutex);
+    auto st = impl_->db.prepare("SELECT 1 FROM artifacts WHERE id = ?");
+    if (!st) return std::move(st).error();
+    st->bind(1, name);
+    auto row = st->step();
+    if (row && !*row) std::filesystem::remove_all(entry.path(), ec);
+  }
+  return report;
+}
+
+result<std::vector<scrub_failure>> store::scrub(const std::optional<std::string>& artifact) {
+  flock_guard g(impl_->lock_fd.get(), LOCK_SH);
+  struct todo { std::string id; std::string hash_type; std::size_t piece; };
+  std::vector<todo> work;
+  {
+    std::lock_guard lock(impl_->db_mutex);
+    auto st = impl_->db.prepare(
+        "SELECT p.artifact, a.hash_type, p.idx FROM pieces p JOIN artifacts a ON a.id = p.artifact "
+        "WHERE p.state = 2 AND (? IS NULL OR p.artifact = ?) ORDER BY p.artifact, p.idx");
+    if (!st) return std::move(st).error();
+    if (artifact) st->bind(1, *artifact).bind(2, *artifact);
+    for (;;) {
+      auto row = st->step();
+      if (!row) return std::move(row).error();
+      if (!*row) break;
+      work.push_back({st->text(0), st->text(1), static_cast<std::size_t>(st->int64(2))});
+    }
+  }
+  std::vector<scrub_failure> failures;
+  std::vector<std::byte> buf;
+  for (const auto& w : work) {
+    piece_row row;
+    {
+      std::lock_guard lock(impl_->db_mutex);
+      auto r = impl_->load_piece(w.id, w.piece);
+      if (!r) return std::move(r).error();
+      row = std::move(*r);
+    }
+    buf.resize(row.length);
+    auto opened = impl_->open_piece(w.id, w.piece, buf);
+    if (!opened) {
+      if (opened.error().code() == errc::io_error) return std::move(opened).error();
+      failures.push_back({w.id, row.file_name, w.piece, {row.offset, row.offset + row.length}, opened.error().detail()});
+      continue;
+    }
+    // The tag says the bytes are what this store wrote; the digest says they are what was signed.
+    auto alg = parse_hash_algorithm(w.hash_type).value_or(hash_algorithm::sha256);
+    if (!digest_equal(hash(alg, buf).bytes(), row.digest)) {
+      std::lock_guard lock(impl_->db_mutex);
+      auto txn = transaction::begin(impl_->db);
+      if (txn && impl_->set_piece_state(w.id, w.piece, state_stored, state_missing, row.generation)) (void)txn->commit();
+      failures.push_back({w.id, row.file_name, w.piece, {row.offset, row.offset + row.length},
+                          fmt::format("piece {} does not match its signed {} digest; dropped from the store", w.piece,
+                                      w.hash_type)});
+    }
+  }
+  sodium_memzero(buf.data(), buf.size());
+  return failures;
+}
+
+// ---- reading ----------------------------------------------------------------------------------
+
+struct artifact_reader::impl {
+  std::shared_ptr<store::impl> s;
+  std::string id;
+  std::vector<stored_file> files;
+  std::vector<byte_range> piece_ranges;  // by piece index
+  detail::unique_fd artifact_lock;       // LOCK_SH for the reader's lifetime: no one removes it
+};
+
+artifact_reader::artifact_reader(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+artifact_reader::~artifact_reader() = default;
+artifact_reader::artifact_reader(artifact_reader&&) noexcept = default;
+artifact_reader& artifact_reader::operator=(artifact_reader&&) noexcept = default;
+const std::vector<stored_file>& artifact_reader::files() const noexcept { return impl_->files; }
+
+result<artifact_reader> store::open_artifact(const std::string& artifact) {
+  auto d = show(artifact);
+  if (!d) return std::move(d).error();
+  auto p = std::make_unique<artifact_reader::impl>();
+  p->s = impl_;
+  p->id = artifact;
+  p->files = d->files;
+  auto l = impl_->artifact_lock(artifact);
+  if (!l) return std::move(l).error();
+  ::flock(l->get(), LOCK_SH);
+  p->artifact_lock = std::move(*l);
+  {
+    std::lock_guard lock(impl_->db_mutex);
+    auto st = impl_->db.prepare("SELECT idx, offset, length FROM pieces WHERE artifact = ? ORDER BY idx");
+    if (!st) return std::move(st).error();
+    st->bind(1, artifact);
+    for (;;) {
+      auto row = st->step();
+      if (!row) return std::move(row).error();
+      if (!*row) break;
+      auto off = static_cast<std::uint64_t>(st->int64(1));
+      p->piece_ranges.push_back({off, off + static_cast<std::uint64_t>(st->int64(2))});
+    }
+  }
+  if (auto r = impl_->touch(artifact); !r) return std::move(r).error();
+  return artifact_reader(std::move(p));
+}
+
+result<void> artifact_reader::read(std::size_t file, std::uint64_t offset, std::span<std::byte> out) const {
+  if (file >= impl_->files.size()) return error(errc::invalid_argument, fmt::format("no file {}", file));
+  const auto& f = impl_->files[file];
+  if (offset > f.size || out.size() > f.size - offset)
+    return error(errc::invalid_argument, "read past the end of the file").with_path(f.name);
+  flock_guard g(impl_->s->lock_fd.get(), LOCK_SH);
+  std::vector<std::byte> scratch;
+  std::uint64_t end = offset + out.size();
+  for (std::size_t k = f.first_piece; k < f.first_piece + f.pieces && offset < end; ++k) {
+    auto r = impl_->piece_ranges[k];
+    if (r.end <= offset) continue;
+    std::uint64_t from = std::max(offset, r.begin), to = std::min(end, r.end);
+    auto dst = out.subspan(from - (end - out.size()), to - from);
+    if (from == r.begin && to == r.end) {
+      // The whole piece is wanted: decrypt straight into the caller's buffer.
+      if (auto res = impl_->s->open_piece(impl_->id, k, dst); !res) {
+        sodium_memzero(out.data(), out.size());
+        return res;
+      }
+    } else {
+      scratch.resize(r.size());
+      if (auto res = impl_->s->open_piece(impl_->id, k, scratch); !res) {
+        sodium_memzero(out.data(), out.size());
+        return res;
+      }
+      std::copy_n(scratch.begin() + static_cast<std::ptrdiff_t>(from - r.begin), dst.size(), dst.begin());
+    }
+    offset = to;
+  }
+  sodium_memzero(scratch.data(), scratch.size());
+  return {};
+}
+
+// ---- materialize --------------------------------------------------------------------------------
+
+namespace {
+
+// Opens (creating) each directory of rel below dirfd without following symlinks; returns the fd of
+// the last directory and the final component.
+result<std::pair<detail::unique_fd, std::string>> open_parent(int dirfd, const std::string& rel) {
+  detail::unique_fd cur(::dup(dirfd));
+  std::size_t start = 0;
+  for (;;) {
+    auto slash = rel.find('/', start);
+    if (slash == std::string::npos) return std::pair{std::move(cur), rel.substr(start)};
+    auto part = rel.substr(start, slash - start);
+    if (::mkdirat(cur.get(), part.c_str(), 0755) != 0 && errno != EEXIST)
+      return error(errc::io_error, "cannot create directory").with_path(rel).with_errno(errno);
+    int next = ::openat(cur.get(), part.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (next < 0) return error(errc::io_error, "cannot open directory").with_path(rel).with_errno(errno);
+    cur = detail::unique_fd(next);
+    start = slash + 1;
+  }
+}
+
+}  // namespace
+
+result<void> store::materialize(const std::string& artifact, const std::filesystem::path& dest) {
+  auto d = show(artifact);
+  if (!d) return std::move(d).error();
+  struct stat st {};
+  if (::lstat(dest.c_str(), &st) == 0) {
+    std::error_code ec;
+    if (!S_ISDIR(st.st_mode) || !std::filesystem::is_empty(dest, ec))
+      return error(errc::invalid_argument, "destination exists and is not an empty directory").with_path(dest.string());
+  } else {
+    std::error_code ec;
+    if (dest.has_parent_path()) std::filesystem::create_directories(dest.parent_path(), ec);
+    if (::mkdir(dest.c_str(), 0755) != 0) return detail::sys_error("cannot create the destination", dest, errno);
+  }
+  int dfd = ::open(dest.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (dfd < 0) return detail::sys_error("cannot open the destination", dest, errno);
+  detail::unique_fd dest_fd(dfd);
+  // Everything is written under a staging directory first; only complete, synced files move out.
+  std::array<std::byte, 6> rnd{};
+  randombytes_buf(rnd.data(), rnd.size());
+  std::string staging = ".drun-export-" + detail::hex_encode(rnd);
+  if (::mkdirat(dest_fd.get(), staging.c_str(), 0700) != 0) return detail::sys_error("cannot create", dest / staging, errno);
+  auto fail = [&](error e) {
+    std::error_code ec;
+    std::filesystem::remove_all(dest / staging, ec);
+    return e;
+  };
+  int sfd = ::openat(dest_fd.get(), staging.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (sfd < 0) return fail(detail::sys_error("cannot open", dest / staging, errno));
+  detail::unique_fd staging_fd(sfd);
+  auto reader = open_artifact(artifact);
+  if (!reader) return fail(std::move(reader).error());
+
+  std::vector<std::string> top_level;
+  std::vector<std::byte> buf;
+  for (std::size_t fi = 0; fi < d->files.size(); ++fi) {
+    const auto& f = d->files[fi];
+    // A single-file model is named "." in its manifest: it takes its subject's name.
+    std::string name = f.name == "." ? d->summary.subject : f.name;
+    if (!is_safe_relative_path(name) || (f.name == "." && name.find('/') != std::string::npos))
+      return fail(error(errc::invalid_argument, fmt::format("cannot export a file named \"{}\"", name)));
+    auto parent = open_parent(staging_fd.get(), name);
+    if (!parent) return fail(std::move(parent).error());
+    int ofd = ::openat(parent->first.get(), parent->second.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                       0644);
+    if (ofd < 0) return fail(detail::sys_error("cannot create", dest / name, errno));
+    detail::unique_fd out(ofd);
+    for (std::size_t k = f.first_piece; k < f.first_piece + f.pieces; ++k) {
+      auto range = reader->impl_->piece_ranges[k];
+      buf.resize(range.size());
+      if (auto r = reader->read(fi, range.begin, buf); !r) return fail(std::move(r).error());
+      if (auto r = pwrite_all(out.get(), buf, range.begin, dest / name); !r) return fail(std::move(r).error());
+    }
+    if (::fsync(out.get()) != 0) return fail(detail::sys_error("cannot sync", dest / name, errno));
+    auto top = name.substr(0, name.find('/'));
+    if (std::find(top_level.begin(), top_level.end(), top) == top_level.end()) top_level.push_back(top);
+  }
+  sodium_memzero(buf.data(), buf.size());
+  for (const auto& top : top_level)
+    if (::renameat(staging_fd.get(), top.c_str(), dest_fd.get(), top.c_str()) != 0)
+      return fail(detail::sys_error("cannot move into place", dest / top, errno));
+  ::unlinkat(dest_fd.get(), staging.c_str(), AT_REMOVEDIR);
+  ::fsync(dest_fd.get());
+  return {};
+}
+
+// ---- key rotation -------------------------------------------------------------------------------
+
+result<void> store::rotate_key(const std::filesystem::path& dir, const node_key& old_key, const node_key& new_key) {
+  std::string new_fp = store_detail::key_fingerprint(new_key);
+  if (new_fp == store_detail::key_fingerprint(old_key))
+    return error(errc::invalid_argument, "the new key is the store's current key");
+  auto opened = open_impl(dir, old_key, open_mode::rotation, &new_fp);
+  if (!opened) return std::move(opened).error();
+  auto& s = **opened;
+  flock_guard g(s.lock_fd.get(), LOCK_EX);
+  auto old_version = s.key_version;
+  std::uint32_t new_version = 0;
+  {
+    auto txn = transaction::begin(s.db);
+    if (!txn) return std::move(txn).error();
+    auto st = s.db.prepare("SELECT version FROM key_versions WHERE fingerprint = ?");
+    if (!st) return std::move(st).error();
+    st->bind(1, new_fp);
+    auto row = st->step();
+    if (!row) return std::move(row).error();
+    if (*row) {
+      new_version = static_cast<std::uint32_t>(st->int64(0));
+    } else {
+      auto ins = s.db.prepare(
+          "INSERT INTO key_versions(version, fingerprint, state) "
+          "VALUES ((SELECT max(version) + 1 FROM key_versions), ?, 'pending') RETURNING version");
+      if (!ins) return std::move(ins).error();
+      ins->bind(1, new_fp);
+      auto r = ins->step();
+      if (!r) return std::move(r).error();
+      new_version = static_cast<std::uint32_t>(ins->int64(0));
+    }
+    if (auto r = txn->commit(); !r) return std::move(r).error();
+  }
+
+  // Redo log: a piece's new ciphertext is committed to rotation_journal before it overwrites the
+  // old one in place, so a crash at any point leaves either the old piece (index unchanged) or a
+  // journal entry that this loop finishes.
+  auto finish_journal = [&]() -> result<void> {
+    for (;;) {
+      std::string id;
+      std::int64_t idx = 0, version = 0, generation = 0;
+      std::uint64_t offset = 0;
+      std::size_t file = 0;
+      std::vector<std::byte> tag, ciphertext;
+      {
+        auto st = s.db.prepare(
+            "SELECT j.artifact, j.idx, j.key_version, j.generation, j.tag, j.ciphertext, p.file, p.offset "
+            "FROM rotation_journal j JOIN pieces p ON p.artifact = j.artifact AND p.idx = j.idx LIMIT 1");
+        if (!st) return std::move(st).error();
+        auto row = st->step();
+        if (!row) return std::move(row).error();
+        if (!*row) return {};
+        id = st->text(0);
+        idx = st->int64(1);
+        version = st->int64(2);
+        generation = st->int64(3);
+        tag.assign(st->blob(4).begin(), st->blob(4).end());
+        ciphertext.assign(st->blob(5).begin(), st->blob(5).end());
+        file = static_cast<std::size_t>(st->int64(6));
+        offset = static_cast<std::uint64_t>(st->int64(7));
+      }
+      auto path = s.data_file(id, file);
+      int raw = ::open(path.c_str(), O_WRONLY | O_CLOEXEC | O_NOFOLLOW);
+      if (raw < 0) return detail::sys_error("cannot open", path, errno);
+      detail::unique_fd fd(raw);
+      if (auto r = pwrite_all(fd.get(), ciphertext, offset, path); !r) return r;
+      if (::fdatasync(fd.get()) != 0) return detail::sys_error("cannot sync", path, errno);
+      auto txn = transaction::begin(s.db);
+      if (!txn) return std::move(txn).error();
+      auto up = s.db.prepare(
+          "UPDATE pieces SET key_version = ?, generation = ?, tag = ?, state = 2 WHERE artifact = ? AND idx = ?");
+      if (!up) return std::move(up).error();
+      up->bind(1, version).bind(2, generation).bind_blob(3, tag).bind(4, id).bind(5, idx);
+      if (auto r = up->run(); !r) return r;
+      auto del = s.db.prepare("DELETE FROM rotation_journal WHERE artifact = ? AND idx = ?");
+      if (!del) return std::move(del).error();
+      del->bind(1, id).bind(2, idx);
+      if (auto r = del->run(); !r) return r;
+      if (auto r = txn->commit(); !r) return r;
+    }
+  };
+  if (auto r = finish_journal(); !r) return r;
+
+  std::vector<std::byte> plain, sealed;
+  for (;;) {
+    std::string id;
+    std::size_t idx = 0, file = 0;
+    piece_row row;
+    {
+      auto st = s.db.prepare(
+          "SELECT artifact, idx FROM pieces WHERE state = 2 AND key_version != ? ORDER BY artifact, idx LIMIT 1");
+      if (!st) return std::move(st).error();
+      st->bind(1, new_version);
+      auto next = st->step();
+      if (!next) return std::move(next).error();
+      if (!*next) break;
+      id = st->text(0);
+      idx = static_cast<std::size_t>(st->int64(1));
+    }
+    auto r = s.load_piece(id, idx);
+    if (!r) return std::move(r).error();
+    row = std::move(*r);
+    file = row.file;
+    plain.resize(row.length);
+    sealed.resize(row.length);
+    auto old_dk = s.data_key_for(id, old_key, /*cache=*/false);
+    auto new_dk = s.data_key_for(id, new_key, /*cache=*/false);
+    if (!old_dk) return std::move(old_dk).error();
+    if (!new_dk) return std::move(new_dk).error();
+    auto path = s.data_file(id, file);
+    auto fd = detail::open_read(path);
+    if (!fd) return std::move(fd).error();
+    if (auto rr = detail::pread_exact(fd->get(), plain, row.offset, path); !rr) return rr;
+    store_detail::gcm open(store_detail::gcm::mode::open, **old_dk,
+                           {raw_id(id), static_cast<std::uint32_t>(file), idx, row.key_version, row.generation});
+    open.update(plain, plain);
+    if (!open.open_check(row.tag)) {
+      // Already corrupt: nothing to carry over. Drop it so a fetch or import brings it back.
+      auto txn = transaction::begin(s.db);
+      if (!txn) return std::move(txn).error();
+      if (auto rr = s.set_piece_state(id, idx, state_stored, state_missing, row.generation); !rr) return rr;
+      if (auto rr = txn->commit(); !rr) return rr;
+      continue;
+    }
+    std::uint64_t generation = 0;
+    {
+      auto txn = transaction::begin(s.db);
+      if (!txn) return std::move(txn).error();
+      auto gen = s.next_generation();
+      if (!gen) return std::move(gen).error();
+      generation = *gen;
+      if (auto rr = txn->commit(); !rr) return rr;
+    }
+    store_detail::gcm seal(store_detail::gcm::mode::seal, **new_dk,
+                           {raw_id(id), static_cast<std::uint32_t>(file), idx, new_version, generation});
+    seal.update(plain, sealed);
+    auto tag = seal.seal_tag();
+    sodium_memzero(plain.data(), plain.size());
+    {
+      auto txn = transaction::begin(s.db);
+      if (!txn) return std::move(txn).error();
+      auto ins = s.db.prepare(
+          "INSERT OR REPLACE INTO rotation_journal(artifact, idx, key_version, generation, tag, ciphertext) "
+          "VALUES (?, ?, ?, ?, ?, ?)");
+      if (!ins) return std::move(ins).error();
+      ins->bind(1, id).bind(2, static_cast<std::int64_t>(idx)).bind(3, new_version)
+          .bind(4, static_cast<std::int64_t>(generation)).bind_blob(5, tag).bind_blob(6, sealed);
+      if (auto rr = ins->run(); !rr) return rr;
+      if (auto rr = txn->commit(); !rr) return rr;
+    }
+    if (auto rr = finish_journal(); !rr) return rr;
+  }
+
+  auto txn = transaction::begin(s.db);
+  if (!txn) return std::move(txn).error();
+  auto st = s.db.prepare(
+      "UPDATE key_versions SET state = CASE WHEN version = ? THEN 'active' ELSE 'retired' END "
+      "WHERE version = ? OR version = ?");
+  if (!st) return std::move(st).error();
+  st->bind(1, new_version).bind(2, new_version).bind(3, old_version);
+  if (auto r = st->run(); !r) return r;
+  return txn->commit();
+}
+
+}  // namespace drun
