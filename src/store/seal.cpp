@@ -16,6 +16,18 @@ namespace drun::store_detail {
 namespace {
 
 bool hkdf(std::span<const std::byte> ikm, std::span<const std::byte> salt, std::string_view info,
+          unsigned char* out, std::size_t out_len);
+
+}  // namespace
+
+bool hkdf_sha256(std::span<const std::byte> ikm, std::span<const std::byte> salt, std::string_view info,
+                 std::span<std::byte> out) {
+  return hkdf(ikm, salt, info, reinterpret_cast<unsigned char*>(out.data()), out.size());
+}
+
+namespace {
+
+bool hkdf(std::span<const std::byte> ikm, std::span<const std::byte> salt, std::string_view info,
           unsigned char* out, std::size_t out_len) {
   EVP_KDF* kdf = EVP_KDF_fetch(nullptr, "HKDF", nullptr);
   EVP_KDF_CTX* ctx = kdf ? EVP_KDF_CTX_new(kdf) : nullptr;

@@ -22,6 +22,10 @@ namespace drun::store_detail {
 inline constexpr std::size_t tag_size = 16;
 using tag_bytes = std::array<std::byte, tag_size>;
 
+// HKDF-SHA256 (RFC 5869) into out; false if OpenSSL lacks it.
+bool hkdf_sha256(std::span<const std::byte> ikm, std::span<const std::byte> salt, std::string_view info,
+                 std::span<std::byte> out);
+
 // Identifies a node key without revealing it: HKDF(key, info "drun store key fingerprint v1").
 std::string key_fingerprint(const node_key& key);
 

@@ -1,0 +1,299 @@
+// The encrypted store through the library: sealing primitives, node keys, put/read/reader,
+// tamper detection, resume, remove/GC locks, scrub and rotation.
+#include <drun/sign.hpp>
+#include <drun/store.hpp>
+
+#include "detail/encoding.hpp"
+#include "store/seal.hpp"
+#include "support.hpp"
+
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+using namespace drun;
+using test::temp_dir;
+using test::write_file;
+
+namespace {
+
+std::vector<std::byte> unhex(std::string_view h) { return *detail::hex_decode(h); }
+
+node_key key_from_hex(char c) { return std::move(node_key::from_text(std::string(64, c))).value(); }
+
+struct signed_model {
+  temp_dir d;
+  std::string big = test::pattern(300000, 9);
+  std::string bundle;
+  std::optional<verified_manifest> vm;
+  explicit signed_model(std::string_view extra = "") {
+    write_file(d / "m/big.bin", big);
+    write_file(d / "m/sub/small.txt", std::string("small file") + std::string(extra));
+    manifest_options opts;
+    opts.piece_size = 65536;
+    auto m = build_manifest(d / "m", opts);
+    REQUIRE(m);
+    auto k = private_key::generate(key_type::ed25519);
+    REQUIRE(k);
+    bundle = std::move(sign_manifest(*m, *k)).value();
+    auto v = verify_bundle(bundle, trust_store::from_public_key(k->public_key()));
+    REQUIRE(v);
+    vm.emplace(std::move(v).value());
+  }
+  std::filesystem::path model() const { return d / "m"; }
+};
+
+std::vector<std::string> all_files(const std::filesystem::path& root) {
+  std::vector<std::string> out;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(root))
+    if (e.is_regular_file()) out.push_back(e.path().string());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("HKDF-SHA256 known answer (RFC 5869 test case 1)") {
+  auto ikm = unhex("0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b");
+  auto salt = unhex("000102030405060708090a0b0c");
+  auto info = unhex("f0f1f2f3f4f5f6f7f8f9");
+  std::array<std::byte, 42> okm{};
+  REQUIRE(store_detail::hkdf_sha256(ikm, salt, std::string_view(reinterpret_cast<const char*>(info.data()), info.size()), okm));
+  CHECK(detail::hex_encode(okm) ==
+        "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865");
+}
+
+TEST_CASE("GCM binds every part of a piece's address") {
+  auto nk = key_from_hex('a');
+  std::array<std::byte, 16> store_id{};
+  std::array<std::byte, 32> artifact{};
+  artifact[0] = std::byte{1};
+  auto dk = store_detail::data_key::derive(nk, store_id, artifact);
+  REQUIRE(dk);
+  store_detail::piece_address where{artifact, 2, 7, 1, 42};
+  auto plain = test::pattern(100000);
+  std::vector<std::byte> sealed(plain.size());
+  store_detail::gcm seal(store_detail::gcm::mode::seal, *dk, where);
+  seal.update(as_bytes(plain), sealed);
+  auto tag = seal.seal_tag();
+  CHECK(std::string(reinterpret_cast<const char*>(sealed.data()), 64) != plain.substr(0, 64));
+
+  auto opens = [&](const store_detail::data_key& key, store_detail::piece_address at, std::vector<std::byte> data) {
+    store_detail::gcm open(store_detail::gcm::mode::open, key, at);
+    open.update(data, data);
+    return open.open_check(tag) && std::equal(data.begin(), data.end(), as_bytes(plain).begin());
+  };
+  CHECK(opens(*dk, where, sealed));
+  for (auto mutate : std::vector<std::function<void(store_detail::piece_address&)>>{
+           [](auto& a) { a.file = 3; }, [](auto& a) { a.piece = 8; }, [](auto& a) { a.key_version = 2; },
+           [](auto& a) { a.generation = 41; }, [](auto& a) { a.artifact[5] = std::byte{9}; }}) {
+    auto at = where;
+    mutate(at);
+    CHECK_FALSE(opens(*dk, at, sealed));
+  }
+  auto flipped = sealed;
+  flipped[5000] ^= std::byte{1};
+  CHECK_FALSE(opens(*dk, where, flipped));
+  auto other = store_detail::data_key::derive(key_from_hex('b'), store_id, artifact);
+  REQUIRE(other);
+  CHECK_FALSE(opens(*other, where, sealed));
+  store_id[0] = std::byte{1};  // another store under the same node key: another data key
+  auto other_store = store_detail::data_key::derive(nk, store_id, artifact);
+  REQUIRE(other_store);
+  CHECK_FALSE(opens(*other_store, where, sealed));
+}
+
+TEST_CASE("node keys: text forms and sources") {
+  std::string hex(64, '0');
+  hex[63] = '1';
+  CHECK(node_key::from_text(hex + "\n"));
+  CHECK(node_key::from_text("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAE=\n"));  // base64 of 32 bytes
+  CHECK(test::error_of(node_key::from_text(std::string(62, 'a'))).code() == errc::key_error);
+  CHECK(test::error_of(node_key::from_text(std::string(63, 'a') + "z")).code() == errc::key_error);
+  CHECK_FALSE(node_key::from_text("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=="));  // 31 bytes
+
+  temp_dir d;
+  REQUIRE(node_key::generate().save(d / "k"));
+  struct stat st {};
+  REQUIRE(::stat((d / "k").c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0600);
+  CHECK(test::read_text(d / "k").size() == 65);
+  CHECK(node_key::from_source("file:" + (d / "k").string()));
+  CHECK(test::error_of(node_key::generate().save(d / "k")).message().find("refusing to overwrite") != std::string::npos);
+  ::chmod((d / "k").c_str(), 0640);
+  CHECK(test::error_of(node_key::from_source("file:" + (d / "k").string())).message().find("permissions 0640") !=
+        std::string::npos);
+  ::setenv("DRUN_TEST_NODE_KEY", hex.c_str(), 1);
+  CHECK(node_key::from_source("env:DRUN_TEST_NODE_KEY"));
+  ::unsetenv("DRUN_TEST_NODE_KEY");
+  CHECK(test::error_of(node_key::from_source("env:DRUN_TEST_NODE_KEY")).message().find("not set") != std::string::npos);
+  CHECK(node_key::from_source("cmd:echo " + hex));
+  CHECK(test::error_of(node_key::from_source("cmd:exit 3")).message().find("status 3") != std::string::npos);
+  CHECK(test::error_of(node_key::from_source("vault:x")).code() == errc::key_error);
+}
+
+TEST_CASE("store: put, read, reader, resume; nothing plaintext at rest") {
+  signed_model sm;
+  temp_dir sd;
+  auto s = store::open(sd / "store", key_from_hex('c'));
+  REQUIRE(s);
+  auto report = import_model(*s, *sm.vm, sm.bundle, sm.model(), 2);
+  REQUIRE(report);
+  CHECK(report->stored == sm.vm->pieces().size());
+  auto again = import_model(*s, *sm.vm, sm.bundle, sm.model(), 2);
+  REQUIRE(again);
+  CHECK(again->stored == 0);
+  CHECK(again->already_stored == sm.vm->pieces().size());
+
+  // Random access across piece boundaries, decrypted straight into the caller's buffer.
+  auto reader = s->open_artifact(sm.vm->artifact_id());
+  REQUIRE(reader);
+  REQUIRE(reader->files()[0].name == "big.bin");
+  std::vector<std::byte> out(100000);
+  REQUIRE(reader->read(0, 60000, out));
+  CHECK(std::equal(out.begin(), out.end(), as_bytes(sm.big).begin() + 60000));
+  CHECK(test::error_of(reader->read(0, 250000, out)).code() == errc::invalid_argument);
+
+  // No 32-byte window of the model appears anywhere in the store directory.
+  for (const auto& f : all_files(sd / "store")) {
+    auto text = test::read_text(f);
+    for (std::size_t off : {0u, 70000u, 299000u - 32u}) CHECK(text.find(sm.big.substr(off, 32)) == std::string::npos);
+  }
+
+  temp_dir out_dir;
+  REQUIRE(s->materialize(sm.vm->artifact_id(), out_dir / "x"));
+  CHECK(test::read_text(out_dir / "x/big.bin") == sm.big);
+  CHECK(test::read_text(out_dir / "x/sub/small.txt") == "small file");
+  CHECK(test::error_of(s->materialize(sm.vm->artifact_id(), out_dir / "x")).code() == errc::invalid_argument);
+}
+
+TEST_CASE("store: tampering on disk is caught by the tag, dropped, reported, and repaired") {
+  signed_model sm;
+  temp_dir sd;
+  auto s = store::open(sd / "store", key_from_hex('c'));
+  REQUIRE(s);
+  REQUIRE(import_model(*s, *sm.vm, sm.bundle, sm.model()));
+  auto data = sd / "store/artifacts" / sm.vm->artifact_id() / "data/0";
+  {
+    // Copy piece 0's ciphertext over piece 1's place: right bytes, wrong address.
+    auto text = test::read_text(data);
+    text.replace(65536, 65536, text.substr(0, 65536));
+    std::ofstream(data, std::ios::binary) << text;
+  }
+  std::vector<std::byte> buf(65536);
+  auto r = s->read_piece(sm.vm->artifact_id(), 1, buf);
+  CHECK(test::error_of(r).code() == errc::digest_mismatch);
+  CHECK(r.error().message().find("big.bin bytes [65536, 131072): piece 1 failed its authentication tag") == 0);
+  CHECK(std::all_of(buf.begin(), buf.end(), [](std::byte b) { return b == std::byte{0}; }));  // wiped
+  auto stored = s->stored_pieces(sm.vm->artifact_id());
+  REQUIRE(stored);
+  CHECK_FALSE((*stored)[1]);
+  CHECK((*stored)[0]);
+  auto repaired = import_model(*s, *sm.vm, sm.bundle, sm.model());
+  REQUIRE(repaired);
+  CHECK(repaired->stored == 1);
+  auto clean = s->scrub();
+  REQUIRE(clean);
+  CHECK(clean->empty());
+}
+
+TEST_CASE("store: a piece from another artifact does not open") {
+  signed_model a, b("!");  // same layout, different content
+  temp_dir sd;
+  auto s = store::open(sd / "store", key_from_hex('c'));
+  REQUIRE(s);
+  REQUIRE(import_model(*s, *a.vm, a.bundle, a.model()));
+  REQUIRE(import_model(*s, *b.vm, b.bundle, b.model()));
+  auto dir = sd / "store/artifacts";
+  std::filesystem::copy_file(dir / a.vm->artifact_id() / "data/0", dir / b.vm->artifact_id() / "data/0",
+                             std::filesystem::copy_options::overwrite_existing);
+  auto failures = s->scrub(b.vm->artifact_id());
+  REQUIRE(failures);
+  CHECK(failures->size() == 5);  // every piece of big.bin
+  CHECK((*failures)[0].file == "big.bin");
+}
+
+TEST_CASE("store: keys, pins, remove, gc and readers") {
+  signed_model a, b("!");
+  temp_dir sd;
+  {
+    auto s = store::open(sd / "store", key_from_hex('c'));
+    REQUIRE(s);
+    REQUIRE(import_model(*s, *a.vm, a.bundle, a.model()));
+    REQUIRE(import_model(*s, *b.vm, b.bundle, b.model()));
+  }
+  auto wrong = store::open(sd / "store", key_from_hex('d'));
+  CHECK(test::error_of(wrong).message().find("wrong key") != std::string::npos);
+
+  auto s = store::open(sd / "store", key_from_hex('c'));
+  REQUIRE(s);
+  REQUIRE(s->set_pinned(a.vm->artifact_id(), true));
+  {
+    auto reader = s->open_artifact(b.vm->artifact_id());  // b is being read: gc keeps it
+    REQUIRE(reader);
+    // The reader's lock is per open file description, so a second store object in this process
+    // stands for another process.
+    auto other = store::open(sd / "store", key_from_hex('c'));
+    REQUIRE(other);
+    gc_options ttl;
+    ttl.ttl = std::chrono::seconds(-10);
+    auto report = other->gc(ttl);
+    REQUIRE(report);
+    CHECK(report->removed.empty());
+    CHECK(report->in_use == std::vector<std::string>{b.vm->artifact_id()});
+  }
+  gc_options marks;
+  marks.high_bytes = 1;
+  marks.low_bytes = 0;
+  auto report = s->gc(marks);
+  REQUIRE(report);
+  CHECK(report->removed == std::vector<std::string>{b.vm->artifact_id()});
+  CHECK_FALSE(std::filesystem::exists(sd / "store/artifacts" / b.vm->artifact_id()));
+  auto left = s->list();
+  REQUIRE(left);
+  REQUIRE(left->size() == 1);
+  CHECK(left->front().pinned);
+  CHECK(s->resolve(a.vm->artifact_id().substr(0, 8)).value() == a.vm->artifact_id());
+  CHECK(test::error_of(s->resolve("abc")).code() == errc::invalid_argument);
+  REQUIRE(s->remove(a.vm->artifact_id()));
+  CHECK(s->list()->empty());
+}
+
+TEST_CASE("store: key rotation re-seals every piece; the old key is retired") {
+  signed_model sm;
+  temp_dir sd;
+  {
+    auto s = store::open(sd / "store", key_from_hex('c'));
+    REQUIRE(s);
+    REQUIRE(import_model(*s, *sm.vm, sm.bundle, sm.model()));
+  }
+  auto before = test::read_text(sd / "store/artifacts" / sm.vm->artifact_id() / "data/0");
+  REQUIRE(store::rotate_key(sd / "store", key_from_hex('c'), key_from_hex('e')));
+  CHECK(test::read_text(sd / "store/artifacts" / sm.vm->artifact_id() / "data/0") != before);
+  CHECK(test::error_of(store::open(sd / "store", key_from_hex('c'))).message().find("retired") != std::string::npos);
+  auto s = store::open(sd / "store", key_from_hex('e'));
+  REQUIRE(s);
+  auto d = s->show(sm.vm->artifact_id());
+  REQUIRE(d);
+  CHECK(d->key_versions == std::vector<std::uint32_t>{2});
+  auto failures = s->scrub();
+  REQUIRE(failures);
+  CHECK(failures->empty());
+}
+
+TEST_CASE("store: files manifests are refused") {
+  temp_dir d;
+  write_file(d / "m/a", "hello");
+  manifest_options opts;
+  opts.method = serialization_method::files;
+  auto m = build_manifest(d / "m", opts);
+  REQUIRE(m);
+  auto k = private_key::generate(key_type::ed25519);
+  REQUIRE(k);
+  auto bundle = std::move(sign_manifest(*m, *k)).value();
+  auto vm = verify_bundle(bundle, trust_store::from_public_key(k->public_key()));
+  REQUIRE(vm);
+  auto s = store::open(d / "store", key_from_hex('c'));
+  REQUIRE(s);
+  CHECK(test::error_of(s->add_artifact(*vm, bundle)).message().find("shards") != std::string::npos);
+}
