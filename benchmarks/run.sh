@@ -8,6 +8,7 @@ build=$(cd "${1:-$root/build}" && pwd)
 work=${2:-$build/bench}
 drun=$build/drun
 bench=$build/benchmarks/bench_hash
+bench_seal=$build/benchmarks/bench_seal
 mkdir -p "$work"
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
@@ -57,3 +58,40 @@ echo
 # The fair single-core comparison for reading a file: openssl dgst also copies out of the page cache.
 openssl_file=$(awk -v t="$t_openssl" 'BEGIN { printf "%.1f", 2147.483648 / t }')
 echo "single core, file in page cache: openssl dgst $openssl_file MB/s, drun $drun_manifest MB/s ($(ratio "$drun_manifest" "$openssl_file")x)"
+
+echo
+echo "== encrypted store: AES-256-GCM per core (MB/s, 10^6 bytes)"
+openssl_gcm=$(openssl speed -evp aes-256-gcm -bytes 16384 -seconds 3 2>/dev/null | awk '/^AES-256-GCM/ { sub("k", "", $NF); print $NF / 1000 }')
+seal_open=$("$bench_seal" 3)
+drun_seal=$(echo "$seal_open" | awk '/^seal/ { print $2 }')
+drun_open=$(echo "$seal_open" | awk '/^open/ { print $2 }')
+echo "openssl speed -evp aes-256-gcm, 16 KiB blocks : $openssl_gcm"
+echo "drun seal, 8 MiB pieces                       : $drun_seal  ($(ratio "$drun_seal" "$openssl_gcm")x openssl)"
+echo "drun open (tag checked), 8 MiB pieces         : $drun_open  ($(ratio "$drun_open" "$openssl_gcm")x openssl)"
+echo
+
+echo "== importing the 2 GiB model into an encrypted store (verify + seal + write + fdatasync, 2 threads; best of 3)"
+[ -f "$work/node.key" ] || "$drun" cache keygen --out "$work/node.key" >/dev/null
+best_fresh() {  # best_fresh DIR_TO_CLEAR command...: best of 3 wall times, DIR removed before each run
+  local dir=$1 best=""
+  shift
+  for _ in 1 2 3; do
+    rm -rf "$dir"
+    sync
+    local t0 t1
+    t0=$(date +%s.%N); "$@" >/dev/null; t1=$(date +%s.%N)
+    best=$(awk -v a="$best" -v t0="$t0" -v t1="$t1" 'BEGIN { d = t1 - t0; print (a == "" || d < a) ? d : a }')
+  done
+  echo "$best"
+}
+import_cmd=("$drun" cache import "$work/model" --signature "$work/model.sig" --public-key "$work/key.pub"
+            --store "$work/store" --key-source "file:$work/node.key" --threads 2)
+t_cp=$(best_fresh "$work/copy" cp -r "$work/model" "$work/copy")
+t_import=$(best_fresh "$work/store" "${import_cmd[@]}")
+rm -rf "$work/store"
+import_kib=$( { /usr/bin/time -f '%M' "${import_cmd[@]}" >/dev/null; } 2>&1 | tail -1)
+rm -rf "$work/store" "$work/copy"
+echo "cp -r (no fsync)            : ${t_cp} s"
+echo "openssl dgst -sha256        : ${t_openssl} s"
+echo "drun cache import           : ${t_import} s  ($(ratio "$t_import" "$t_cp")x cp, $(ratio "$t_import" "$t_openssl")x openssl dgst)"
+echo "drun cache import peak RSS  : $((import_kib / 1024)) MiB"

@@ -575,16 +575,15 @@ class Reader(threading.Thread):
 
 
 def popen_killed(argv, delay):
-    """Start argv, SIGKILL it after `delay` seconds unless it ended; returns (Result, killed)."""
+    """Start argv and SIGKILL it after `delay` seconds unless it ended first. Result.rc is -9 when killed
+    (a process that exits on its own just as the signal is sent keeps its own status)."""
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         p.wait(timeout=delay)
-        killed = False
     except subprocess.TimeoutExpired:
         p.send_signal(signal.SIGKILL)
-        killed = True
     out, err = p.communicate(timeout=60)
-    return Result(argv[1:], p.returncode, out.decode(errors="replace"), err.decode(errors="replace")), killed
+    return Result(argv[1:], p.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
 def test_sigkill_during_import(drun, drun_bin, drun_keys, store, tmp_path):
@@ -606,39 +605,53 @@ def test_sigkill_during_import(drun, drun_bin, drun_keys, store, tmp_path):
     argv = store.argv("import", m, "--signature", m / "model.sig", "--public-key", pub, "--threads", 2)
     gate = threading.Lock()
     reader = Reader(store, gate)
-    reader.start()
-    killed = completed = 0
+    counts = {"killed": 0, "completed": 0}
     unexpected = []
+
+    def attempt(delay):
+        res = popen_killed(argv, delay)
+        if res.rc == -signal.SIGKILL:
+            counts["killed"] += 1
+        elif res.rc == 0:
+            counts["completed"] += 1
+            done = IMPORTED_RE.match((res.out.strip().splitlines() or [""])[-1])
+            if not done:
+                unexpected.append(f"a successful import must end with 'imported <id>'{res!r}")
+                return
+            with gate:  # start over so that later kills hit a real import
+                store("rm", done.group(1)).ok()
+        else:
+            unexpected.append(repr(res))
+
+    def stored_now():
+        with gate:
+            ls = store.ls()
+        assert len(ls) <= 1, ls
+        return ls[0]["stored_pieces"] if ls else 0
+
+    reader.start()
     try:
-        for i in range(50):
-            res, was_killed = popen_killed(argv, rng.uniform(0, max_delay))
-            if was_killed:
-                killed += 1
-                assert res.rc == -signal.SIGKILL, res
-            elif res.rc == 0:
-                completed += 1
-                done = IMPORTED_RE.match((res.out.strip().splitlines() or [""])[-1])
-                assert done, f"a successful import must end with 'imported <id>'{res!r}"
-                art = done.group(1)
-                with gate:  # start over so that later kills hit a real import
-                    store("rm", art).ok()
-            else:
-                unexpected.append(f"run {i}: {res!r}")
+        for _ in range(50):
+            attempt(rng.uniform(0, max_delay))
             if unexpected or reader.failures:
                 break
+        # end on a partly stored artifact, so that the final import has something to resume
+        for _ in range(30):
+            if unexpected or reader.failures or 0 < stored_now() < total:
+                break
+            attempt(rng.uniform(0.2, 0.9) * t_full)
     finally:
         reader.stop.set()
         reader.join(timeout=120)
-    msg = f"(seed {seed}, full import {t_full:.3f} s, killed {killed}, completed {completed})"
+    msg = f"(seed {seed}, full import {t_full:.3f} s, {counts})"
     assert not unexpected, f"an import after earlier SIGKILLs failed {msg}:\n" + "\n".join(unexpected)
     assert not reader.failures, f"a concurrent reader failed {msg}:\n" + "\n".join(reader.failures)
     assert reader.runs > 0
-    assert killed >= 10, f"too few imports were killed mid-way {msg}"
+    assert counts["killed"] >= 10, f"too few imports were killed mid-way {msg}"
 
     store("verify").ok()
-    ls = store.ls()
-    assert len(ls) <= 1, ls
-    stored_before = ls[0]["stored_pieces"] if ls else 0
+    stored_before = stored_now()
+    assert 0 < stored_before < total, f"no killed import left a partly stored artifact {msg}"
     art, r = store.imported(m, pub, "--threads", 2)
     assert already_stored(r) == stored_before, \
         f"the final import must skip exactly the {stored_before} pieces the killed runs stored {msg}{r!r}"
@@ -686,43 +699,63 @@ def test_sigkill_during_rotate_key(drun, drun_bin, drun_keys, store, tmp_path):
     pub = sign_model(drun, drun_keys, m)
     art, _ = store.imported(m, pub)
     v0 = store.show(art)["key_version"]
-    new = tmp_path / "new.key"
-    write_node_key(new)
-    ns = f"file:{new}"
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
+    made = []
 
+    def fresh_key():
+        k = tmp_path / f"node-{len(made) + 1}.key"
+        write_node_key(k)
+        made.append(k)
+        return f"file:{k}"
+
+    # how long a whole rotation takes here (the faster of two), so that the kills land inside one
     cal = Store(drun, drun_bin, tmp_path / "calibration", store.key)
     shutil.copytree(store.dir, cal.dir)
-    t0 = time.monotonic()
-    cal("rotate-key", "--new-key-source", ns).ok()
-    t_full = time.monotonic() - t0
+    times, ks = [], cal.ks
+    for _ in range(2):
+        nk = fresh_key()
+        t0 = time.monotonic()
+        cal("rotate-key", "--new-key-source", nk, key_source=ks).ok()
+        times.append(time.monotonic() - t0)
+        ks = nk
     shutil.rmtree(cal.dir)
+    max_delay = max(0.005, min(times))
 
-    argv = store.argv("rotate-key", "--new-key-source", ns)
+    cur, target, retired = store.ks, fresh_key(), []
     killed, outcomes = 0, []
     for _ in range(10):
-        res, was_killed = popen_killed(argv, rng.uniform(0, max(0.005, 0.9 * t_full)))
-        killed += was_killed
+        res = popen_killed(store.argv("rotate-key", "--new-key-source", target, key_source=cur),
+                           rng.uniform(0, max_delay))
         outcomes.append(res.rc)
-        if was_killed:
+        if res.rc == -signal.SIGKILL:
+            killed += 1
             continue
         if res.rc == 0:
-            break  # an attempt finished: the store is under the new key now
-        # an earlier killed attempt may have committed the new key already
-        res.fails(2, any_of=WRONG_KEY)
-        break
-    msg = f"(seed {seed}, full rotation {t_full:.3f} s, exit statuses {outcomes})"
+            max_delay /= 2  # it ran faster than the calibration
+        else:
+            # an earlier killed attempt had already switched the store to `target`
+            res.fails(2, any_of=WRONG_KEY)
+        # the store is under `target` now; the next attempt opens it with that key (finishing any
+        # rotation a kill interrupted after the switch) and rotates on to a fresh key
+        retired.append(cur)
+        cur, target = target, fresh_key()
+    msg = f"(seed {seed}, full rotation {min(times):.3f} s, exit statuses {outcomes})"
+    assert killed >= 3, f"too few rotate-key runs were killed mid-way {msg}"
 
-    r = store("rotate-key", "--new-key-source", ns)
+    # run the interrupted rotation to completion
+    r = store("rotate-key", "--new-key-source", target, key_source=cur)
     if r.rc != 0:
-        r.fails(2, any_of=WRONG_KEY)  # only if a killed attempt had already switched to the new key
-    store("verify", key_source=ns).ok()
-    assert store.show(art, key_source=ns)["key_version"] > v0, msg
-    assert sum(f["stored_pieces"] for f in store.show(art, key_source=ns)["files"]) == total_pieces(m), msg
-    store.export_identical(art, tmp_path / "out", m, key_source=ns)
-    store("ls").fails(2, any_of=WRONG_KEY)
-    assert killed >= 1, f"no rotate-key was killed mid-way {msg}"
+        r.fails(2, any_of=WRONG_KEY)  # only if the last killed attempt had already switched to `target`
+    retired.append(cur)
+    final = target
+    store("verify", key_source=final).ok()
+    sh = store.show(art, key_source=final)
+    assert sh["key_version"] > v0, msg
+    assert sum(f["stored_pieces"] for f in sh["files"]) == total_pieces(m), msg
+    store.export_identical(art, tmp_path / "out", m, key_source=final)
+    for old in retired:
+        store("ls", key_source=old).fails(2, any_of=WRONG_KEY)
 
 
 # ------------------------------------------------------------------------------------------------
