@@ -3,6 +3,7 @@
 // Layout of a store directory (mode 0700):
 //   index.sqlite                     the metadata index (WAL)
 //   lock                             flock: shared for every operation, exclusive for rotate_key
+//   init.lock                        flock: serializes opening (WAL switch, schema, key check)
 //   artifacts/<id>/bundle.sig        the bundle as received (public metadata)
 //   artifacts/<id>/lock              flock: shared by readers and writers, exclusive to remove
 //   artifacts/<id>/data/<file>       one ciphertext file per model file, at plaintext offsets
@@ -294,6 +295,12 @@ result<std::unique_ptr<store::impl>> open_impl(const std::filesystem::path& dir,
   int lfd = ::open((dir / "lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (lfd < 0) return detail::sys_error("cannot open the store lock", dir / "lock", errno);
   p->lock_fd = detail::unique_fd(lfd);
+  // Opening is serialized by its own short lock: switching a new index to WAL and creating the
+  // schema can fail with "database is locked" when two processes create the store at once.
+  int ifd = ::open((dir / "init.lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (ifd < 0) return detail::sys_error("cannot open the store lock", dir / "init.lock", errno);
+  detail::unique_fd init_fd(ifd);
+  flock_guard init_lock(init_fd.get(), LOCK_EX);
   auto db = database::open(dir / "index.sqlite");
   if (!db) return std::move(db).error();
   p->db = std::move(*db);

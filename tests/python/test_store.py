@@ -604,6 +604,7 @@ def test_sigkill_during_import(drun, drun_bin, drun_keys, store, tmp_path):
 
     argv = store.argv("import", m, "--signature", m / "model.sig", "--public-key", pub, "--threads", 2)
     gate = threading.Lock()
+    assert store.ls() == []  # the store exists before the reader starts (first open: the next test)
     reader = Reader(store, gate)
     counts = {"killed": 0, "completed": 0}
     unexpected = []
@@ -658,6 +659,25 @@ def test_sigkill_during_import(drun, drun_bin, drun_keys, store, tmp_path):
     assert store.stored(art) == total
     store("verify").ok()
     store.export_identical(art, tmp_path / "out", m)
+
+
+def test_concurrent_first_open_of_a_new_store(drun, drun_bin, tmp_path):
+    """Several processes opening one brand-new store at once all succeed (e.g. no "database is locked")."""
+    key = tmp_path / "node.key"
+    write_node_key(key)
+    failures = []
+    rounds, width = 50, 8
+    for n in range(rounds):
+        s = Store(drun, drun_bin, tmp_path / f"store-{n}", key)
+        procs = [subprocess.Popen(s.argv("ls", "--json"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) for _ in range(width)]
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            if p.returncode != 0 or out.strip() != b"[]":
+                failures.append(repr(Result(p.args[1:], p.returncode, out.decode(errors="replace"),
+                                            err.decode(errors="replace"))))
+        s("verify").ok()
+    assert not failures, f"{len(failures)} of {rounds * width} concurrent first opens failed:\n" + "\n".join(failures[:3])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -726,7 +746,7 @@ def test_sigkill_during_rotate_key(drun, drun_bin, drun_keys, store, tmp_path):
     killed, outcomes = 0, []
     for _ in range(10):
         res = popen_killed(store.argv("rotate-key", "--new-key-source", target, key_source=cur),
-                           rng.uniform(0, max_delay))
+                           rng.uniform(0.1, 1.0) * max_delay)
         outcomes.append(res.rc)
         if res.rc == -signal.SIGKILL:
             killed += 1
