@@ -255,7 +255,9 @@ struct store::impl {
   }
 
   result<detail::unique_fd> artifact_lock(const std::string& id) {
-    int fd = ::open((artifact_dir(id) / "lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    // Never created here (add_artifact does): re-creating it inside a directory that remove() is
+    // deleting would make that removal fail.
+    int fd = ::open((artifact_dir(id) / "lock").c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW);
     if (fd < 0) return detail::sys_error("cannot open the artifact lock", artifact_dir(id), errno);
     return detail::unique_fd(fd);
   }
@@ -398,6 +400,9 @@ result<void> store::add_artifact(const verified_manifest& m, std::string_view bu
     return e;
   };
   if (auto r = write_file_atomically(adir / "bundle.sig", bundle_json, 0600); !r) return cleanup(std::move(r).error());
+  int lock_fd = ::open((adir / "lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (lock_fd < 0) return cleanup(detail::sys_error("cannot create", adir / "lock", errno));
+  ::close(lock_fd);
   std::uint64_t total = 0;
   for (std::size_t f = 0; f < m.files().size(); ++f) {
     auto size = m.files()[f].size.value_or(0);
@@ -697,11 +702,14 @@ result<gc_report> store::gc(const gc_options& options) {
       if (!r) return std::move(r).error();
     }
   }
-  // Sweep directories whose rows are gone (a remove interrupted between its two steps).
+  // Sweep directories whose rows are gone (a remove interrupted between its two steps). Young
+  // ones are left alone: add_artifact creates the directory before its rows.
   std::error_code ec;
   for (const auto& entry : std::filesystem::directory_iterator(impl_->dir / "artifacts", ec)) {
     auto name = entry.path().filename().string();
     if (!valid_artifact_id(name)) continue;
+    struct stat info {};
+    if (::lstat(entry.path().c_str(), &info) != 0 || now_seconds() - info.st_mtime < 600) continue;
     std::lock_guard lock(impl_->db_mutex);
     auto st = impl_->db.prepare("SELECT 1 FROM artifacts WHERE id = ?");
     if (!st) return std::move(st).error();
@@ -732,7 +740,25 @@ result<std::vector<scrub_failure>> store::scrub(const std::optional<std::string>
   }
   std::vector<scrub_failure> failures;
   std::vector<std::byte> buf;
+  std::string locked_id;
+  detail::unique_fd artifact_lock;
+  bool gone = false;
   for (const auto& w : work) {
+    if (w.id != locked_id) {
+      // Hold the artifact like a reader, so rm and gc leave it alone while it is checked, and
+      // skip it quietly if it was removed between listing and locking.
+      locked_id = w.id;
+      artifact_lock.reset();
+      auto l = impl_->artifact_lock(w.id);
+      gone = !l;
+      if (l) {
+        ::flock(l->get(), LOCK_SH);
+        artifact_lock = std::move(*l);
+        auto still = show(w.id);
+        gone = !still;
+      }
+    }
+    if (gone) continue;
     piece_row row;
     {
       std::lock_guard lock(impl_->db_mutex);
@@ -779,15 +805,17 @@ artifact_reader& artifact_reader::operator=(artifact_reader&&) noexcept = defaul
 const std::vector<stored_file>& artifact_reader::files() const noexcept { return impl_->files; }
 
 result<artifact_reader> store::open_artifact(const std::string& artifact) {
+  if (!valid_artifact_id(artifact)) return error(errc::invalid_argument, "not an artifact id");
+  auto l = impl_->artifact_lock(artifact);
+  if (!l) return error(errc::invalid_argument, fmt::format("no artifact {} in the store", artifact));
+  ::flock(l->get(), LOCK_SH);
+  // Checked under the lock: a remove that won the race has deleted the rows by now.
   auto d = show(artifact);
   if (!d) return std::move(d).error();
   auto p = std::make_unique<artifact_reader::impl>();
   p->s = impl_;
   p->id = artifact;
   p->files = d->files;
-  auto l = impl_->artifact_lock(artifact);
-  if (!l) return std::move(l).error();
-  ::flock(l->get(), LOCK_SH);
   p->artifact_lock = std::move(*l);
   {
     std::lock_guard lock(impl_->db_mutex);

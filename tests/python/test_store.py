@@ -38,7 +38,7 @@ STORE_FILES = {
     "model-00002.safetensors": 1 * MiB + 4321,     # 17 pieces
     "tokenizer/vocab.txt": b"".join(b"token%d\n" % i for i in range(9000)),
 }
-BIG_FILES = {"big-a.bin": 5 * MiB + 123, "big-b.bin": 3 * MiB - 77}  # ~8 MiB, 128 pieces
+BIG_FILES = {"big-a.bin": 5 * MiB + 123, "big-b.bin": 3 * MiB - 77}  # ~8 MiB, 81 + 48 pieces
 SMALL_FILES = {"w.bin": 300_000, "c.json": b'{"n": 1}\n'}
 
 
@@ -678,6 +678,52 @@ def test_concurrent_first_open_of_a_new_store(drun, drun_bin, tmp_path):
                                             err.decode(errors="replace"))))
         s("verify").ok()
     assert not failures, f"{len(failures)} of {rounds * width} concurrent first opens failed:\n" + "\n".join(failures[:3])
+
+
+def test_verify_concurrent_with_rm_and_gc(drun, drun_keys, store, tmp_path):
+    """A scrub running while other processes remove artifacts (rm, gc) never fails: an artifact removed
+    meanwhile is not a failed piece (exit 1) nor an I/O error (exit 3). rm may refuse an artifact the
+    scrub holds at that moment, with exit 2 "in use"."""
+    models = [make_model(tmp_path / f"m{k}" / "model", {"w.bin": 100_000 + k}, seed=k) for k in range(30)]
+    pub = None
+    for mk in models:
+        pub = sign_model(drun, drun_keys, mk)
+    stop = threading.Event()
+    failures, runs = [], [0]
+
+    def scrub():
+        while not stop.is_set() and len(failures) < 5:
+            p = subprocess.run(store.argv("verify"), stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+            runs[0] += 1
+            if p.returncode != 0:
+                failures.append(repr(Result(["cache", "verify"], p.returncode, p.stdout.decode(errors="replace"),
+                                            p.stderr.decode(errors="replace"))))
+
+    for cycle in range(2):
+        ids = [store.imported(mk, pub)[0] for mk in models]
+        threads = [threading.Thread(target=scrub, daemon=True) for _ in range(2)]
+        stop.clear()
+        for t in threads:
+            t.start()
+        try:
+            for art in ids[:-5]:
+                # rm refuses an artifact that a scrub is reading at that moment (it holds it like a
+                # reader does); either outcome is fine, anything else is not.
+                r = store("rm", art)
+                assert r.rc == 0 or (r.rc == 2 and "in use" in r.err), r
+                time.sleep(0.005)
+            if cycle == 1:
+                time.sleep(1.1)  # last_access may have a resolution of one second
+            store("gc", "--ttl", 0).ok()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=120)
+        assert not failures, f"a scrub failed while artifacts were removed (cycle {cycle}):\n" + "\n".join(failures)
+        for art in store.ls_by_id():
+            store("rm", art).ok()
+    assert runs[0] > 0
+    store("verify").ok()
 
 
 # ------------------------------------------------------------------------------------------------
