@@ -39,7 +39,7 @@ using store_detail::transaction;
 
 namespace {
 
-constexpr std::int64_t state_missing = 0, state_writing = 1, state_stored = 2;
+constexpr std::int64_t state_missing = 0, state_stored = 2;  // 1 ("writing") is no longer used
 constexpr std::size_t io_chunk = std::size_t{1} << 20;
 
 const char* schema = R"sql(
@@ -179,6 +179,31 @@ struct store::impl {
     r.digest.assign(dg.begin(), dg.end());
     r.file_name = st->text(8);
     return r;
+  }
+
+  // Generations come in durably reserved blocks, so a write costs no index commit before it.
+  static constexpr std::uint64_t generation_block = 256;
+  std::mutex generation_mutex;
+  std::uint64_t generation_next = 0, generation_end = 0;
+
+  result<std::uint64_t> take_generation() {
+    std::lock_guard g(generation_mutex);
+    if (generation_next == generation_end) {
+      std::lock_guard lock(db_mutex);
+      auto txn = transaction::begin(db);
+      if (!txn) return std::move(txn).error();
+      auto st = db.prepare("UPDATE meta SET value = value + ? WHERE key = 'next_generation' RETURNING value - ?");
+      if (!st) return std::move(st).error();
+      st->bind(1, static_cast<std::int64_t>(generation_block)).bind(2, static_cast<std::int64_t>(generation_block));
+      auto row = st->step();
+      if (!row) return std::move(row).error();
+      auto first = static_cast<std::uint64_t>(st->int64(0));
+      st->reset();
+      if (auto r = txn->commit(); !r) return std::move(r).error();
+      generation_next = first;
+      generation_end = first + generation_block;
+    }
+    return generation_next++;
   }
 
   result<std::uint64_t> next_generation() {  // caller holds a transaction
@@ -461,27 +486,17 @@ result<bool> store::put_piece(const verified_manifest& m, const verified_piece& 
   // Another process writing the same piece holds this range; wait, then see whether it finished.
   if (auto r = range_lock(fd.get(), F_WRLCK, range.begin, range.size()); !r) return std::move(r).error();
 
-  std::uint64_t generation = 0;
   {
     std::lock_guard lock(impl_->db_mutex);
-    auto txn = transaction::begin(impl_->db);
-    if (!txn) return std::move(txn).error();
     auto row = impl_->load_piece(id, piece.index());
     if (!row) return std::move(row).error();
     if (row->state == state_stored) return false;
-    // A fresh generation for every write, recorded before any byte is written: a nonce is never
-    // used twice, even when a writer dies after writing and a new one starts over.
-    auto gen = impl_->next_generation();
-    if (!gen) return std::move(gen).error();
-    generation = *gen;
-    auto st = impl_->db.prepare(
-        "UPDATE pieces SET state = ?, generation = ?, key_version = ?, tag = NULL WHERE artifact = ? AND idx = ?");
-    if (!st) return std::move(st).error();
-    st->bind(1, state_writing).bind(2, static_cast<std::int64_t>(generation)).bind(3, impl_->key_version).bind(4, id)
-        .bind(5, static_cast<std::int64_t>(piece.index()));
-    if (auto r = st->run(); !r) return std::move(r).error();
-    if (auto r = txn->commit(); !r) return std::move(r).error();
   }
+  // A fresh generation for every write, from a block recorded durably before any byte is written:
+  // a nonce is never used twice, even when a writer dies after writing and a new one starts over.
+  auto gen = impl_->take_generation();
+  if (!gen) return std::move(gen).error();
+  std::uint64_t generation = *gen;
 
   auto dk = impl_->data_key_for(id, *impl_->key);
   if (!dk) return std::move(dk).error();
@@ -503,10 +518,10 @@ result<bool> store::put_piece(const verified_manifest& m, const verified_piece& 
   auto txn = transaction::begin(impl_->db);
   if (!txn) return std::move(txn).error();
   auto st = impl_->db.prepare(
-      "UPDATE pieces SET state = ?, tag = ? WHERE artifact = ? AND idx = ? AND generation = ? AND state = ?");
+      "UPDATE pieces SET state = ?, tag = ?, generation = ?, key_version = ? WHERE artifact = ? AND idx = ?");
   if (!st) return std::move(st).error();
-  st->bind(1, state_stored).bind_blob(2, tag).bind(3, id).bind(4, static_cast<std::int64_t>(piece.index()))
-      .bind(5, static_cast<std::int64_t>(generation)).bind(6, state_writing);
+  st->bind(1, state_stored).bind_blob(2, tag).bind(3, static_cast<std::int64_t>(generation))
+      .bind(4, impl_->key_version).bind(5, id).bind(6, static_cast<std::int64_t>(piece.index()));
   if (auto r = st->run(); !r) return std::move(r).error();
   auto touch = impl_->db.prepare("UPDATE artifacts SET last_access = ? WHERE id = ?");
   if (!touch) return std::move(touch).error();
