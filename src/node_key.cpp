@@ -77,7 +77,8 @@ result<std::size_t> read_secret(int fd, detail::secret_buffer& buf, const std::s
 
 result<node_key> from_file(const std::string& path) {
   auto fd = detail::open_read(path, /*follow=*/true);  // a Kubernetes Secret mount is a symlink
-  if (!fd) return std::move(fd).error().with_operation("node key");
+  // Any failure to read the key is a configuration error, whatever the errno.
+  if (!fd) return std::move(fd).error().with_code(errc::key_error).with_operation("node key");
   struct stat st {};
   if (::fstat(fd->get(), &st) != 0) return detail::sys_error("cannot stat", path, errno);
   if ((st.st_mode & 077) != 0)

@@ -82,9 +82,10 @@ class DRUN_API artifact_reader {
   artifact_reader& operator=(artifact_reader&&) noexcept;
 
   const std::vector<stored_file>& files() const noexcept;
-  // Decrypts [offset, offset + out.size()) of a file into out. Every piece touched is
-  // authenticated before a byte of it is copied; on failure out is wiped and the piece is
-  // dropped from the store. Errors: invalid_argument (range), model_mismatch (piece not stored),
+  // Decrypts [offset, offset + out.size()) of a file into out. Every piece is authenticated
+  // before the call returns; until it returns successfully the contents of out are unspecified
+  // (a whole piece is decrypted in place), and on failure out is wiped and the piece is dropped
+  // from the store. Errors: invalid_argument (range), model_mismatch (piece not stored),
   // digest_mismatch (tag check failed), io_error.
   result<void> read(std::size_t file, std::uint64_t offset, std::span<std::byte> out) const;
 

@@ -76,6 +76,11 @@ statement& statement::bind_blob(int i, std::span<const std::byte> blob) {
   return *this;
 }
 
+statement& statement::bind_blob_static(int i, std::span<const std::byte> blob) {
+  sqlite3_bind_blob64(stmt_, i, blob.data(), blob.size(), SQLITE_STATIC);
+  return *this;
+}
+
 result<bool> statement::step() {
   int rc = sqlite3_step(stmt_);
   if (rc == SQLITE_ROW) return true;

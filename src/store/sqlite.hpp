@@ -46,6 +46,8 @@ class statement {
   statement& bind(int i, std::int64_t v);
   statement& bind(int i, std::string_view text);
   statement& bind_blob(int i, std::span<const std::byte> blob);
+  // Binds without copying: blob must stay alive and unchanged until the statement is reset.
+  statement& bind_blob_static(int i, std::span<const std::byte> blob);
   // Steps once: true when a row is available, false when done.
   result<bool> step();
   // Steps to completion (for statements that return no rows).

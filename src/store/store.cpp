@@ -74,6 +74,27 @@ class flock_guard {
   int fd_;
 };
 
+// The store-wide lock, shared by every operation and exclusive to rotate_key. Each operation opens
+// the lock file itself: flock belongs to an open file description, so threads sharing one
+// descriptor would release each other's locks.
+class store_lock {
+ public:
+  store_lock(const std::filesystem::path& dir, int op)
+      : fd_(::open((dir / "lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600)) {
+    if (fd_ >= 0)
+      while (::flock(fd_, op) != 0 && errno == EINTR) {
+      }
+  }
+  ~store_lock() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  store_lock(const store_lock&) = delete;
+  store_lock& operator=(const store_lock&) = delete;
+
+ private:
+  int fd_;
+};
+
 // An open-file-description byte-range lock: released by the kernel if the process dies, so a
 // writer killed mid-piece never blocks the next one.
 result<void> range_lock(int fd, short type, std::uint64_t begin, std::uint64_t len) {
@@ -131,7 +152,6 @@ struct store::impl {
   std::filesystem::path dir;
   database db;
   std::mutex db_mutex;  // one connection, many threads: transactions must not interleave
-  detail::unique_fd lock_fd;
   std::array<std::byte, 16> store_id{};
   std::uint32_t key_version = 0;
   std::optional<node_key> owned_key;  // set by open(); rotate_key borrows its caller's keys instead
@@ -155,6 +175,19 @@ struct store::impl {
     auto p = std::make_shared<store_detail::data_key>(std::move(dk).value());
     if (cache) data_keys[id] = p;
     return p;
+  }
+
+  // A process that opened the store before a rotate_key must not seal or judge pieces with the
+  // retired key: it gets a key error and drops nothing. Caller holds db_mutex.
+  result<void> check_key_current() {
+    auto st = db.prepare("SELECT state FROM key_versions WHERE version = ?");
+    if (!st) return std::move(st).error();
+    st->bind(1, key_version);
+    auto row = st->step();
+    if (!row) return std::move(row).error();
+    if (!*row || st->text(0) != "active")
+      return error(errc::key_error, "the store's node key was rotated since it was opened: reopen it with the new key");
+    return {};
   }
 
   result<piece_row> load_piece(const std::string& id, std::size_t piece) {
@@ -239,11 +272,30 @@ struct store::impl {
           .with_range(row.offset, row.offset + row.length);
     if (out.size() != row.length)
       return error(errc::invalid_argument, fmt::format("buffer of {} bytes for a piece of {}", out.size(), row.length));
+    if (row.key_version != key_version) {
+      std::lock_guard lock(db_mutex);
+      if (auto r = check_key_current(); !r) return r;
+      return error(errc::key_error, fmt::format("piece {} is sealed under key version {}, not {}", piece,
+                                                row.key_version, key_version));
+    }
+    // Never release bytes that did not authenticate; forget the piece so it gets fetched again.
+    auto drop = [&](errc code, std::string why) {
+      sodium_memzero(out.data(), out.size());
+      std::lock_guard lock(db_mutex);
+      auto txn = transaction::begin(db);
+      if (txn && set_piece_state(id, piece, state_stored, state_missing, row.generation)) (void)txn->commit();
+      return error(code, fmt::format("piece {} {}; dropped from the store", piece, why))
+          .with_path(row.file_name)
+          .with_range(row.offset, row.offset + row.length);
+    };
     auto dk = data_key_for(id, *key);
     if (!dk) return std::move(dk).error();
     auto path = data_file(id, row.file);
     auto fd = detail::open_read(path);
-    if (!fd) return std::move(fd).error();
+    if (!fd) {
+      if (fd.error().code() == errc::not_found) return drop(errc::model_mismatch, "has lost its data file");
+      return std::move(fd).error();
+    }
     if (auto r = range_lock(fd->get(), F_RDLCK, row.offset, row.length); !r) return r;
     store_detail::piece_address where{raw_id(id), static_cast<std::uint32_t>(row.file), piece, row.key_version,
                                       row.generation};
@@ -251,23 +303,14 @@ struct store::impl {
     for (std::uint64_t off = 0; off < row.length; off += io_chunk) {
       auto chunk = out.subspan(off, std::min<std::uint64_t>(io_chunk, row.length - off));
       if (auto r = detail::pread_exact(fd->get(), chunk, row.offset + off, path); !r) {
+        if (r.error().sys_errno() == 0) return drop(errc::model_mismatch, "lies past the end of its truncated data file");
         sodium_memzero(out.data(), out.size());
         return r;
       }
       gcm.update(chunk, chunk);
     }
-    if (!gcm.open_check(row.tag)) {
-      // Never release bytes that did not authenticate; forget the piece so it gets fetched again.
-      sodium_memzero(out.data(), out.size());
-      std::lock_guard lock(db_mutex);
-      auto txn = transaction::begin(db);
-      if (txn && set_piece_state(id, piece, state_stored, state_missing, row.generation)) (void)txn->commit();
-      return error(errc::digest_mismatch,
-                   fmt::format("piece {} failed its authentication tag (corrupted, moved or replayed on disk); "
-                               "dropped from the store", piece))
-          .with_path(row.file_name)
-          .with_range(row.offset, row.offset + row.length);
-    }
+    if (!gcm.open_check(row.tag))
+      return drop(errc::digest_mismatch, "failed its authentication tag (corrupted, moved or replayed on disk)");
     return {};
   }
 
@@ -321,13 +364,18 @@ result<std::unique_ptr<store::impl>> open_impl(const std::filesystem::path& dir,
   p->key = &key;
   int lfd = ::open((dir / "lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (lfd < 0) return detail::sys_error("cannot open the store lock", dir / "lock", errno);
-  p->lock_fd = detail::unique_fd(lfd);
+  ::close(lfd);
   // Opening is serialized by its own short lock: switching a new index to WAL and creating the
   // schema can fail with "database is locked" when two processes create the store at once.
   int ifd = ::open((dir / "init.lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (ifd < 0) return detail::sys_error("cannot open the store lock", dir / "init.lock", errno);
   detail::unique_fd init_fd(ifd);
   flock_guard init_lock(init_fd.get(), LOCK_EX);
+  // The index holds no secrets, but nobody else needs to read it: create it 0600 (SQLite gives its
+  // -wal and -shm files the same mode).
+  int xfd = ::open((dir / "index.sqlite").c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (xfd < 0) return detail::sys_error("cannot open the store index", dir / "index.sqlite", errno);
+  ::close(xfd);
   auto db = database::open(dir / "index.sqlite");
   if (!db) return std::move(db).error();
   p->db = std::move(*db);
@@ -405,8 +453,9 @@ result<void> store::add_artifact(const verified_manifest& m, std::string_view bu
     return error(errc::invalid_argument,
                  "the store keeps shards manifests only (every piece needs a signed digest); re-sign with "
                  "drun sign --method shards");
-  flock_guard g(impl_->lock_fd.get(), LOCK_SH);
+  store_lock g(impl_->dir, LOCK_SH);
   const std::string& id = m.artifact_id();
+  bool stale = false;
   {
     std::lock_guard lock(impl_->db_mutex);
     auto st = impl_->db.prepare("SELECT 1 FROM artifacts WHERE id = ?");
@@ -414,8 +463,12 @@ result<void> store::add_artifact(const verified_manifest& m, std::string_view bu
     st->bind(1, id);
     auto row = st->step();
     if (!row) return std::move(row).error();
-    if (*row) return {};
+    stale = *row;
+    if (*row && std::filesystem::exists(impl_->artifact_dir(id) / "lock")) return {};
   }
+  // Rows without their directory (deleted behind the store's back): start the artifact over.
+  if (stale)
+    if (auto r = remove(id); !r) return r;
   auto adir = impl_->artifact_dir(id);
   for (const auto& d : {adir, adir / "data"})
     if (auto r = make_dir(d); !r) return r;
@@ -473,13 +526,14 @@ result<void> store::add_artifact(const verified_manifest& m, std::string_view bu
 }
 
 result<bool> store::put_piece(const verified_manifest& m, const verified_piece& piece) {
-  flock_guard g(impl_->lock_fd.get(), LOCK_SH);
+  store_lock g(impl_->dir, LOCK_SH);
   const std::string& id = m.artifact_id();
   auto alock = impl_->artifact_lock(id);
   if (!alock) return std::move(alock).error();
   flock_guard ga(alock->get(), LOCK_SH);  // remove() waits for writers too
   auto path = impl_->data_file(id, piece.file());
-  int raw = ::open(path.c_str(), O_WRONLY | O_CLOEXEC | O_NOFOLLOW);
+  // O_CREAT: a data file deleted behind the store's back is recreated, and its pieces refilled.
+  int raw = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (raw < 0) return detail::sys_error("cannot open", path, errno);
   detail::unique_fd fd(raw);
   auto range = piece.range();
@@ -488,6 +542,7 @@ result<bool> store::put_piece(const verified_manifest& m, const verified_piece& 
 
   {
     std::lock_guard lock(impl_->db_mutex);
+    if (auto r = impl_->check_key_current(); !r) return std::move(r).error();
     auto row = impl_->load_piece(id, piece.index());
     if (!row) return std::move(row).error();
     if (row->state == state_stored) return false;
@@ -549,7 +604,7 @@ result<std::vector<bool>> store::stored_pieces(const std::string& artifact) {
 }
 
 result<void> store::read_piece(const std::string& artifact, std::size_t piece, std::span<std::byte> out) {
-  flock_guard g(impl_->lock_fd.get(), LOCK_SH);
+  store_lock g(impl_->dir, LOCK_SH);
   return impl_->open_piece(artifact, piece, out);
 }
 
@@ -645,7 +700,7 @@ result<void> store::set_pinned(const std::string& artifact, bool pinned) {
 
 result<void> store::remove(const std::string& artifact) {
   if (!valid_artifact_id(artifact)) return error(errc::invalid_argument, "not an artifact id");
-  flock_guard g(impl_->lock_fd.get(), LOCK_SH);
+  store_lock g(impl_->dir, LOCK_SH);
   auto adir = impl_->artifact_dir(artifact);
   detail::unique_fd alock;
   if (std::filesystem::exists(adir)) {
@@ -725,6 +780,8 @@ result<gc_report> store::gc(const gc_options& options) {
     if (!valid_artifact_id(name)) continue;
     struct stat info {};
     if (::lstat(entry.path().c_str(), &info) != 0 || now_seconds() - info.st_mtime < 600) continue;
+    auto l = impl_->artifact_lock(name);
+    if (l && ::flock(l->get(), LOCK_EX | LOCK_NB) != 0) continue;  // someone is using it after all
     std::lock_guard lock(impl_->db_mutex);
     auto st = impl_->db.prepare("SELECT 1 FROM artifacts WHERE id = ?");
     if (!st) return std::move(st).error();
@@ -736,7 +793,7 @@ result<gc_report> store::gc(const gc_options& options) {
 }
 
 result<std::vector<scrub_failure>> store::scrub(const std::optional<std::string>& artifact) {
-  flock_guard g(impl_->lock_fd.get(), LOCK_SH);
+  store_lock g(impl_->dir, LOCK_SH);
   struct todo { std::string id; std::string hash_type; std::size_t piece; };
   std::vector<todo> work;
   {
@@ -784,7 +841,9 @@ result<std::vector<scrub_failure>> store::scrub(const std::optional<std::string>
     buf.resize(row.length);
     auto opened = impl_->open_piece(w.id, w.piece, buf);
     if (!opened) {
-      if (opened.error().code() == errc::io_error) return std::move(opened).error();
+      // Only a piece that is bad is a failure; a bad key or a failing disk stops the scrub.
+      auto code = opened.error().code();
+      if (code != errc::digest_mismatch && code != errc::model_mismatch) return std::move(opened).error();
       failures.push_back({w.id, row.file_name, w.piece, {row.offset, row.offset + row.length}, opened.error().detail()});
       continue;
     }
@@ -854,7 +913,7 @@ result<void> artifact_reader::read(std::size_t file, std::uint64_t offset, std::
   const auto& f = impl_->files[file];
   if (offset > f.size || out.size() > f.size - offset)
     return error(errc::invalid_argument, "read past the end of the file").with_path(f.name);
-  flock_guard g(impl_->s->lock_fd.get(), LOCK_SH);
+  store_lock g(impl_->s->dir, LOCK_SH);
   std::vector<std::byte> scratch;
   std::uint64_t end = offset + out.size();
   for (std::size_t k = f.first_piece; k < f.first_piece + f.pieces && offset < end; ++k) {
@@ -980,7 +1039,7 @@ result<void> store::rotate_key(const std::filesystem::path& dir, const node_key&
   auto opened = open_impl(dir, old_key, open_mode::rotation, &new_fp);
   if (!opened) return std::move(opened).error();
   auto& s = **opened;
-  flock_guard g(s.lock_fd.get(), LOCK_EX);
+  store_lock g(s.dir, LOCK_EX);
   auto old_version = s.key_version;
   std::uint32_t new_version = 0;
   {
@@ -993,6 +1052,12 @@ result<void> store::rotate_key(const std::filesystem::path& dir, const node_key&
     if (!row) return std::move(row).error();
     if (*row) {
       new_version = static_cast<std::uint32_t>(st->int64(0));
+      // Only a rotation to this key that was interrupted may be resumed; a retired key stays retired.
+      auto state = s.db.prepare("SELECT state FROM key_versions WHERE version = ?");
+      if (!state) return std::move(state).error();
+      state->bind(1, new_version);
+      if (auto r = state->step(); !r || !*r || state->text(0) != "pending")
+        return error(errc::invalid_argument, "the new key was retired by an earlier rotation: use a fresh key");
     } else {
       auto ins = s.db.prepare(
           "INSERT INTO key_versions(version, fingerprint, state) "
@@ -1013,9 +1078,7 @@ result<void> store::rotate_key(const std::filesystem::path& dir, const node_key&
     for (;;) {
       std::string id;
       std::int64_t idx = 0, version = 0, generation = 0;
-      std::uint64_t offset = 0;
-      std::size_t file = 0;
-      std::vector<std::byte> tag, ciphertext;
+      std::vector<std::byte> tag;
       {
         auto st = s.db.prepare(
             "SELECT j.artifact, j.idx, j.key_version, j.generation, j.tag, j.ciphertext, p.file, p.offset "
@@ -1029,16 +1092,14 @@ result<void> store::rotate_key(const std::filesystem::path& dir, const node_key&
         version = st->int64(2);
         generation = st->int64(3);
         tag.assign(st->blob(4).begin(), st->blob(4).end());
-        ciphertext.assign(st->blob(5).begin(), st->blob(5).end());
-        file = static_cast<std::size_t>(st->int64(6));
-        offset = static_cast<std::uint64_t>(st->int64(7));
+        // Written straight from SQLite's row: no second copy of the piece in memory.
+        auto path = s.data_file(id, static_cast<std::size_t>(st->int64(6)));
+        int raw = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (raw < 0) return detail::sys_error("cannot open", path, errno);
+        detail::unique_fd fd(raw);
+        if (auto r = pwrite_all(fd.get(), st->blob(5), static_cast<std::uint64_t>(st->int64(7)), path); !r) return r;
+        if (::fdatasync(fd.get()) != 0) return detail::sys_error("cannot sync", path, errno);
       }
-      auto path = s.data_file(id, file);
-      int raw = ::open(path.c_str(), O_WRONLY | O_CLOEXEC | O_NOFOLLOW);
-      if (raw < 0) return detail::sys_error("cannot open", path, errno);
-      detail::unique_fd fd(raw);
-      if (auto r = pwrite_all(fd.get(), ciphertext, offset, path); !r) return r;
-      if (::fdatasync(fd.get()) != 0) return detail::sys_error("cannot sync", path, errno);
       auto txn = transaction::begin(s.db);
       if (!txn) return std::move(txn).error();
       auto up = s.db.prepare(
@@ -1118,7 +1179,7 @@ result<void> store::rotate_key(const std::filesystem::path& dir, const node_key&
           "VALUES (?, ?, ?, ?, ?, ?)");
       if (!ins) return std::move(ins).error();
       ins->bind(1, id).bind(2, static_cast<std::int64_t>(idx)).bind(3, new_version)
-          .bind(4, static_cast<std::int64_t>(generation)).bind_blob(5, tag).bind_blob(6, sealed);
+          .bind(4, static_cast<std::int64_t>(generation)).bind_blob(5, tag).bind_blob_static(6, sealed);
       if (auto rr = ins->run(); !rr) return rr;
       if (auto rr = txn->commit(); !rr) return rr;
     }
@@ -1133,7 +1194,11 @@ result<void> store::rotate_key(const std::filesystem::path& dir, const node_key&
   if (!st) return std::move(st).error();
   st->bind(1, new_version).bind(2, new_version).bind(3, old_version);
   if (auto r = st->run(); !r) return r;
-  return txn->commit();
+  if (auto r = txn->commit(); !r) return r;
+  // The journal held whole pieces; give their pages back (best effort: another process may be
+  // holding a read transaction open).
+  (void)s.db.exec("VACUUM");
+  return {};
 }
 
 }  // namespace drun

@@ -932,3 +932,10 @@ def test_files_mode_bundle_is_refused(drun, drun_keys, store, tmp_path):
     pub = sign_model(drun, drun_keys, m, method="files")
     store.import_(m, pub).fails(2, "shards")
     assert store.ls() == []
+
+
+def test_missing_key_file_is_a_configuration_error(drun, tmp_path):
+    # Found by review: a key file that does not exist exited 3 (I/O) instead of 2.
+    r = drun("cache", "ls", "--store", tmp_path / "store", "--key-source", f"file:{tmp_path / 'absent.key'}")
+    r.fails(2, "node key")
+    assert not (tmp_path / "store").exists()

@@ -297,3 +297,51 @@ TEST_CASE("store: files manifests are refused") {
   REQUIRE(s);
   CHECK(test::error_of(s->add_artifact(*vm, bundle)).message().find("shards") != std::string::npos);
 }
+
+TEST_CASE("store: a process still holding a rotated-out key drops nothing") {
+  signed_model sm;
+  temp_dir sd;
+  auto stale = store::open(sd / "store", key_from_hex('c'));
+  REQUIRE(stale);
+  REQUIRE(import_model(*stale, *sm.vm, sm.bundle, sm.model()));
+  REQUIRE(store::rotate_key(sd / "store", key_from_hex('c'), key_from_hex('e')));
+  std::vector<std::byte> buf(65536);
+  auto r = stale->read_piece(sm.vm->artifact_id(), 1, buf);
+  CHECK(test::error_of(r).code() == errc::key_error);
+  CHECK(r.error().message().find("rotated since it was opened") != std::string::npos);
+  auto failures = stale->scrub();
+  CHECK(test::error_of(failures).code() == errc::key_error);
+  auto fresh = store::open(sd / "store", key_from_hex('e'));
+  REQUIRE(fresh);
+  auto all = fresh->list();
+  REQUIRE(all);
+  CHECK(all->front().stored_pieces == all->front().pieces);  // nothing was dropped
+  // A retired key cannot come back through another rotation.
+  auto back = store::rotate_key(sd / "store", key_from_hex('e'), key_from_hex('c'));
+  CHECK(test::error_of(back).message().find("retired") != std::string::npos);
+}
+
+TEST_CASE("store: a truncated or deleted data file is named, dropped and repaired") {
+  signed_model sm;
+  temp_dir sd;
+  auto s = store::open(sd / "store", key_from_hex('c'));
+  REQUIRE(s);
+  REQUIRE(import_model(*s, *sm.vm, sm.bundle, sm.model()));
+  auto data = sd / "store/artifacts" / sm.vm->artifact_id() / "data";
+  std::filesystem::resize_file(data / "0", 100000);  // big.bin keeps piece 0 only
+  std::filesystem::remove(data / "1");                // sub/small.txt is gone
+  auto failures = s->scrub();
+  REQUIRE(failures);
+  REQUIRE(failures->size() == 5);  // pieces 1..4 of big.bin, and small.txt
+  CHECK((*failures)[0].file == "big.bin");
+  CHECK((*failures)[0].reason.find("truncated") != std::string::npos);
+  CHECK(failures->back().file == "sub/small.txt");
+  CHECK(failures->back().reason.find("lost its data file") != std::string::npos);
+  auto repaired = import_model(*s, *sm.vm, sm.bundle, sm.model());
+  REQUIRE(repaired);
+  CHECK(repaired->stored == 5);
+  CHECK(s->scrub()->empty());
+  temp_dir out;
+  REQUIRE(s->materialize(sm.vm->artifact_id(), out / "x"));
+  CHECK(test::read_text(out / "x/big.bin") == sm.big);
+}
