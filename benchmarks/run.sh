@@ -87,11 +87,13 @@ best_fresh() {  # best_fresh DIR_TO_CLEAR command...: best of 3 wall times, DIR 
 import_cmd=("$drun" cache import "$work/model" --signature "$work/model.sig" --public-key "$work/key.pub"
             --store "$work/store" --key-source "file:$work/node.key" --threads 2)
 t_cp=$(best_fresh "$work/copy" cp -r "$work/model" "$work/copy")
+t_cp_sync=$(best_fresh "$work/copy" bash -c "cp -r '$work/model' '$work/copy' && sync")
 t_import=$(best_fresh "$work/store" "${import_cmd[@]}")
 rm -rf "$work/store"
 import_kib=$( { /usr/bin/time -f '%M' "${import_cmd[@]}" >/dev/null; } 2>&1 | tail -1)
 rm -rf "$work/store" "$work/copy"
 echo "cp -r (no fsync)            : ${t_cp} s"
+echo "cp -r && sync (durable)     : ${t_cp_sync} s"
 echo "openssl dgst -sha256        : ${t_openssl} s"
-echo "drun cache import           : ${t_import} s  ($(ratio "$t_import" "$t_cp")x cp, $(ratio "$t_import" "$t_openssl")x openssl dgst)"
+echo "drun cache import           : ${t_import} s  ($(ratio "$t_import" "$t_cp")x cp, $(ratio "$t_import" "$t_cp_sync")x cp+sync, $(ratio "$t_import" "$t_openssl")x openssl dgst)"
 echo "drun cache import peak RSS  : $((import_kib / 1024)) MiB"
