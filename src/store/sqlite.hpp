@@ -52,6 +52,16 @@ class statement {
   result<bool> step();
   // Steps to completion (for statements that return no rows).
   result<void> run();
+  // Calls on_row() for every row, with this statement positioned on it.
+  template <class F>
+  result<void> each(F&& on_row) {
+    for (;;) {
+      auto row = step();
+      if (!row) return std::move(row).error();
+      if (!*row) return {};
+      on_row();
+    }
+  }
   void reset();
 
   std::int64_t int64(int col) const;

@@ -592,14 +592,12 @@ result<std::vector<bool>> store::stored_pieces(const std::string& artifact) {
   if (!st) return std::move(st).error();
   st->bind(1, artifact);
   std::vector<bool> out;
-  for (;;) {
-    auto row = st->step();
-    if (!row) return std::move(row).error();
-    if (!*row) break;
+  auto rows = st->each([&] {
     auto idx = static_cast<std::size_t>(st->int64(0));
     if (out.size() <= idx) out.resize(idx + 1);
     out[idx] = st->int64(1) == state_stored;
-  }
+  });
+  if (!rows) return std::move(rows).error();
   return out;
 }
 
@@ -619,12 +617,10 @@ result<std::string> store::resolve(std::string_view prefix) {
   if (!st) return std::move(st).error();
   st->bind(1, static_cast<std::int64_t>(lower.size())).bind(2, lower);
   std::vector<std::string> ids;
-  for (;;) {
-    auto row = st->step();
-    if (!row) return std::move(row).error();
-    if (!*row) break;
+  auto rows = st->each([&] {
     ids.push_back(st->text(0));
-  }
+  });
+  if (!rows) return std::move(rows).error();
   if (ids.empty()) return error(errc::invalid_argument, fmt::format("no artifact {} in the store", lower));
   if (ids.size() > 1) return error(errc::invalid_argument, fmt::format("{} artifacts start with {}", ids.size(), lower));
   return ids[0];
@@ -639,14 +635,12 @@ result<std::vector<artifact_summary>> store::list() {
       "FROM artifacts a ORDER BY a.last_access DESC, a.id");
   if (!st) return std::move(st).error();
   std::vector<artifact_summary> out;
-  for (;;) {
-    auto row = st->step();
-    if (!row) return std::move(row).error();
-    if (!*row) break;
+  auto rows = st->each([&] {
     out.push_back({st->text(0), st->text(1), static_cast<std::uint64_t>(st->int64(2)),
                    static_cast<std::size_t>(st->int64(5)), static_cast<std::size_t>(st->int64(6)), st->int64(3) != 0,
                    st->int64(4)});
-  }
+  });
+  if (!rows) return std::move(rows).error();
   return out;
 }
 
@@ -670,23 +664,19 @@ result<artifact_details> store::show(const std::string& artifact) {
       "FROM files f WHERE f.artifact = ? ORDER BY f.idx");
   if (!st) return std::move(st).error();
   st->bind(1, artifact);
-  for (;;) {
-    auto row = st->step();
-    if (!row) return std::move(row).error();
-    if (!*row) break;
+  auto rows = st->each([&] {
     d.files.push_back({st->text(1), static_cast<std::uint64_t>(st->int64(2)),
                        st->is_null(3) ? 0 : static_cast<std::size_t>(st->int64(3)),
                        static_cast<std::size_t>(st->int64(4)), static_cast<std::size_t>(st->int64(5))});
-  }
+  });
+  if (!rows) return std::move(rows).error();
   auto kv = impl_->db.prepare("SELECT DISTINCT key_version FROM pieces WHERE artifact = ? AND state = 2 ORDER BY 1");
   if (!kv) return std::move(kv).error();
   kv->bind(1, artifact);
-  for (;;) {
-    auto row = kv->step();
-    if (!row) return std::move(row).error();
-    if (!*row) break;
+  auto versions = kv->each([&] {
     d.key_versions.push_back(static_cast<std::uint32_t>(kv->int64(0)));
-  }
+  });
+  if (!versions) return std::move(versions).error();
   return d;
 }
 
@@ -803,12 +793,10 @@ result<std::vector<scrub_failure>> store::scrub(const std::optional<std::string>
         "WHERE p.state = 2 AND (? IS NULL OR p.artifact = ?) ORDER BY p.artifact, p.idx");
     if (!st) return std::move(st).error();
     if (artifact) st->bind(1, *artifact).bind(2, *artifact);
-    for (;;) {
-      auto row = st->step();
-      if (!row) return std::move(row).error();
-      if (!*row) break;
+    auto rows = st->each([&] {
       work.push_back({st->text(0), st->text(1), static_cast<std::size_t>(st->int64(2))});
-    }
+    });
+    if (!rows) return std::move(rows).error();
   }
   std::vector<scrub_failure> failures;
   std::vector<std::byte> buf;
@@ -896,13 +884,11 @@ result<artifact_reader> store::open_artifact(const std::string& artifact) {
     auto st = impl_->db.prepare("SELECT idx, offset, length FROM pieces WHERE artifact = ? ORDER BY idx");
     if (!st) return std::move(st).error();
     st->bind(1, artifact);
-    for (;;) {
-      auto row = st->step();
-      if (!row) return std::move(row).error();
-      if (!*row) break;
+    auto rows = st->each([&] {
       auto off = static_cast<std::uint64_t>(st->int64(1));
       p->piece_ranges.push_back({off, off + static_cast<std::uint64_t>(st->int64(2))});
-    }
+    });
+    if (!rows) return std::move(rows).error();
   }
   if (auto r = impl_->touch(artifact); !r) return std::move(r).error();
   return artifact_reader(std::move(p));
