@@ -73,6 +73,9 @@ struct gc_report {
 
 class store;
 
+// Fills chunk with a piece's bytes starting at offset (relative to the piece).
+using piece_source = std::function<result<void>(std::span<std::byte> chunk, std::uint64_t offset)>;
+
 // Random access to an artifact's verified plaintext, by file and offset: what a model loader
 // needs. While one is open, no other process can remove the artifact.
 class DRUN_API artifact_reader {
@@ -120,6 +123,11 @@ class DRUN_API store {
   // Seals and stores a verified piece of a registered artifact. Returns false when it was already
   // stored (nothing is rewritten). The index marks it stored only after its bytes are durable.
   result<bool> put_piece(const verified_manifest& m, const verified_piece& piece);
+  // Seals piece `index` of a registered artifact from `source`, which fills each chunk with the
+  // piece's bytes at the given offset within the piece. The bytes are checked against the signed
+  // digest on the way through, and the piece is marked stored only if they match
+  // (digest_mismatch otherwise). Memory is two 1 MiB buffers whatever the piece size.
+  result<bool> put_piece_streamed(const verified_manifest& m, std::size_t index, const piece_source& source);
   // Which pieces of an artifact are stored, by piece index.
   result<std::vector<bool>> stored_pieces(const std::string& artifact);
   // Decrypts a stored piece into out (out.size() must be the piece's size); see artifact_reader.
@@ -155,10 +163,10 @@ struct import_report {
   std::size_t failed = 0;           // pieces whose bytes did not match the signed digest
 };
 
-// Brings a local copy of a verified artifact into the store: registers it, then reads, checks and
-// seals every piece not yet stored, on `threads` threads (0: one per core) with at most ~96 MiB of
-// pieces in flight whatever the model size. Pieces that verify are kept even when others fail;
-// the first failure is returned as the error (digest_mismatch naming file and byte range).
+// Brings a local copy of a verified artifact into the store: registers it, then streams, checks
+// and seals every piece not yet stored, on `threads` threads (0: one per core), each holding two
+// 1 MiB buffers whatever the model or piece size. Pieces that verify are kept even when others
+// fail; the first failure is returned as the error (naming file and byte range).
 DRUN_API result<import_report> import_model(store& s, const verified_manifest& m, std::string_view bundle_json,
                                             const std::filesystem::path& model, unsigned threads = 0,
                                             const progress_callback& progress = {});

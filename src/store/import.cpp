@@ -6,17 +6,12 @@
 #include "detail/thread_pool.hpp"
 
 #include <fmt/format.h>
-#include <sodium.h>
 
 #include <algorithm>
 #include <atomic>
 #include <mutex>
 
 namespace drun {
-
-namespace {
-constexpr std::uint64_t in_flight_budget = std::uint64_t{96} << 20;
-}
 
 result<import_report> import_model(store& s, const verified_manifest& m, std::string_view bundle_json,
                                    const std::filesystem::path& model, unsigned threads,
@@ -35,63 +30,55 @@ result<import_report> import_model(store& s, const verified_manifest& m, std::st
       total += m.pieces()[i].range->size();
     }
   }
-  // Memory is one piece buffer per thread: bound the threads by the in-flight budget.
+  // Pieces are streamed: each thread holds two 1 MiB buffers, whatever the piece size.
   unsigned workers = detail::worker_count(threads, todo.size());
-  auto fit = static_cast<unsigned>(std::max<std::uint64_t>(1, in_flight_budget / std::max<std::uint64_t>(1, m.shard_size())));
-  workers = std::min(workers, fit);
-
-  std::vector<std::vector<std::byte>> buffers(workers);
   std::mutex mutex;
   std::optional<error> first_failure, fatal;
   std::size_t first_failure_piece = SIZE_MAX;
   std::atomic<std::size_t> sealed{0}, failed{0};
   std::atomic<std::uint64_t> done{0};
-  detail::parallel_for(todo.size(), workers, [&](std::size_t t, unsigned w) {
+  detail::parallel_for(todo.size(), workers, [&](std::size_t t, unsigned) {
     std::size_t index = todo[t];
     const auto& piece = m.pieces()[index];
     const auto& file = m.files()[piece.file];
     auto path = file.name == "." ? model : model / file.name;
-    auto& buf = buffers[w];
-    buf.resize(piece.range->size());
     auto stop = [&](error e) {
       std::lock_guard lock(mutex);
       if (!fatal) fatal = std::move(e);
       return false;
     };
+    auto failure = [&](error e) {
+      failed.fetch_add(1);
+      std::lock_guard lock(mutex);
+      if (index < first_failure_piece) {
+        first_failure_piece = index;
+        first_failure = std::move(e);
+      }
+      return true;
+    };
     auto fd = detail::open_read(path, m.allow_symlinks());
     if (!fd) return stop(std::move(fd).error());
-    if (auto r = detail::pread_exact(fd->get(), buf, piece.range->begin, path); !r) {
-      // A file shorter than signed is a model that does not match, not an I/O failure.
-      auto e = std::move(r).error();
-      if (e.sys_errno() != 0) return stop(std::move(e));
-      failed.fetch_add(1);
-      std::lock_guard lock(mutex);
-      if (index < first_failure_piece) {
-        first_failure_piece = index;
-        first_failure = error(errc::model_mismatch, "the file is shorter than signed")
-                            .with_path(file.name)
-                            .with_range(piece.range->begin, piece.range->end);
-      }
-      return true;
+    bool short_file = false;
+    auto put = s.put_piece_streamed(m, index, [&](std::span<std::byte> chunk, std::uint64_t offset) -> result<void> {
+      auto r = detail::pread_exact(fd->get(), chunk, piece.range->begin + offset, path);
+      if (!r && r.error().sys_errno() == 0) short_file = true;
+      return r;
+    });
+    if (!put) {
+      // A file shorter than signed, or bytes that differ from the signature: the model does not
+      // match. Anything else (the store, the disk) stops the import.
+      if (short_file)
+        return failure(error(errc::model_mismatch, "the file is shorter than signed")
+                           .with_path(file.name)
+                           .with_range(piece.range->begin, piece.range->end));
+      if (put.error().code() == errc::digest_mismatch) return failure(std::move(put).error());
+      return stop(std::move(put).error());
     }
-    auto verified = m.check_piece(index, buf);
-    if (!verified) {
-      failed.fetch_add(1);
-      std::lock_guard lock(mutex);
-      if (index < first_failure_piece) {
-        first_failure_piece = index;
-        first_failure = verified.error();
-      }
-      return true;
-    }
-    auto put = s.put_piece(m, *verified);
-    if (!put) return stop(std::move(put).error());
     if (*put) sealed.fetch_add(1);
-    std::uint64_t now = done.fetch_add(buf.size()) + buf.size();
+    std::uint64_t now = done.fetch_add(piece.range->size()) + piece.range->size();
     if (progress) progress(now, total);
     return true;
   });
-  for (auto& b : buffers) sodium_memzero(b.data(), b.size());
   if (fatal) return std::move(*fatal);
   report.stored = sealed.load();
   report.failed = failed.load();

@@ -26,6 +26,7 @@
 #include <ctime>
 #include <dirent.h>
 #include <fcntl.h>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <sys/file.h>
@@ -257,7 +258,11 @@ struct store::impl {
   }
 
   // Decrypts one piece into out, checking the tag before returning; drops it on failure.
-  result<void> open_piece(const std::string& id, std::size_t piece, std::span<std::byte> out) {
+  // With a sink, out is a scratch buffer of any size: each decrypted chunk goes to the sink
+  // (whose output must stay unreleased until this returns success).
+  using chunk_sink = std::function<result<void>(std::span<const std::byte> plain, std::uint64_t offset)>;
+  result<void> open_piece(const std::string& id, std::size_t piece, std::span<std::byte> out,
+                          const chunk_sink& sink = {}) {
     piece_row row;
     {
       std::lock_guard lock(db_mutex);
@@ -270,7 +275,7 @@ struct store::impl {
                    fmt::format("piece {} is not in the store (import or fetch the artifact again)", piece))
           .with_path(row.file_name)
           .with_range(row.offset, row.offset + row.length);
-    if (out.size() != row.length)
+    if (sink ? out.empty() : out.size() != row.length)
       return error(errc::invalid_argument, fmt::format("buffer of {} bytes for a piece of {}", out.size(), row.length));
     if (row.key_version != key_version) {
       std::lock_guard lock(db_mutex);
@@ -300,14 +305,21 @@ struct store::impl {
     store_detail::piece_address where{raw_id(id), static_cast<std::uint32_t>(row.file), piece, row.key_version,
                                       row.generation};
     store_detail::gcm gcm(store_detail::gcm::mode::open, **dk, where);
-    for (std::uint64_t off = 0; off < row.length; off += io_chunk) {
-      auto chunk = out.subspan(off, std::min<std::uint64_t>(io_chunk, row.length - off));
+    const std::uint64_t step = sink ? std::min<std::uint64_t>(io_chunk, out.size()) : io_chunk;
+    for (std::uint64_t off = 0; off < row.length; off += step) {
+      auto n = std::min<std::uint64_t>(step, row.length - off);
+      auto chunk = sink ? out.first(n) : out.subspan(off, n);
       if (auto r = detail::pread_exact(fd->get(), chunk, row.offset + off, path); !r) {
         if (r.error().sys_errno() == 0) return drop(errc::model_mismatch, "lies past the end of its truncated data file");
         sodium_memzero(out.data(), out.size());
         return r;
       }
       gcm.update(chunk, chunk);
+      if (sink)
+        if (auto r = sink(chunk, off); !r) {
+          sodium_memzero(out.data(), out.size());
+          return r;
+        }
     }
     if (!gcm.open_check(row.tag))
       return drop(errc::digest_mismatch, "failed its authentication tag (corrupted, moved or replayed on disk)");
@@ -525,65 +537,102 @@ result<void> store::add_artifact(const verified_manifest& m, std::string_view bu
   return {};
 }
 
-result<bool> store::put_piece(const verified_manifest& m, const verified_piece& piece) {
-  store_lock g(impl_->dir, LOCK_SH);
+// Seals one piece from `source` into its place. With check_digest, the plaintext is hashed on the
+// way through and the piece is marked stored only if it matches its signed digest; otherwise the
+// caller already holds verified bytes. Either way the index says "stored" only after fdatasync.
+static result<bool> write_piece(store::impl& s, const verified_manifest& m, std::size_t index,
+                                const piece_source& source, bool check_digest) {
+  store_lock g(s.dir, LOCK_SH);
   const std::string& id = m.artifact_id();
-  auto alock = impl_->artifact_lock(id);
+  if (index >= m.pieces().size() || !m.pieces()[index].range)
+    return error(errc::invalid_argument, fmt::format("piece {} does not exist", index));
+  const auto& mp = m.pieces()[index];
+  const auto range = *mp.range;
+  const auto& name = m.files()[mp.file].name;
+  auto alock = s.artifact_lock(id);
   if (!alock) return std::move(alock).error();
   flock_guard ga(alock->get(), LOCK_SH);  // remove() waits for writers too
-  auto path = impl_->data_file(id, piece.file());
+  auto path = s.data_file(id, mp.file);
   // O_CREAT: a data file deleted behind the store's back is recreated, and its pieces refilled.
   int raw = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (raw < 0) return detail::sys_error("cannot open", path, errno);
   detail::unique_fd fd(raw);
-  auto range = piece.range();
   // Another process writing the same piece holds this range; wait, then see whether it finished.
   if (auto r = range_lock(fd.get(), F_WRLCK, range.begin, range.size()); !r) return std::move(r).error();
-
   {
-    std::lock_guard lock(impl_->db_mutex);
-    if (auto r = impl_->check_key_current(); !r) return std::move(r).error();
-    auto row = impl_->load_piece(id, piece.index());
+    std::lock_guard lock(s.db_mutex);
+    if (auto r = s.check_key_current(); !r) return std::move(r).error();
+    auto row = s.load_piece(id, index);
     if (!row) return std::move(row).error();
     if (row->state == state_stored) return false;
   }
   // A fresh generation for every write, from a block recorded durably before any byte is written:
   // a nonce is never used twice, even when a writer dies after writing and a new one starts over.
-  auto gen = impl_->take_generation();
+  auto gen = s.take_generation();
   if (!gen) return std::move(gen).error();
   std::uint64_t generation = *gen;
 
-  auto dk = impl_->data_key_for(id, *impl_->key);
+  auto dk = s.data_key_for(id, *s.key);
   if (!dk) return std::move(dk).error();
-  store_detail::piece_address where{raw_id(id), static_cast<std::uint32_t>(piece.file()), piece.index(),
-                                    impl_->key_version, generation};
-  store_detail::gcm gcm(store_detail::gcm::mode::seal, **dk, where);
-  std::vector<std::byte> buf(std::min<std::size_t>(io_chunk, piece.bytes().size()));
-  for (std::size_t off = 0; off < piece.bytes().size(); off += io_chunk) {
-    auto in = piece.bytes().subspan(off, std::min(io_chunk, piece.bytes().size() - off));
-    gcm.update(in, std::span(buf.data(), in.size()));
-    if (auto r = pwrite_all(fd.get(), std::span(buf.data(), in.size()), range.begin + off, path); !r)
+  store_detail::gcm gcm(store_detail::gcm::mode::seal, **dk,
+                        {raw_id(id), static_cast<std::uint32_t>(mp.file), index, s.key_version, generation});
+  hasher h(m.hash_type());
+  std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(io_chunk, range.size()));
+  std::vector<std::byte> plain(chunk), sealed(chunk);
+  auto wipe = [&] { sodium_memzero(plain.data(), plain.size()); };
+  for (std::uint64_t off = 0; off < range.size(); off += chunk) {
+    auto n = static_cast<std::size_t>(std::min<std::uint64_t>(chunk, range.size() - off));
+    auto in = std::span(plain.data(), n);
+    if (auto r = source(in, off); !r) {
+      wipe();
       return std::move(r).error();
+    }
+    if (check_digest) h.update(in);
+    gcm.update(in, std::span(sealed.data(), n));
+    if (auto r = pwrite_all(fd.get(), std::span(sealed.data(), n), range.begin + off, path); !r) {
+      wipe();
+      return std::move(r).error();
+    }
   }
+  wipe();
   auto tag = gcm.seal_tag();
+  // Bytes that do not match the signed digest were written, but are never marked stored.
+  if (check_digest && !(h.finish() == mp.expected))
+    return error(errc::digest_mismatch, fmt::format("{} digest mismatch", to_string(m.hash_type())))
+        .with_path(name)
+        .with_range(range.begin, range.end);
   // Durable bytes first, then the index says "stored".
   if (::fdatasync(fd.get()) != 0) return detail::sys_error("cannot sync", path, errno);
 
-  std::lock_guard lock(impl_->db_mutex);
-  auto txn = transaction::begin(impl_->db);
+  std::lock_guard lock(s.db_mutex);
+  auto txn = transaction::begin(s.db);
   if (!txn) return std::move(txn).error();
-  auto st = impl_->db.prepare(
+  auto st = s.db.prepare(
       "UPDATE pieces SET state = ?, tag = ?, generation = ?, key_version = ? WHERE artifact = ? AND idx = ?");
   if (!st) return std::move(st).error();
   st->bind(1, state_stored).bind_blob(2, tag).bind(3, static_cast<std::int64_t>(generation))
-      .bind(4, impl_->key_version).bind(5, id).bind(6, static_cast<std::int64_t>(piece.index()));
+      .bind(4, s.key_version).bind(5, id).bind(6, static_cast<std::int64_t>(index));
   if (auto r = st->run(); !r) return std::move(r).error();
-  auto touch = impl_->db.prepare("UPDATE artifacts SET last_access = ? WHERE id = ?");
+  auto touch = s.db.prepare("UPDATE artifacts SET last_access = ? WHERE id = ?");
   if (!touch) return std::move(touch).error();
   touch->bind(1, now_seconds()).bind(2, id);
   if (auto r = touch->run(); !r) return std::move(r).error();
   if (auto r = txn->commit(); !r) return std::move(r).error();
   return true;
+}
+
+result<bool> store::put_piece(const verified_manifest& m, const verified_piece& piece) {
+  auto bytes = piece.bytes();
+  return write_piece(*impl_, m, piece.index(),
+                     [&](std::span<std::byte> chunk, std::uint64_t offset) -> result<void> {
+                       std::copy_n(bytes.begin() + static_cast<std::ptrdiff_t>(offset), chunk.size(), chunk.begin());
+                       return {};
+                     },
+                     /*check_digest=*/false);
+}
+
+result<bool> store::put_piece_streamed(const verified_manifest& m, std::size_t index, const piece_source& source) {
+  return write_piece(*impl_, m, index, source, /*check_digest=*/true);
 }
 
 result<std::vector<bool>> store::stored_pieces(const std::string& artifact) {
@@ -826,8 +875,14 @@ result<std::vector<scrub_failure>> store::scrub(const std::optional<std::string>
       if (!r) return std::move(r).error();
       row = std::move(*r);
     }
-    buf.resize(row.length);
-    auto opened = impl_->open_piece(w.id, w.piece, buf);
+    // Streamed: the digest is computed chunk by chunk, so memory does not grow with the piece.
+    buf.resize(io_chunk);
+    auto alg = parse_hash_algorithm(w.hash_type).value_or(hash_algorithm::sha256);
+    hasher h(alg);
+    auto opened = impl_->open_piece(w.id, w.piece, buf, [&](std::span<const std::byte> plain, std::uint64_t) {
+      h.update(plain);
+      return result<void>();
+    });
     if (!opened) {
       // Only a piece that is bad is a failure; a bad key or a failing disk stops the scrub.
       auto code = opened.error().code();
@@ -836,8 +891,7 @@ result<std::vector<scrub_failure>> store::scrub(const std::optional<std::string>
       continue;
     }
     // The tag says the bytes are what this store wrote; the digest says they are what was signed.
-    auto alg = parse_hash_algorithm(w.hash_type).value_or(hash_algorithm::sha256);
-    if (!digest_equal(hash(alg, buf).bytes(), row.digest)) {
+    if (!digest_equal(h.finish().bytes(), row.digest)) {
       std::lock_guard lock(impl_->db_mutex);
       auto txn = transaction::begin(impl_->db);
       if (txn && impl_->set_piece_state(w.id, w.piece, state_stored, state_missing, row.generation)) (void)txn->commit();
@@ -997,11 +1051,16 @@ result<void> store::materialize(const std::string& artifact, const std::filesyst
                        0644);
     if (ofd < 0) return fail(detail::sys_error("cannot create", dest / name, errno));
     detail::unique_fd out(ofd);
+    // Each piece is decrypted chunk by chunk straight into the staging file; a piece whose tag
+    // fails at the end fails the export, and the staging directory goes with it.
+    buf.resize(io_chunk);
     for (std::size_t k = f.first_piece; k < f.first_piece + f.pieces; ++k) {
       auto range = reader->impl_->piece_ranges[k];
-      buf.resize(range.size());
-      if (auto r = reader->read(fi, range.begin, buf); !r) return fail(std::move(r).error());
-      if (auto r = pwrite_all(out.get(), buf, range.begin, dest / name); !r) return fail(std::move(r).error());
+      auto write = [&](std::span<const std::byte> plain, std::uint64_t offset) {
+        return pwrite_all(out.get(), plain, range.begin + offset, dest / name);
+      };
+      store_lock g(impl_->dir, LOCK_SH);
+      if (auto r = impl_->open_piece(artifact, k, buf, write); !r) return fail(std::move(r).error());
     }
     if (::fsync(out.get()) != 0) return fail(detail::sys_error("cannot sync", dest / name, errno));
     auto top = name.substr(0, name.find('/'));
