@@ -111,7 +111,7 @@ inline int exit_status(drun::errc c) {
     case drun::errc::key_error:
     case drun::errc::unsafe_entry: return exit_usage;
     case drun::errc::io_error:
-    case drun::errc::not_found: return exit_io;
+    case drun::errc::not_found: return exit_io;  // includes network and source failures
     default: return exit_integrity;
   }
 }
@@ -199,7 +199,8 @@ inline drun::result<drun::trust_store> trust_from_args(const parsed_args& args) 
   return drun::trust_store::from_ca_bundle(*args.get("ca-bundle"), policy);
 }
 
-// Entry point of `drun cache ...` (cli/cache.cpp).
+// Entry points of `drun cache ...` (cli/cache.cpp) and `drun fetch` (cli/fetch.cpp).
 int cmd_cache(int argc, char** argv);
+int cmd_fetch(int argc, char** argv);
 
 }  // namespace drun::cli

@@ -171,6 +171,9 @@ void print_usage(std::FILE* to) {
              "  verify   PATH [--signature SIG] (--public-key PEM | --ca-bundle PEM [--certificate-time now|not-before])\n"
              "           [--ignore REL]... [--ignore-unsigned-files] [--threads N]\n"
              "  manifest SIG [--json]      what a bundle covers (NOT verified)\n\n"
+             "  fetch    --signature URL|FILE (--public-key PEM | --ca-bundle PEM) --origin URL...\n"
+             "           --store DIR --key-source SPEC [--out DIR] [--connections N] [--ca-cert PEM]\n"
+             "           [--tls-min 1.2|1.3] [--proxy URL] [--attempts N] [--insecure]\n"
              "  cache keygen --out FILE    a new node key for an encrypted store\n"
              "  cache import PATH [--signature SIG] (--public-key PEM | --ca-bundle PEM) [--threads N]\n"
              "  cache export ARTIFACT DEST | ls [--json] | show ARTIFACT [--json] | verify [ARTIFACT]\n"
@@ -194,6 +197,7 @@ int main(int argc, char** argv) {
     if (command == "verify") return cmd_verify(argc, argv);
     if (command == "manifest") return cmd_manifest(argc, argv);
     if (command == "cache") return drun::cli::cmd_cache(argc, argv);
+    if (command == "fetch") return drun::cli::cmd_fetch(argc, argv);
     if (command == "help" || command == "--help" || command == "-h") {
       print_usage(stdout);
       return exit_ok;

@@ -9,6 +9,8 @@ packages=(
   libsodium-dev                    # Ed25519, BLAKE2b, guarded memory for secrets
   libfmt-dev                       # formatting
   libsqlite3-dev                   # the store's metadata index (WAL)
+  libcurl4-openssl-dev             # HTTP(S) origins
+  nginx-light                      # a real origin for the fetch tests (started by the tests)
   nlohmann-json3-dev               # JSON (strict parsing layered on top, see src/detail/json.cpp)
   doctest-dev                      # unit tests
   openssl                          # the CLI: benchmark baseline and interop checks

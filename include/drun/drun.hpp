@@ -2,12 +2,14 @@
 #pragma once
 
 #include <drun/error.hpp>
+#include <drun/fetch.hpp>
 #include <drun/hash.hpp>
 #include <drun/keys.hpp>
 #include <drun/manifest.hpp>
 #include <drun/node_key.hpp>
 #include <drun/piece.hpp>
 #include <drun/sign.hpp>
+#include <drun/source.hpp>
 #include <drun/store.hpp>
 #include <drun/trust.hpp>
 #include <drun/verify.hpp>

@@ -1,0 +1,79 @@
+// `drun fetch`: bring a signed model from its origins into the encrypted store, verifying every
+// piece, and optionally materialize it.
+#include "common.hpp"
+
+namespace drun::cli {
+
+int cmd_fetch(int argc, char** argv) {
+  auto args = parse_args(argc, argv, 2,
+                         {{"signature", true}, {"public-key", true}, {"ca-bundle", true}, {"certificate-time", true},
+                          {"origin", true, true}, {"store", true}, {"key-source", true}, {"out", true},
+                          {"connections", true}, {"ca-cert", true}, {"tls-min", true}, {"insecure", false},
+                          {"proxy", true}, {"attempts", true}});
+  if (!args.positional.empty()) throw usage_error{"fetch takes no positional arguments"};
+  auto sig = args.get("signature");
+  auto origins = args.all("origin");
+  if (!sig) throw usage_error{"--signature URL|FILE is required"};
+  if (origins.empty()) throw usage_error{"at least one --origin URL is required"};
+  if (!args.has("store") || !args.has("key-source")) throw usage_error{"--store DIR and --key-source SPEC are required"};
+
+  drun::source_options so;
+  so.ca_file = args.get("ca-cert").value_or("");
+  so.proxy = args.get("proxy").value_or("");
+  if (auto t = args.get("tls-min")) {
+    if (*t == "1.2") so.allow_tls12 = true;
+    else if (*t != "1.3") throw usage_error{"--tls-min must be 1.2 or 1.3"};
+  }
+  so.insecure = args.has("insecure");
+  if (so.insecure)
+    fmt::print(stderr, "drun fetch: WARNING: --insecure: TLS certificates are NOT verified for this fetch\n");
+  drun::fetch_options fo;
+  if (auto c = args.get("connections")) {
+    auto n = parse_size(*c, "--connections");
+    if (n == 0 || n > 256) throw usage_error{"--connections must be between 1 and 256"};
+    fo.connections = static_cast<unsigned>(n);
+  }
+
+  if (auto a = args.get("attempts")) {
+    auto n = parse_size(*a, "--attempts");
+    if (n == 0 || n > 100) throw usage_error{"--attempts must be between 1 and 100"};
+    fo.attempts_per_piece = static_cast<unsigned>(n);
+  }
+
+  auto trust = trust_from_args(args);
+  if (!trust) return fail("fetch", trust.error());
+  // The bundle first: nothing is downloaded for a model whose signature does not check out.
+  bool remote = sig->rfind("http://", 0) == 0 || sig->rfind("https://", 0) == 0;
+  auto text = remote ? drun::fetch_document(*sig, drun::max_bundle_size, so) : drun::read_bundle_file(*sig);
+  if (!text) return fail("fetch", text.error());
+  auto vm = drun::verify_bundle(*text, *trust);
+  if (!vm) return fail("fetch", std::move(vm).error().with_path(*sig));
+
+  std::vector<std::unique_ptr<drun::source>> sources;
+  for (const auto& o : origins) {
+    auto src = drun::make_source(o, so);
+    if (!src) return fail("fetch", src.error());
+    sources.push_back(std::move(src).value());
+  }
+  auto key = drun::node_key::from_source(*args.get("key-source"));
+  if (!key) return fail("fetch", key.error());
+  auto st = drun::store::open(*args.get("store"), std::move(key).value());
+  if (!st) return fail("fetch", st.error());
+
+  auto start = std::chrono::steady_clock::now();
+  progress_line progress("fetching");
+  fo.progress = progress.callback();
+  auto report = drun::fetch(*st, *vm, *text, sources, fo);
+  if (!report) return fail("fetch", report.error());
+  if (auto out = args.get("out"))
+    if (auto r = st->materialize(vm->artifact_id(), *out); !r) return fail("fetch", r.error());
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  fmt::print("fetched {}: {} pieces ({} already stored), {:.1f} MiB in {:.2f} s ({:.0f} MiB/s)\n", vm->artifact_id(),
+             report->fetched, report->already_stored, static_cast<double>(report->bytes) / 1048576.0, secs,
+             static_cast<double>(report->bytes) / 1048576.0 / std::max(secs, 1e-6));
+  for (const auto& t : report->sources)
+    fmt::print("  {}: {} pieces, {} rejected, {} errors\n", t.source, t.pieces, t.rejected, t.errors);
+  return exit_ok;
+}
+
+}  // namespace drun::cli

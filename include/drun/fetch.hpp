@@ -1,0 +1,53 @@
+// The fetch session: bring every missing piece of a verified artifact from its sources into the
+// store. Each piece is checked against the signed manifest before it is sealed; a piece that
+// fails is charged to the source that sent it and tried again elsewhere or later.
+#pragma once
+
+#include <drun/config.hpp>
+#include <drun/error.hpp>
+#include <drun/manifest.hpp>
+#include <drun/source.hpp>
+#include <drun/store.hpp>
+#include <drun/verify.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace drun {
+
+struct fetch_options {
+  unsigned connections = 8;                            // pieces in flight
+  unsigned attempts_per_piece = 6;                     // across all sources
+  std::chrono::milliseconds first_backoff{100};        // doubled per attempt, with jitter
+  std::uint64_t memory_budget = std::uint64_t{192} << 20;  // piece buffers, whatever the model size
+  progress_callback progress;                          // bytes fetched so far, bytes to fetch
+  const std::atomic<bool>* cancel = nullptr;           // set from another thread to stop
+};
+
+struct source_tally {
+  std::string source;
+  std::size_t pieces = 0;      // delivered intact
+  std::uint64_t bytes = 0;
+  std::size_t rejected = 0;    // delivered bytes that did not match the signed digest
+  std::size_t errors = 0;      // network or HTTP failures
+};
+
+struct fetch_report {
+  std::size_t fetched = 0;
+  std::size_t already_stored = 0;
+  std::uint64_t bytes = 0;
+  std::vector<source_tally> sources;
+};
+
+// Blocks until every piece is stored, a piece has exhausted its attempts, or cancel is set.
+// Errors: digest_mismatch (a piece no source delivered intact: exit 1), io_error (sources kept
+// failing: exit 3), invalid_argument (cancelled, or no sources), and the store's errors.
+DRUN_API result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_view bundle_json,
+                                    const std::vector<std::unique_ptr<source>>& sources,
+                                    const fetch_options& options = {});
+
+}  // namespace drun

@@ -1,0 +1,51 @@
+// Sources: where piece bytes come from. An origin serves a model's files under a base URL, as a
+// model hub does (BASE/config.json, BASE/model-00001-of-00002.safetensors, ...); a single-file
+// model is the base URL itself. Sources only move bytes: nothing they send is trusted until it
+// matches the signed manifest (fetch.hpp checks every piece).
+#pragma once
+
+#include <drun/config.hpp>
+#include <drun/error.hpp>
+#include <drun/piece.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+
+namespace drun {
+
+struct source_options {
+  std::string ca_file;         // extra trusted roots (PEM) for HTTPS, besides the system's
+  bool allow_tls12 = false;    // TLS 1.3 is the minimum unless this steps down to 1.2
+  // WARNING: turns off certificate verification. Only for tests against throwaway origins; every
+  // fetch through such a source logs a warning.
+  bool insecure = false;
+  std::string proxy;           // http://host:port or https://host:port (forward proxy)
+  std::chrono::seconds connect_timeout{10};
+  std::chrono::seconds stall_timeout{30};  // a transfer with no bytes for this long is abandoned
+};
+
+// Thread safe: several fetch workers call fetch() at once (an HTTP source keeps a pool of
+// connections, reused across calls).
+class DRUN_API source {
+ public:
+  virtual ~source() = default;
+  // Names the source in reports and errors (its URL, without credentials).
+  virtual const std::string& name() const noexcept = 0;
+  // Reads bytes [range.begin, range.end) of the model file `file` (a manifest name, "." for a
+  // single-file model) into out, which has exactly range.size() bytes. Errors: io_error (network,
+  // HTTP status, short or oversized body, wrong Content-Range: retryable), not_found.
+  virtual result<void> fetch(const std::string& file, byte_range range, std::span<std::byte> out) = 0;
+};
+
+// http://, https:// or file:// (a local directory or file). Errors: invalid_argument.
+DRUN_API result<std::unique_ptr<source>> make_source(std::string_view url, const source_options& options = {});
+
+// Downloads a whole small document (a bundle), refusing more than max_size bytes.
+DRUN_API result<std::string> fetch_document(std::string_view url, std::size_t max_size,
+                                            const source_options& options = {});
+
+}  // namespace drun

@@ -1,0 +1,121 @@
+// The fetch session: parallel piece downloads, each checked against the signed manifest before
+// it is sealed, with retries across sources and bounded memory.
+#include <drun/fetch.hpp>
+
+#include "detail/thread_pool.hpp"
+
+#include <fmt/format.h>
+#include <sodium.h>
+
+#include <algorithm>
+#include <mutex>
+#include <random>
+#include <thread>
+
+namespace drun {
+
+result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_view bundle_json,
+                           const std::vector<std::unique_ptr<source>>& sources, const fetch_options& options) {
+  if (sources.empty()) return error(errc::invalid_argument, "no sources to fetch from");
+  if (auto r = s.add_artifact(m, bundle_json); !r) return std::move(r).error();
+  auto stored = s.stored_pieces(m.artifact_id());
+  if (!stored) return std::move(stored).error();
+
+  fetch_report report;
+  for (const auto& src : sources) report.sources.push_back({src->name()});
+  std::vector<std::size_t> todo;
+  std::uint64_t total = 0;
+  for (std::size_t i = 0; i < m.pieces().size(); ++i) {
+    if (i < stored->size() && (*stored)[i]) {
+      ++report.already_stored;
+    } else {
+      todo.push_back(i);
+      total += m.pieces()[i].range->size();
+    }
+  }
+  // One piece buffer per worker: the budget bounds memory whatever the model size.
+  std::uint64_t piece = std::max<std::uint64_t>(1, m.shard_size());
+  unsigned workers = std::max<unsigned>(1, std::min<unsigned>(options.connections,
+                                                               static_cast<unsigned>(options.memory_budget / piece)));
+  workers = detail::worker_count(workers, todo.size());
+
+  std::mutex mutex;
+  std::optional<error> fatal, failed_piece;
+  std::atomic<std::uint64_t> done{0};
+  std::atomic<std::size_t> fetched{0};
+  std::vector<std::vector<std::byte>> buffers(workers);
+  detail::parallel_for(todo.size(), workers, [&](std::size_t t, unsigned w) {
+    if (options.cancel && options.cancel->load()) {
+      std::lock_guard lock(mutex);
+      if (!fatal) fatal = error(errc::invalid_argument, "the fetch was cancelled");
+      return false;
+    }
+    std::size_t index = todo[t];
+    const auto& mp = m.pieces()[index];
+    const auto& name = m.files()[mp.file].name;
+    auto& buf = buffers[w];
+    buf.resize(mp.range->size());
+    std::mt19937_64 rng(index * 0x9e3779b97f4a7c15ull + w);
+    std::optional<error> last;
+    bool mismatch_seen = false;
+    auto backoff = options.first_backoff;
+    for (unsigned attempt = 0; attempt < options.attempts_per_piece; ++attempt) {
+      // Spread pieces over the sources, and move to the next source on every retry.
+      std::size_t k = (index + attempt) % sources.size();
+      auto got = sources[k]->fetch(name, *mp.range, buf);
+      if (got) {
+        auto verified = m.check_piece(index, buf);
+        if (verified) {
+          auto put = s.put_piece(m, *verified);
+          if (!put) {
+            std::lock_guard lock(mutex);
+            if (!fatal) fatal = std::move(put).error();
+            return false;
+          }
+          std::lock_guard lock(mutex);
+          report.sources[k].pieces += 1;
+          report.sources[k].bytes += buf.size();
+          fetched.fetch_add(1);
+          auto now = done.fetch_add(buf.size()) + buf.size();
+          if (options.progress) options.progress(now, total);
+          return true;
+        }
+        // Bytes that do not match the signature are charged to the source that sent them.
+        mismatch_seen = true;
+        std::lock_guard lock(mutex);
+        report.sources[k].rejected += 1;
+        last = error(errc::digest_mismatch, fmt::format("{} digest mismatch in what {} sent",
+                                                        to_string(m.hash_type()), sources[k]->name()))
+                   .with_path(name)
+                   .with_range(mp.range->begin, mp.range->end);
+      } else {
+        std::lock_guard lock(mutex);
+        report.sources[k].errors += 1;
+        last = std::move(got).error();
+      }
+      if ((options.cancel && options.cancel->load()) || attempt + 1 == options.attempts_per_piece) break;
+      // Exponential backoff with jitter, so retries from many workers do not arrive together.
+      auto jitter = std::chrono::milliseconds(rng() % static_cast<std::uint64_t>(backoff.count() + 1));
+      std::this_thread::sleep_for(backoff / 2 + jitter / 2);
+      backoff *= 2;
+    }
+    sodium_memzero(buf.data(), buf.size());
+    std::lock_guard lock(mutex);
+    if (!failed_piece || mismatch_seen) {
+      std::string detail = fmt::format("piece {} failed from every source after {} attempts: {}", index,
+                                       options.attempts_per_piece, last ? last->message() : "no attempt");
+      failed_piece = error(mismatch_seen ? errc::digest_mismatch : errc::io_error, std::move(detail))
+                         .with_path(name)
+                         .with_range(mp.range->begin, mp.range->end);
+    }
+    return true;  // other pieces go on: what verifies is kept for the next run
+  });
+  for (auto& b : buffers) sodium_memzero(b.data(), b.size());
+  if (fatal) return std::move(*fatal);
+  report.fetched = fetched.load();
+  report.bytes = done.load();
+  if (failed_piece) return std::move(*failed_piece);
+  return report;
+}
+
+}  // namespace drun
