@@ -2,6 +2,10 @@
 // piece, and optionally materialize it.
 #include "common.hpp"
 
+#include <sys/stat.h>
+
+#include <cerrno>
+
 namespace drun::cli {
 
 int cmd_fetch(int argc, char** argv) {
@@ -9,7 +13,8 @@ int cmd_fetch(int argc, char** argv) {
                          {{"signature", true}, {"public-key", true}, {"ca-bundle", true}, {"certificate-time", true},
                           {"origin", true, true}, {"store", true}, {"key-source", true}, {"out", true},
                           {"connections", true}, {"ca-cert", true}, {"tls-min", true}, {"insecure", false},
-                          {"proxy", true}, {"attempts", true}});
+                          {"proxy", true}, {"attempts", true}, {"header-file", true}, {"bearer-env", true},
+                          {"limit-rate", true}, {"stall-timeout", true}});
   if (!args.positional.empty()) throw usage_error{"fetch takes no positional arguments"};
   auto sig = args.get("signature");
   auto origins = args.all("origin");
@@ -25,6 +30,40 @@ int cmd_fetch(int argc, char** argv) {
     else if (*t != "1.3") throw usage_error{"--tls-min must be 1.2 or 1.3"};
   }
   so.insecure = args.has("insecure");
+  // Credentials never come from the visible command line: a file readable by its owner only, or
+  // an environment variable.
+  if (auto hf = args.get("header-file")) {
+    struct stat st {};
+    if (::stat(hf->c_str(), &st) != 0)
+      return fail("fetch", drun::error(drun::errc::key_error, "cannot read the header file").with_path(*hf).with_errno(errno));
+    if ((st.st_mode & 077) != 0)
+      return fail("fetch", drun::error(drun::errc::key_error, fmt::format("header file has permissions {:04o}: it "
+                                                                          "must be readable by its owner only",
+                                                                          st.st_mode & 07777))
+                               .with_path(*hf));
+    auto text = drun::read_bundle_file(*hf);
+    if (!text) return fail("fetch", std::move(text).error().with_code(drun::errc::key_error));
+    std::size_t start = 0;
+    while (start < text->size()) {
+      auto nl = text->find('\n', start);
+      auto line = text->substr(start, nl == std::string::npos ? std::string::npos : nl - start);
+      while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
+      if (!line.empty()) {
+        if (line.find(':') == std::string::npos)
+          return fail("fetch", drun::error(drun::errc::key_error, "a header line has no ':'").with_path(*hf));
+        so.headers.push_back(line);
+      }
+      if (nl == std::string::npos) break;
+      start = nl + 1;
+    }
+  }
+  if (auto env = args.get("bearer-env")) {
+    const char* token = std::getenv(env->c_str());
+    if (!token || !*token)
+      return fail("fetch", drun::error(drun::errc::key_error, fmt::format("environment variable {} is not set", *env)));
+    so.headers.push_back(std::string("Authorization: Bearer ") + token);
+  }
+  if (auto t = args.get("stall-timeout")) so.stall_timeout = std::chrono::seconds(parse_size(*t, "--stall-timeout"));
   if (so.insecure)
     fmt::print(stderr, "drun fetch: WARNING: --insecure: TLS certificates are NOT verified for this fetch\n");
   drun::fetch_options fo;
@@ -39,6 +78,8 @@ int cmd_fetch(int argc, char** argv) {
     if (n == 0 || n > 100) throw usage_error{"--attempts must be between 1 and 100"};
     fo.attempts_per_piece = static_cast<unsigned>(n);
   }
+
+  if (auto l = args.get("limit-rate")) fo.max_bytes_per_second = std::max<std::uint64_t>(1, parse_size(*l, "--limit-rate"));
 
   auto trust = trust_from_args(args);
   if (!trust) return fail("fetch", trust.error());

@@ -11,6 +11,7 @@ packages=(
   libsqlite3-dev                   # the store's metadata index (WAL)
   libcurl4-openssl-dev             # HTTP(S) origins
   nginx-light                      # a real origin for the fetch tests (started by the tests)
+  tinyproxy                        # a real forward proxy for the fetch tests
   nlohmann-json3-dev               # JSON (strict parsing layered on top, see src/detail/json.cpp)
   doctest-dev                      # unit tests
   openssl                          # the CLI: benchmark baseline and interop checks

@@ -24,6 +24,7 @@ struct fetch_options {
   unsigned attempts_per_piece = 6;                     // across all sources
   std::chrono::milliseconds first_backoff{100};        // doubled per attempt, with jitter
   std::uint64_t memory_budget = std::uint64_t{192} << 20;  // piece buffers, whatever the model size
+  std::uint64_t max_bytes_per_second = 0;              // for the whole fetch; 0: unlimited
   progress_callback progress;                          // bytes fetched so far, bytes to fetch
   const std::atomic<bool>* cancel = nullptr;           // set from another thread to stop
 };

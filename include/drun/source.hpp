@@ -10,10 +10,12 @@
 
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace drun {
 
@@ -24,6 +26,9 @@ struct source_options {
   // fetch through such a source logs a warning.
   bool insecure = false;
   std::string proxy;           // http://host:port or https://host:port (forward proxy)
+  // Request headers, typically credentials ("Authorization: Bearer ..."). Sent only to the
+  // origin itself: a redirect to another scheme, host or port never carries them. Never logged.
+  std::vector<std::string> headers;
   std::chrono::seconds connect_timeout{10};
   std::chrono::seconds stall_timeout{30};  // a transfer with no bytes for this long is abandoned
 };

@@ -44,6 +44,17 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
   std::atomic<std::uint64_t> done{0};
   std::atomic<std::size_t> fetched{0};
   std::vector<std::vector<std::byte>> buffers(workers);
+  // Bandwidth limit: the session may have received at most rate * elapsed bytes; a worker that is
+  // ahead sleeps until the bytes it holds are due.
+  const auto start = std::chrono::steady_clock::now();
+  std::atomic<std::uint64_t> received{0};
+  auto pace = [&](std::uint64_t n) {
+    if (!options.max_bytes_per_second) return;
+    auto total_received = received.fetch_add(n) + n;
+    auto due = start + std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(
+                           static_cast<double>(total_received) / static_cast<double>(options.max_bytes_per_second)));
+    std::this_thread::sleep_until(due);
+  };
   detail::parallel_for(todo.size(), workers, [&](std::size_t t, unsigned w) {
     if (options.cancel && options.cancel->load()) {
       std::lock_guard lock(mutex);
@@ -63,6 +74,7 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
       // Spread pieces over the sources, and move to the next source on every retry.
       std::size_t k = (index + attempt) % sources.size();
       auto got = sources[k]->fetch(name, *mp.range, buf);
+      if (got) pace(buf.size());
       if (got) {
         auto verified = m.check_piece(index, buf);
         if (verified) {

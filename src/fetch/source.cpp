@@ -9,6 +9,7 @@
 
 #include <charconv>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <vector>
 
@@ -62,6 +63,29 @@ void configure_easy(CURL* c, const source_options& o) {
   curl_easy_setopt(c, CURLOPT_USERAGENT, "drun/0.1");
 }
 
+// scheme://host:port of a URL (default ports filled in), "" when it does not parse.
+std::string origin_of(const std::string& url) {
+  CURLU* u = curl_url();
+  std::string out;
+  if (u && curl_url_set(u, CURLUPART_URL, url.c_str(), 0) == CURLUE_OK) {
+    char *scheme = nullptr, *host = nullptr, *port = nullptr;
+    curl_url_get(u, CURLUPART_SCHEME, &scheme, 0);
+    curl_url_get(u, CURLUPART_HOST, &host, 0);
+    curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT);
+    if (scheme && host && port) out = fmt::format("{}://{}:{}", scheme, host, port);
+    curl_free(scheme);
+    curl_free(host);
+    curl_free(port);
+  }
+  curl_url_cleanup(u);
+  return out;
+}
+
+bool same_origin(const std::string& a, const std::string& b) {
+  auto oa = origin_of(a);
+  return !oa.empty() && oa == origin_of(b);
+}
+
 // One transfer's state: the body goes straight into the caller's buffer, and never past it.
 struct transfer {
   std::span<std::byte> out;
@@ -102,6 +126,7 @@ class http_source final : public source {
  public:
   http_source(std::string base, source_options options) : base_(std::move(base)), options_(std::move(options)) {
     while (base_.size() > 1 && base_.back() == '/') base_.pop_back();
+    for (const auto& l : options_.headers) headers_ = curl_slist_append(headers_, l.c_str());
   }
   const std::string& name() const noexcept override { return base_; }
 
@@ -109,43 +134,77 @@ class http_source final : public source {
     auto handle = take();
     if (!handle) return error(errc::io_error, "cannot create a curl handle");
     CURL* c = handle.get();
-    std::string url = file == "." ? base_ : base_ + "/" + url_path(c, file);
-    std::string range_header = fmt::format("{}-{}", range.begin, range.end - 1);
-    transfer t{out, 0, false, {}};
-    configure_easy(c, options_);
-    curl_easy_setopt(c, CURLOPT_URL, url.c_str());
-    curl_easy_setopt(c, CURLOPT_RANGE, range_header.c_str());
-    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, &transfer::on_body);
-    curl_easy_setopt(c, CURLOPT_WRITEDATA, &t);
-    curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, &transfer::on_header);
-    curl_easy_setopt(c, CURLOPT_HEADERDATA, &t);
-    char errbuf[CURL_ERROR_SIZE] = {};
-    curl_easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
-    CURLcode rc = curl_easy_perform(c);
-    long status = 0;
-    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
     auto fail = [&](std::string why) {
       return error(errc::io_error, fmt::format("{}: {}", base_, why)).with_path(file).with_range(range.begin, range.end);
     };
-    if (t.overflow) return fail("the server sent more bytes than the range asked for (does it ignore Range?)");
-    if (rc != CURLE_OK) {
-      give(std::move(handle), false);
-      return fail(fmt::format("{} ({})", curl_easy_strerror(rc), errbuf));
+    std::string first = file == "." ? base_ : base_ + "/" + url_path(c, file);
+    // A hub answers with a redirect to a CDN: the target is reused for the next ranges of the file.
+    std::string url = first;
+    bool cached = false;
+    {
+      std::lock_guard lock(mutex_);
+      if (auto it = redirects_.find(file); it != redirects_.end()) url = it->second, cached = true;
     }
-    give(std::move(handle), true);
+    std::string range_header = fmt::format("{}-{}", range.begin, range.end - 1);
+    transfer t{out, 0, false, {}};
+    long status = 0;
+    // Redirects are followed here, not by curl, so that credentials (any header the user gave)
+    // go to the origin they were meant for and never to another host or port.
+    for (int hop = 0;; ++hop) {
+      if (hop > 5) return fail("too many redirects");
+      t = transfer{out, 0, false, {}};
+      curl_easy_reset(c);
+      configure_easy(c, options_);
+      curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
+      curl_easy_setopt(c, CURLOPT_URL, url.c_str());
+      curl_easy_setopt(c, CURLOPT_RANGE, range_header.c_str());
+      curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, &transfer::on_body);
+      curl_easy_setopt(c, CURLOPT_WRITEDATA, &t);
+      curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, &transfer::on_header);
+      curl_easy_setopt(c, CURLOPT_HEADERDATA, &t);
+      if (headers_ && same_origin(url, base_)) curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers_);
+      char errbuf[CURL_ERROR_SIZE] = {};
+      curl_easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
+      CURLcode rc = curl_easy_perform(c);
+      curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+      if (t.overflow) return fail("the server sent more bytes than the range asked for (does it ignore Range?)");
+      if (rc != CURLE_OK) {
+        if (cached) forget(file);
+        return fail(fmt::format("{} ({})", curl_easy_strerror(rc), errbuf));
+      }
+      if (status == 301 || status == 302 || status == 303 || status == 307 || status == 308) {
+        char* location = nullptr;
+        curl_easy_getinfo(c, CURLINFO_REDIRECT_URL, &location);
+        if (!location || (std::strncmp(location, "http://", 7) != 0 && std::strncmp(location, "https://", 8) != 0))
+          return fail("a redirect without an http(s) Location");
+        url = location;
+        continue;
+      }
+      break;
+    }
+    give(std::move(handle));
+    if (url != first && !cached) {
+      std::lock_guard lock(mutex_);
+      redirects_[file] = url;
+    }
     if (status == 404) return error(errc::not_found, fmt::format("{}: HTTP 404", base_)).with_path(file);
     // 206 with the exact Content-Range asked for; 200 only when the range is a whole file.
+    auto bad = [&](std::string why) {
+      if (cached) forget(file);
+      return fail(std::move(why));
+    };
     if (status == 206) {
       auto expected = fmt::format("bytes {}-{}/", range.begin, range.end - 1);
       if (t.content_range.rfind(expected, 0) != 0)
-        return fail(fmt::format("Content-Range \"{}\" does not match the range asked for", t.content_range));
+        return bad(fmt::format("Content-Range \"{}\" does not match the range asked for", t.content_range));
     } else if (!(status == 200 && range.begin == 0)) {
-      return fail(fmt::format("HTTP {}", status));
+      return bad(fmt::format("HTTP {}", status));
     }
-    if (t.received != out.size())
-      return fail(fmt::format("the body has {} bytes, the range {}", t.received, out.size()));
+    if (t.received != out.size()) return bad(fmt::format("the body has {} bytes, the range {}", t.received, out.size()));
     return {};
   }
+
+  ~http_source() override { curl_slist_free_all(headers_); }
 
  private:
   easy_ptr take() {
@@ -159,18 +218,22 @@ class http_source final : public source {
     }
     return easy_ptr(curl_easy_init());
   }
-  // A handle whose transfer failed may hold a broken connection: it is dropped, not reused.
-  void give(easy_ptr h, bool healthy) {
-    if (!healthy) return;
-    curl_easy_reset(h.get());  // keeps the connection cache, forgets the options
+  // Only handles whose transfer succeeded come back: a failed one may hold a broken connection.
+  void give(easy_ptr h) {
     std::lock_guard lock(mutex_);
     pool_.push_back(std::move(h));
+  }
+  void forget(const std::string& file) {
+    std::lock_guard lock(mutex_);
+    redirects_.erase(file);
   }
 
   std::string base_;
   source_options options_;
   std::mutex mutex_;
   std::vector<easy_ptr> pool_;
+  std::map<std::string, std::string> redirects_;  // file -> where its origin sent us
+  curl_slist* headers_ = nullptr;
 };
 
 class file_source final : public source {

@@ -106,6 +106,8 @@ class Hostile(http.server.ThreadingHTTPServer):
 
     def __init__(self, root, mode):
         self.root, self.mode, self.requests, self.seen = Path(root), mode, 0, set()
+        self.auth_seen = []      # Authorization headers received
+        self.redirect_to = None  # base URL to redirect every request to
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), HostileHandler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -122,6 +124,13 @@ class HostileHandler(http.server.BaseHTTPRequestHandler):
         srv = self.server
         with srv.lock:
             srv.requests += 1
+            srv.auth_seen.append(self.headers.get("Authorization"))
+        if srv.redirect_to:
+            self.send_response(302)
+            self.send_header("Location", srv.redirect_to + self.path.removeprefix("/model"))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         path = srv.root / self.path.removeprefix("/model/")
         data = path.read_bytes()
         m = re.match(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
@@ -146,6 +155,16 @@ class HostileHandler(http.server.BaseHTTPRequestHandler):
             return
         elif srv.mode == "wrong-content-range":
             b, e = b + 1, e + 1
+        elif srv.mode in ("stall", "truncate") and len(body) > 1000:
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {b}-{e - 1}/{len(data)}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:500])
+            self.wfile.flush()
+            if srv.mode == "stall":
+                time.sleep(3)
+            return  # the connection closes with the body cut short
         self.send_response(206)
         self.send_header("Content-Range", f"bytes {b}-{e - 1}/{len(data)}")
         self.send_header("Content-Length", str(len(body)))
@@ -301,5 +320,83 @@ def test_killed_fetch_resumes_with_only_missing_pieces(drun, drun_bin, tmp_path,
         second = srv.bytes_sent("w.bin") - first
         # The rerun asked only for the pieces that were not stored.
         assert second == (64 - already) << 20, (first, second, already)
+    finally:
+        srv.stop()
+
+
+def test_credentials_go_to_the_origin_only_never_across_a_redirect(drun, tmp_path, published, node_key):
+    m, sig, pub = published
+    cdn = Hostile(m, "plain")
+    hub = Hostile(m, "plain")
+    hub.redirect_to = cdn.url()  # another port: another origin
+    (tmp_path / "headers").write_text("Authorization: Bearer s3cr3t-token\n")
+    os.chmod(tmp_path / "headers", 0o600)
+    try:
+        r = fetch(drun, sig, pub, tmp_path / "store", node_key, hub.url(),
+                  extra=["--header-file", tmp_path / "headers", "--out", tmp_path / "out"]).ok()
+        assert same_tree(m, tmp_path / "out")
+        assert "s3cr3t" not in r.out + r.err
+        assert hub.auth_seen and all(a == "Bearer s3cr3t-token" for a in hub.auth_seen)
+        assert cdn.auth_seen and all(a is None for a in cdn.auth_seen), cdn.auth_seen
+        # The redirect target is reused: the hub is asked once per file, not once per piece.
+        assert len(hub.auth_seen) <= 3 + 2 * 3, len(hub.auth_seen)
+        # A header file others can read is refused.
+        os.chmod(tmp_path / "headers", 0o644)
+        fetch(drun, sig, pub, tmp_path / "store2", node_key, hub.url(),
+              extra=["--header-file", tmp_path / "headers"]).fails(2, "permissions")
+    finally:
+        hub.shutdown()
+        cdn.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["stall", "truncate"])
+def test_stalled_or_truncated_transfers_are_retried_elsewhere(drun, tmp_path, published, nginx, node_key, mode):
+    m, sig, pub = published
+    srv = Hostile(m, mode)
+    try:
+        r = fetch(drun, sig, pub, tmp_path / "store", node_key, srv.url(), nginx.url(),
+                  extra=["--stall-timeout", 1, "--out", tmp_path / "out"]).ok()
+        assert same_tree(m, tmp_path / "out")
+        line = next(l for l in r.out.splitlines() if srv.url() in l)
+        assert re.search(r"[1-9]\d* errors", line), r
+    finally:
+        srv.shutdown()
+
+
+def test_through_a_forward_proxy(drun, tmp_path, published, nginx, node_key):
+    m, sig, pub = published
+    tinyproxy = shutil.which("tinyproxy")
+    if not tinyproxy:
+        pytest.skip("tinyproxy is not installed (scripts/bootstrap.sh installs it)")
+    port = free_port()
+    log = tmp_path / "tinyproxy.log"
+    (tmp_path / "tinyproxy.conf").write_text(
+        f"Port {port}\nListen 127.0.0.1\nTimeout 30\nAllow 127.0.0.1\nLogFile \"{log}\"\nLogLevel Connect\n"
+        f"PidFile \"{tmp_path / 'tinyproxy.pid'}\"\nMaxClients 50\n")
+    proc = subprocess.Popen([tinyproxy, "-d", "-c", tmp_path / "tinyproxy.conf"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc)
+        fetch(drun, sig, pub, tmp_path / "store", node_key, nginx.url(),
+              extra=["--proxy", f"http://127.0.0.1:{port}", "--out", tmp_path / "out"]).ok()
+        assert same_tree(m, tmp_path / "out")
+        assert "weights.bin" in log.read_text()  # the requests went through the proxy
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_rate_limit(drun, tmp_path, drun_keys, node_key):
+    m = tmp_path / "m"
+    m.mkdir()
+    (m / "w.bin").write_bytes(det_bytes(2 << 20, 5))
+    key, pub = drun_keys["ecdsa-p256"]
+    drun("sign", m, "--key", key, "--piece-size", PIECE, "--signature", tmp_path / "m.sig").ok()
+    srv = Nginx(tmp_path, m)
+    try:
+        t0 = time.time()
+        fetch(drun, tmp_path / "m.sig", pub, tmp_path / "store", node_key, srv.url(),
+              extra=["--limit-rate", 1 << 20]).ok()
+        assert time.time() - t0 > 1.5  # 2 MiB at 1 MiB/s
     finally:
         srv.stop()
