@@ -14,7 +14,7 @@ int cmd_fetch(int argc, char** argv) {
                           {"origin", true, true}, {"store", true}, {"key-source", true}, {"out", true},
                           {"connections", true}, {"ca-cert", true}, {"tls-min", true}, {"insecure", false},
                           {"proxy", true}, {"attempts", true}, {"header-file", true}, {"bearer-env", true},
-                          {"limit-rate", true}, {"stall-timeout", true}});
+                          {"limit-rate", true}, {"stall-timeout", true}, {"s3-endpoint", true}});
   if (!args.positional.empty()) throw usage_error{"fetch takes no positional arguments"};
   auto sig = args.get("signature");
   auto origins = args.all("origin");
@@ -25,6 +25,7 @@ int cmd_fetch(int argc, char** argv) {
   drun::source_options so;
   so.ca_file = args.get("ca-cert").value_or("");
   so.proxy = args.get("proxy").value_or("");
+  so.s3_endpoint = args.get("s3-endpoint").value_or("");
   if (auto t = args.get("tls-min")) {
     if (*t == "1.2") so.allow_tls12 = true;
     else if (*t != "1.3") throw usage_error{"--tls-min must be 1.2 or 1.3"};

@@ -29,6 +29,11 @@ struct source_options {
   // Request headers, typically credentials ("Authorization: Bearer ..."). Sent only to the
   // origin itself: a redirect to another scheme, host or port never carries them. Never logged.
   std::vector<std::string> headers;
+  // s3://bucket/prefix: path-style requests to this endpoint (default: AWS_ENDPOINT_URL, else
+  // https://s3.REGION.amazonaws.com), signed with SigV4 using AWS_ACCESS_KEY_ID,
+  // AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN and AWS_REGION (or AWS_DEFAULT_REGION) from the
+  // environment.
+  std::string s3_endpoint;
   std::chrono::seconds connect_timeout{10};
   std::chrono::seconds stall_timeout{30};  // a transfer with no bytes for this long is abandoned
 };
@@ -46,7 +51,8 @@ class DRUN_API source {
   virtual result<void> fetch(const std::string& file, byte_range range, std::span<std::byte> out) = 0;
 };
 
-// http://, https:// or file:// (a local directory or file). Errors: invalid_argument.
+// http://, https://, s3:// or file:// (a local directory or file). Errors: invalid_argument,
+// key_error (s3:// without credentials).
 DRUN_API result<std::unique_ptr<source>> make_source(std::string_view url, const source_options& options = {});
 
 // Downloads a whole small document (a bundle), refusing more than max_size bytes.
