@@ -97,3 +97,39 @@ echo "cp -r && sync (durable)     : ${t_cp_sync} s"
 echo "openssl dgst -sha256        : ${t_openssl} s"
 echo "drun cache import           : ${t_import} s  ($(ratio "$t_import" "$t_cp")x cp, $(ratio "$t_import" "$t_cp_sync")x cp+sync, $(ratio "$t_import" "$t_openssl")x openssl dgst)"
 echo "drun cache import peak RSS  : $((import_kib / 1024)) MiB"
+
+echo
+echo "== fetching the 2 GiB model from nginx on loopback (best of 3; nothing verified by curl or aria2c)"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+ngx=$work/nginx
+mkdir -p "$ngx"
+cat > "$ngx/nginx.conf" <<NGINX
+master_process off; daemon off; pid $ngx/nginx.pid; error_log $ngx/error.log;
+events { worker_connections 256; }
+http {
+  client_body_temp_path $ngx/body; proxy_temp_path $ngx/proxy; fastcgi_temp_path $ngx/fastcgi;
+  uwsgi_temp_path $ngx/uwsgi; scgi_temp_path $ngx/scgi; access_log off; sendfile on;
+  server { listen 127.0.0.1:$port; root $work/model; }
+}
+NGINX
+nginx -c "$ngx/nginx.conf" -p "$ngx" &
+nginx_pid=$!
+trap 'kill $nginx_pid 2>/dev/null' EXIT
+for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
+url=http://127.0.0.1:$port/weights.bin
+fetch_cmd=("$drun" fetch --signature "$work/model.sig" --public-key "$work/key.pub" --origin "http://127.0.0.1:$port"
+           --store "$work/fstore" --key-source "file:$work/node.key")
+t_curl=$(best_fresh "$work/dl" bash -c "mkdir -p '$work/dl' && curl -s -o '$work/dl/w' '$url'")
+t_curl_dgst=$(best_fresh "$work/dl" bash -c "mkdir -p '$work/dl' && curl -s -o '$work/dl/w' '$url' && openssl dgst -sha256 '$work/dl/w'")
+t_aria=$(best_fresh "$work/dl" aria2c -q -x8 -s8 -d "$work/dl" -o w "$url")
+t_fetch=$(best_fresh "$work/fstore" "${fetch_cmd[@]}")
+t_fetch_out=$(best_fresh "$work/fstore" bash -c "rm -rf '$work/fout' && $(printf '%q ' "${fetch_cmd[@]}") --out '$work/fout'")
+rm -rf "$work/fstore"
+fetch_kib=$( { /usr/bin/time -f '%M' "${fetch_cmd[@]}" >/dev/null; } 2>&1 | tail -1)
+rm -rf "$work/fstore" "$work/fout" "$work/dl"
+echo "curl -o                      : ${t_curl} s"
+echo "curl -o && openssl dgst      : ${t_curl_dgst} s"
+echo "aria2c -x8                   : ${t_aria} s"
+echo "drun fetch (verify + seal)   : ${t_fetch} s  ($(ratio "$t_fetch" "$t_curl")x curl, $(ratio "$t_fetch" "$t_curl_dgst")x curl+dgst, $(ratio "$t_fetch" "$t_aria")x aria2c)"
+echo "drun fetch --out             : ${t_fetch_out} s  ($(ratio "$t_fetch_out" "$t_curl")x curl)"
+echo "drun fetch peak RSS          : $((fetch_kib / 1024)) MiB"

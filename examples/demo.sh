@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: make a sample model (several files, one of 80 MiB), make a publisher key, sign,
 # verify with the CLI and in-process with the library, import it into an encrypted store and
-# export it back bit-identical, then flip one byte and show the refusal.
+# export it back bit-identical, fetch it from an nginx origin into another store, then flip one
+# byte and show the refusal.
 #   examples/demo.sh BUILD_DIR
 set -euo pipefail
 build=$(cd "${1:?usage: demo.sh BUILD_DIR}" && pwd)
@@ -51,6 +52,26 @@ step "export it back and compare bit for bit"
 show "$drun" cache export "$artifact" exported-model --store store --key-source file:node.key
 diff -r sample-model exported-model --exclude model.sig
 echo "exported-model/ is bit-identical to sample-model/"
+
+step "fetch it from an origin: nginx on loopback serves the model, drun checks every piece"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+mkdir -p origin
+cat > origin/nginx.conf <<NGINX
+master_process off; daemon off; pid $work/origin/nginx.pid; error_log $work/origin/error.log;
+events { worker_connections 64; }
+http { client_body_temp_path $work/origin/body; proxy_temp_path $work/origin/proxy;
+       fastcgi_temp_path $work/origin/fastcgi; uwsgi_temp_path $work/origin/uwsgi; scgi_temp_path $work/origin/scgi;
+       access_log $work/origin/access.log; server { listen 127.0.0.1:$port; root $work/sample-model; } }
+NGINX
+nginx -c "$work/origin/nginx.conf" -p "$work/origin" &
+nginx_pid=$!
+trap 'kill $nginx_pid 2>/dev/null' EXIT
+for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$port/config.json" && break; sleep 0.1; done
+show "$drun" fetch --signature sample-model/model.sig --public-key publisher.key.pub \
+  --origin "http://127.0.0.1:$port" --store fetched-store --key-source file:node.key --out fetched-model
+diff -r sample-model fetched-model --exclude model.sig
+echo "fetched-model/ is bit-identical to sample-model/"
+kill $nginx_pid
 
 step "flip one byte at offset 50000000 of the first shard, and verify again"
 shard=sample-model/model-00001-of-00002.safetensors

@@ -17,6 +17,7 @@ packages=(
   openssl                          # the CLI: benchmark baseline and interop checks
   python3 python3-pytest python3-cryptography   # CLI and interop tests, independent OMS checker
   time                             # /usr/bin/time: peak memory in the benchmark
+  curl aria2                       # the baselines of the fetch benchmark
 )
 
 missing=()
