@@ -408,7 +408,9 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "AKIDDRUNTEST", "AWS_SECRET_ACCESS_KEY": "drun-te
 def python_with_moto():
     """The machine's other Python (on PATH) ships moto and boto3; Debian's does not."""
     for candidate in (shutil.which("python3"), "/usr/local/bin/python3"):
-        if candidate and subprocess.run([candidate, "-c", "import moto.server, boto3"], capture_output=True).returncode == 0:
+        if not candidate or not os.access(candidate, os.X_OK):
+            continue
+        if subprocess.run([candidate, "-c", "import moto.server, boto3"], capture_output=True).returncode == 0:
             return candidate
     return None
 
