@@ -114,7 +114,7 @@ http {
 NGINX
 nginx -c "$ngx/nginx.conf" -p "$ngx" &
 nginx_pid=$!
-trap 'kill $nginx_pid 2>/dev/null' EXIT
+trap 'kill $nginx_pid 2>/dev/null || true' EXIT
 for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
 url=http://127.0.0.1:$port/weights.bin
 fetch_cmd=("$drun" fetch --signature "$work/model.sig" --public-key "$work/key.pub" --origin "http://127.0.0.1:$port"

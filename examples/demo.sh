@@ -65,13 +65,15 @@ http { client_body_temp_path $work/origin/body; proxy_temp_path $work/origin/pro
 NGINX
 nginx -c "$work/origin/nginx.conf" -p "$work/origin" &
 nginx_pid=$!
-trap 'kill $nginx_pid 2>/dev/null' EXIT
+trap 'kill $nginx_pid 2>/dev/null || true' EXIT
 for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$port/config.json" && break; sleep 0.1; done
 show "$drun" fetch --signature sample-model/model.sig --public-key publisher.key.pub \
   --origin "http://127.0.0.1:$port" --store fetched-store --key-source file:node.key --out fetched-model
 diff -r sample-model fetched-model --exclude model.sig
 echo "fetched-model/ is bit-identical to sample-model/"
 kill $nginx_pid
+wait $nginx_pid 2>/dev/null || true
+trap - EXIT
 
 step "flip one byte at offset 50000000 of the first shard, and verify again"
 shard=sample-model/model-00001-of-00002.safetensors
