@@ -73,6 +73,13 @@ struct gc_report {
 
 class store;
 
+// What remains to bring of an artifact: the pieces not stored yet, and their total size.
+struct missing_pieces {
+  std::vector<std::size_t> indices;
+  std::size_t already_stored = 0;
+  std::uint64_t bytes = 0;
+};
+
 // Fills chunk with a piece's bytes starting at offset (relative to the piece).
 using piece_source = std::function<result<void>(std::span<std::byte> chunk, std::uint64_t offset)>;
 
@@ -130,6 +137,8 @@ class DRUN_API store {
   result<bool> put_piece_streamed(const verified_manifest& m, std::size_t index, const piece_source& source);
   // Which pieces of an artifact are stored, by piece index.
   result<std::vector<bool>> stored_pieces(const std::string& artifact);
+  // The pieces of a verified artifact still to bring (import and fetch resume from here).
+  result<missing_pieces> missing(const verified_manifest& m);
   // Decrypts a stored piece into out (out.size() must be the piece's size); see artifact_reader.
   result<void> read_piece(const std::string& artifact, std::size_t piece, std::span<std::byte> out);
 

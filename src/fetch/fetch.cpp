@@ -18,21 +18,13 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
                            const std::vector<std::unique_ptr<source>>& sources, const fetch_options& options) {
   if (sources.empty()) return error(errc::invalid_argument, "no sources to fetch from");
   if (auto r = s.add_artifact(m, bundle_json); !r) return std::move(r).error();
-  auto stored = s.stored_pieces(m.artifact_id());
-  if (!stored) return std::move(stored).error();
-
+  auto plan = s.missing(m);
+  if (!plan) return std::move(plan).error();
   fetch_report report;
   for (const auto& src : sources) report.sources.push_back({src->name()});
-  std::vector<std::size_t> todo;
-  std::uint64_t total = 0;
-  for (std::size_t i = 0; i < m.pieces().size(); ++i) {
-    if (i < stored->size() && (*stored)[i]) {
-      ++report.already_stored;
-    } else {
-      todo.push_back(i);
-      total += m.pieces()[i].range->size();
-    }
-  }
+  report.already_stored = plan->already_stored;
+  const std::vector<std::size_t>& todo = plan->indices;
+  const std::uint64_t total = plan->bytes;
   // One piece buffer per worker: the budget bounds memory whatever the model size.
   std::uint64_t piece = std::max<std::uint64_t>(1, m.shard_size());
   unsigned workers = std::max<unsigned>(1, std::min<unsigned>(options.connections,

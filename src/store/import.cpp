@@ -17,19 +17,12 @@ result<import_report> import_model(store& s, const verified_manifest& m, std::st
                                    const std::filesystem::path& model, unsigned threads,
                                    const progress_callback& progress) {
   if (auto r = s.add_artifact(m, bundle_json); !r) return std::move(r).error();
-  auto stored = s.stored_pieces(m.artifact_id());
-  if (!stored) return std::move(stored).error();
+  auto plan = s.missing(m);
+  if (!plan) return std::move(plan).error();
   import_report report;
-  std::vector<std::size_t> todo;
-  std::uint64_t total = 0;
-  for (std::size_t i = 0; i < m.pieces().size(); ++i) {
-    if (i < stored->size() && (*stored)[i]) {
-      ++report.already_stored;
-    } else {
-      todo.push_back(i);
-      total += m.pieces()[i].range->size();
-    }
-  }
+  report.already_stored = plan->already_stored;
+  const std::vector<std::size_t>& todo = plan->indices;
+  const std::uint64_t total = plan->bytes;
   // Pieces are streamed: each thread holds two 1 MiB buffers, whatever the piece size.
   unsigned workers = detail::worker_count(threads, todo.size());
   std::mutex mutex;

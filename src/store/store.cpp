@@ -650,6 +650,21 @@ result<std::vector<bool>> store::stored_pieces(const std::string& artifact) {
   return out;
 }
 
+result<missing_pieces> store::missing(const verified_manifest& m) {
+  auto stored = stored_pieces(m.artifact_id());
+  if (!stored) return std::move(stored).error();
+  missing_pieces out;
+  for (std::size_t i = 0; i < m.pieces().size(); ++i) {
+    if (i < stored->size() && (*stored)[i]) {
+      ++out.already_stored;
+    } else {
+      out.indices.push_back(i);
+      out.bytes += m.pieces()[i].range->size();
+    }
+  }
+  return out;
+}
+
 result<void> store::read_piece(const std::string& artifact, std::size_t piece, std::span<std::byte> out) {
   store_lock g(impl_->dir, LOCK_SH);
   return impl_->open_piece(artifact, piece, out);
