@@ -8,7 +8,6 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <charconv>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -195,12 +194,16 @@ class http_source final : public source {
       std::lock_guard lock(mutex_);
       redirects_[file] = url;
     }
-    if (status == 404) return error(errc::not_found, fmt::format("{}: HTTP 404", base_)).with_path(file);
-    // 206 with the exact Content-Range asked for; 200 only when the range is a whole file.
+    // A cached redirect target that misbehaves is forgotten: the next try asks the origin again.
     auto bad = [&](std::string why) {
       if (cached) forget(file);
       return fail(std::move(why));
     };
+    if (status == 404) {
+      if (cached) forget(file);
+      return error(errc::not_found, fmt::format("{}: HTTP 404", base_)).with_path(file);
+    }
+    // 206 with the exact Content-Range asked for; 200 only when the range is a whole file.
     if (status == 206) {
       auto expected = fmt::format("bytes {}-{}/", range.begin, range.end - 1);
       if (t.content_range.rfind(expected, 0) != 0)
