@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <charconv>
 #include <chrono>
 #include <cstdio>
@@ -15,12 +16,14 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <vector>
 
 namespace drun::cli {
 
-inline constexpr int exit_ok = 0, exit_integrity = 1, exit_usage = 2, exit_io = 3;
+inline constexpr int exit_ok = 0, exit_integrity = 1, exit_usage = 2, exit_io = 3, exit_denied = 4,
+                     exit_cancelled = 130;  // 128 + SIGINT, as a shell reports an interrupted command
 
 struct usage_error {
   std::string message;
@@ -112,6 +115,8 @@ inline int exit_status(drun::errc c) {
     case drun::errc::unsafe_entry: return exit_usage;
     case drun::errc::io_error:
     case drun::errc::not_found: return exit_io;  // includes network and source failures
+    case drun::errc::permission_denied: return exit_denied;
+    case drun::errc::cancelled: return exit_cancelled;
     default: return exit_integrity;
   }
 }
@@ -119,6 +124,21 @@ inline int exit_status(drun::errc c) {
 inline int fail(std::string_view command, const drun::error& e) {
   fmt::print(stderr, "drun {}: {}\n", command, e.message());
   return exit_status(e.code());
+}
+
+// A file holding a secret (headers, credentials): refused when its group or others may read it.
+inline drun::result<std::string> read_secret_file(const std::string& path, const char* what) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0)
+    return drun::error(drun::errc::key_error, fmt::format("cannot read the {}", what)).with_path(path).with_errno(errno);
+  if ((st.st_mode & 077) != 0)
+    return drun::error(drun::errc::key_error, fmt::format("{} has permissions {:04o}: it must be readable by its owner "
+                                                          "only",
+                                                          what, st.st_mode & 07777))
+        .with_path(path);
+  auto text = drun::read_bundle_file(path);
+  if (!text) return std::move(text).error().with_code(drun::errc::key_error);
+  return text;
 }
 
 // A progress line on stderr, only when stderr is a terminal and the work has run for a second.
@@ -134,20 +154,36 @@ class progress_line {
   drun::progress_callback callback() {
     if (!enabled_) return {};
     return [this](std::uint64_t done, std::uint64_t total) {
-      auto now = std::chrono::steady_clock::now();
-      std::unique_lock lock(mutex_, std::try_to_lock);
-      if (!lock || now - start_ < delay_ || now - last_ < std::chrono::milliseconds(100)) return;
-      last_ = now;
-      shown_ = true;
-      double secs = std::chrono::duration<double>(now - start_).count();
-      fmt::print(stderr, "\r{}: {:3.0f}%  {:.0f} / {:.0f} MiB  {:.0f} MiB/s", verb_,
-                 total ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 100.0,
-                 static_cast<double>(done) / 1048576.0, static_cast<double>(total) / 1048576.0,
-                 static_cast<double>(done) / 1048576.0 / secs);
+      double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+      draw(done, total, fmt::format("{:.0f} MiB/s", static_cast<double>(done) / 1048576.0 / secs));
+    };
+  }
+  // A fetch's line also counts pieces and says how long is left at the rate so far.
+  drun::fetch_progress_callback fetch_callback() {
+    if (!enabled_) return {};
+    return [this](const drun::fetch_progress& p) {
+      std::string eta = "--:--";
+      if (p.seconds_left > 0 && p.seconds_left < 360000) {
+        auto s = static_cast<unsigned>(p.seconds_left + 0.5);
+        eta = s >= 3600 ? fmt::format("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60) : fmt::format("{}:{:02}", s / 60, s % 60);
+      }
+      draw(p.bytes_done, p.bytes_total, fmt::format("{:.0f} MiB/s  {}/{} pieces  {} left", p.bytes_per_second / 1048576.0,
+                                                    p.pieces_done, p.pieces_total, eta));
     };
   }
 
  private:
+  void draw(std::uint64_t done, std::uint64_t total, const std::string& tail) {
+    auto now = std::chrono::steady_clock::now();
+    std::unique_lock lock(mutex_, std::try_to_lock);
+    if (!lock || now - start_ < delay_ || now - last_ < std::chrono::milliseconds(100)) return;
+    last_ = now;
+    shown_ = true;
+    fmt::print(stderr, "\r\033[K{}: {:3.0f}%  {:.0f} / {:.0f} MiB  {}", verb_,
+               total ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 100.0,
+               static_cast<double>(done) / 1048576.0, static_cast<double>(total) / 1048576.0, tail);
+  }
+
   const char* verb_;
   bool enabled_;
   std::chrono::milliseconds delay_{1000};

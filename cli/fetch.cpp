@@ -2,9 +2,7 @@
 // piece, and optionally materialize it.
 #include "common.hpp"
 
-#include <sys/stat.h>
-
-#include <cerrno>
+#include <csignal>
 
 namespace drun::cli {
 
@@ -14,7 +12,8 @@ int cmd_fetch(int argc, char** argv) {
                           {"origin", true, true}, {"store", true}, {"key-source", true}, {"out", true},
                           {"connections", true}, {"ca-cert", true}, {"tls-min", true}, {"insecure", false},
                           {"proxy", true}, {"attempts", true}, {"header-file", true}, {"bearer-env", true},
-                          {"limit-rate", true}, {"stall-timeout", true}, {"s3-endpoint", true}});
+                          {"limit-rate", true}, {"stall-timeout", true}, {"s3-endpoint", true},
+                          {"proxy-auth-file", true}, {"proxy-auth-env", true}});
   if (!args.positional.empty()) throw usage_error{"fetch takes no positional arguments"};
   auto sig = args.get("signature");
   auto origins = args.all("origin");
@@ -34,16 +33,8 @@ int cmd_fetch(int argc, char** argv) {
   // Credentials never come from the visible command line: a file readable by its owner only, or
   // an environment variable.
   if (auto hf = args.get("header-file")) {
-    struct stat st {};
-    if (::stat(hf->c_str(), &st) != 0)
-      return fail("fetch", drun::error(drun::errc::key_error, "cannot read the header file").with_path(*hf).with_errno(errno));
-    if ((st.st_mode & 077) != 0)
-      return fail("fetch", drun::error(drun::errc::key_error, fmt::format("header file has permissions {:04o}: it "
-                                                                          "must be readable by its owner only",
-                                                                          st.st_mode & 07777))
-                               .with_path(*hf));
-    auto text = drun::read_bundle_file(*hf);
-    if (!text) return fail("fetch", std::move(text).error().with_code(drun::errc::key_error));
+    auto text = read_secret_file(*hf, "header file");
+    if (!text) return fail("fetch", text.error());
     std::size_t start = 0;
     while (start < text->size()) {
       auto nl = text->find('\n', start);
@@ -58,6 +49,23 @@ int cmd_fetch(int argc, char** argv) {
       start = nl + 1;
     }
   }
+  if (so.proxy.find('@') != std::string::npos)
+    throw usage_error{"--proxy must not hold credentials (every user can read a command line): use "
+                      "--proxy-auth-file or --proxy-auth-env"};
+  if (args.has("proxy-auth-file") && args.has("proxy-auth-env"))
+    throw usage_error{"give at most one of --proxy-auth-file and --proxy-auth-env"};
+  if (auto pf = args.get("proxy-auth-file")) {
+    auto text = read_secret_file(*pf, "proxy credentials file");
+    if (!text) return fail("fetch", text.error());
+    so.proxy_credentials = text->substr(0, text->find_first_of("\r\n"));
+  } else if (auto pe = args.get("proxy-auth-env")) {
+    const char* v = std::getenv(pe->c_str());
+    if (!v || !*v)
+      return fail("fetch", drun::error(drun::errc::key_error, fmt::format("environment variable {} is not set", *pe)));
+    so.proxy_credentials = v;
+  }
+  if (!so.proxy_credentials.empty() && so.proxy_credentials.find(':') == std::string::npos)
+    return fail("fetch", drun::error(drun::errc::key_error, "proxy credentials must read user:password"));
   if (auto env = args.get("bearer-env")) {
     const char* token = std::getenv(env->c_str());
     if (!token || !*token)
@@ -104,7 +112,16 @@ int cmd_fetch(int argc, char** argv) {
 
   auto start = std::chrono::steady_clock::now();
   progress_line progress("fetching");
-  fo.progress = progress.callback();
+  fo.progress = progress.fetch_callback();
+  // Ctrl-C (or SIGTERM) stops the fetch cleanly: transfers are abandoned, stored pieces stay for
+  // the next run. A second Ctrl-C kills the process the usual way.
+  static std::atomic<bool> interrupted{false};
+  struct sigaction sa {};
+  sa.sa_handler = [](int) { interrupted.store(true); };
+  sa.sa_flags = static_cast<int>(SA_RESETHAND);
+  ::sigaction(SIGINT, &sa, nullptr);
+  ::sigaction(SIGTERM, &sa, nullptr);
+  fo.cancel = &interrupted;
   auto report = drun::fetch(*st, *vm, *text, sources, fo);
   if (!report) return fail("fetch", report.error());
   if (auto out = args.get("out"))

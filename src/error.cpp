@@ -24,6 +24,8 @@ class category final : public std::error_category {
       case errc::untrusted_certificate: return "untrusted certificate";
       case errc::model_mismatch: return "model does not match its manifest";
       case errc::digest_mismatch: return "digest mismatch";
+      case errc::cancelled: return "cancelled";
+      case errc::permission_denied: return "permission denied";
     }
     return "unknown drun error";
   }

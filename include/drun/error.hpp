@@ -28,6 +28,8 @@ enum class errc : int {
   untrusted_certificate,  // the certificate chain does not lead to a trusted root
   model_mismatch,         // the model's files differ from the manifest (missing, extra, changed)
   digest_mismatch,        // bytes do not hash to the signed digest
+  cancelled,              // the caller asked the operation to stop
+  permission_denied,      // a peer refused: the caller is not authorized for what it asked
 };
 
 DRUN_API const std::error_category& error_category() noexcept;

@@ -13,11 +13,21 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 namespace drun {
+
+// Where a fetch stands, handed to fetch_options::progress after every stored piece.
+struct fetch_progress {
+  std::uint64_t bytes_done = 0, bytes_total = 0;  // of the pieces this fetch has to bring
+  std::size_t pieces_done = 0, pieces_total = 0;
+  double bytes_per_second = 0;                    // since the fetch began
+  double seconds_left = 0;                        // at that rate; 0 when unknown
+};
+using fetch_progress_callback = std::function<void(const fetch_progress&)>;
 
 struct fetch_options {
   unsigned connections = 8;                            // pieces in flight
@@ -25,8 +35,11 @@ struct fetch_options {
   std::chrono::milliseconds first_backoff{100};        // doubled per attempt, with jitter
   std::uint64_t memory_budget = std::uint64_t{192} << 20;  // piece buffers, whatever the model size
   std::uint64_t max_bytes_per_second = 0;              // for the whole fetch; 0: unlimited
-  progress_callback progress;                          // bytes fetched so far, bytes to fetch
-  const std::atomic<bool>* cancel = nullptr;           // set from another thread to stop
+  // Called from worker threads, one call at a time; it should return quickly.
+  fetch_progress_callback progress;
+  // Set from another thread (or a signal handler) to stop: transfers in flight are abandoned,
+  // what was stored stays stored, and fetch() returns errc::cancelled.
+  const std::atomic<bool>* cancel = nullptr;
 };
 
 struct source_tally {
@@ -46,7 +59,7 @@ struct fetch_report {
 
 // Blocks until every piece is stored, a piece has exhausted its attempts, or cancel is set.
 // Errors: digest_mismatch (a piece no source delivered intact: exit 1), io_error (sources kept
-// failing: exit 3), invalid_argument (cancelled, or no sources), and the store's errors.
+// failing: exit 3), cancelled, invalid_argument (no sources), and the store's errors.
 DRUN_API result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_view bundle_json,
                                     const std::vector<std::unique_ptr<source>>& sources,
                                     const fetch_options& options = {});

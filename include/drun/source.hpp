@@ -8,6 +8,7 @@
 #include <drun/error.hpp>
 #include <drun/piece.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -25,7 +26,11 @@ struct source_options {
   // WARNING: turns off certificate verification. Only for tests against throwaway origins; every
   // fetch through such a source logs a warning.
   bool insecure = false;
-  std::string proxy;           // http://host:port or https://host:port (forward proxy)
+  // Forward proxy: http://host:port, or https://host:port (TLS to the proxy too, verified like
+  // an origin: ca_file, the TLS minimum and insecure apply to it). Empty: libcurl's environment
+  // variables (https_proxy, no_proxy, ...) decide.
+  std::string proxy;
+  std::string proxy_credentials;  // "user:password" for the proxy (Basic); never logged
   // Request headers, typically credentials ("Authorization: Bearer ..."). Sent only to the
   // origin itself: a redirect to another scheme, host or port never carries them. Never logged.
   std::vector<std::string> headers;
@@ -46,16 +51,19 @@ class DRUN_API source {
   // Names the source in reports and errors (its URL, without credentials).
   virtual const std::string& name() const noexcept = 0;
   // Reads bytes [range.begin, range.end) of the model file `file` (a manifest name, "." for a
-  // single-file model) into out, which has exactly range.size() bytes. Errors: io_error (network,
-  // HTTP status, short or oversized body, wrong Content-Range: retryable), not_found.
-  virtual result<void> fetch(const std::string& file, byte_range range, std::span<std::byte> out) = 0;
+  // single-file model) into out, which has exactly range.size() bytes. A transfer in progress
+  // stops soon after *cancel (when given) becomes true. Errors: io_error (network, HTTP status,
+  // short or oversized body, wrong Content-Range: retryable), not_found, cancelled.
+  virtual result<void> fetch(const std::string& file, byte_range range, std::span<std::byte> out,
+                             const std::atomic<bool>* cancel) = 0;
 };
 
 // http://, https://, s3:// or file:// (a local directory or file). Errors: invalid_argument,
 // key_error (s3:// without credentials).
 DRUN_API result<std::unique_ptr<source>> make_source(std::string_view url, const source_options& options = {});
 
-// Downloads a whole small document (a bundle), refusing more than max_size bytes.
+// Downloads a whole small document (a bundle), refusing more than max_size bytes. Headers go to
+// the URL's own origin only, as for a source.
 DRUN_API result<std::string> fetch_document(std::string_view url, std::size_t max_size,
                                             const source_options& options = {});
 

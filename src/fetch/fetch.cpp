@@ -36,6 +36,15 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
   std::atomic<std::uint64_t> done{0};
   std::atomic<std::size_t> fetched{0};
   std::vector<std::vector<std::byte>> buffers(workers);
+  auto cancelled = [&] { return options.cancel && options.cancel->load(); };
+  // Sleeps until `until`, waking early when the fetch is cancelled.
+  auto nap = [&](std::chrono::steady_clock::time_point until) {
+    while (!cancelled()) {
+      auto now = std::chrono::steady_clock::now();
+      if (now >= until) return;
+      std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(until - now, std::chrono::milliseconds(50)));
+    }
+  };
   // Bandwidth limit: the session may have received at most rate * elapsed bytes; a worker that is
   // ahead sleeps until the bytes it holds are due.
   const auto start = std::chrono::steady_clock::now();
@@ -43,16 +52,19 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
   auto pace = [&](std::uint64_t n) {
     if (!options.max_bytes_per_second) return;
     auto total_received = received.fetch_add(n) + n;
-    auto due = start + std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(
-                           static_cast<double>(total_received) / static_cast<double>(options.max_bytes_per_second)));
-    std::this_thread::sleep_until(due);
+    nap(start + std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(
+                    static_cast<double>(total_received) / static_cast<double>(options.max_bytes_per_second))));
+  };
+  auto report_progress = [&](std::uint64_t bytes_done, std::size_t pieces_done) {
+    if (!options.progress) return;
+    fetch_progress p{bytes_done, total, pieces_done, todo.size(), 0, 0};
+    double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (secs > 0) p.bytes_per_second = static_cast<double>(bytes_done) / secs;
+    if (p.bytes_per_second > 0) p.seconds_left = static_cast<double>(total - bytes_done) / p.bytes_per_second;
+    options.progress(p);
   };
   detail::parallel_for(todo.size(), workers, [&](std::size_t t, unsigned w) {
-    if (options.cancel && options.cancel->load()) {
-      std::lock_guard lock(mutex);
-      if (!fatal) fatal = error(errc::invalid_argument, "the fetch was cancelled");
-      return false;
-    }
+    if (cancelled()) return false;
     std::size_t index = todo[t];
     const auto& mp = m.pieces()[index];
     const auto& name = m.files()[mp.file].name;
@@ -65,9 +77,10 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
     for (unsigned attempt = 0; attempt < options.attempts_per_piece; ++attempt) {
       // Spread pieces over the sources, and move to the next source on every retry.
       std::size_t k = (index + attempt) % sources.size();
-      auto got = sources[k]->fetch(name, *mp.range, buf);
-      if (got) pace(buf.size());
+      auto got = sources[k]->fetch(name, *mp.range, buf, options.cancel);
+      if (cancelled()) break;
       if (got) {
+        pace(buf.size());
         auto verified = m.check_piece(index, buf);
         if (verified) {
           auto put = s.put_piece(m, *verified);
@@ -79,9 +92,7 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
           std::lock_guard lock(mutex);
           report.sources[k].pieces += 1;
           report.sources[k].bytes += buf.size();
-          fetched.fetch_add(1);
-          auto now = done.fetch_add(buf.size()) + buf.size();
-          if (options.progress) options.progress(now, total);
+          report_progress(done.fetch_add(buf.size()) + buf.size(), fetched.fetch_add(1) + 1);
           return true;
         }
         // Bytes that do not match the signature are charged to the source that sent them.
@@ -97,13 +108,14 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
         report.sources[k].errors += 1;
         last = std::move(got).error();
       }
-      if ((options.cancel && options.cancel->load()) || attempt + 1 == options.attempts_per_piece) break;
+      if (attempt + 1 == options.attempts_per_piece) break;
       // Exponential backoff with jitter, so retries from many workers do not arrive together.
       auto jitter = std::chrono::milliseconds(rng() % static_cast<std::uint64_t>(backoff.count() + 1));
-      std::this_thread::sleep_for(backoff / 2 + jitter / 2);
+      nap(std::chrono::steady_clock::now() + backoff / 2 + jitter / 2);
       backoff *= 2;
     }
     sodium_memzero(buf.data(), buf.size());
+    if (cancelled()) return false;
     std::lock_guard lock(mutex);
     if (!failed_piece || mismatch_seen) {
       std::string detail = fmt::format("piece {} failed from every source after {} attempts: {}", index,
@@ -116,6 +128,9 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
   });
   for (auto& b : buffers) sodium_memzero(b.data(), b.size());
   if (fatal) return std::move(*fatal);
+  if (cancelled())
+    return error(errc::cancelled, fmt::format("the fetch was cancelled after storing {} of {} pieces; run it again to "
+                                              "fetch the rest", fetched.load(), todo.size()));
   report.fetched = fetched.load();
   report.bytes = done.load();
   if (failed_piece) return std::move(*failed_piece);

@@ -6,10 +6,13 @@
 
 #include <curl/curl.h>
 #include <fmt/format.h>
+#include <sodium.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -27,35 +30,37 @@ struct easy_deleter {
 };
 using easy_ptr = std::unique_ptr<CURL, easy_deleter>;
 
-// Percent-encodes each path segment of a manifest name for a URL.
-std::string url_path(CURL* c, const std::string& name) {
+// Percent-encodes each path segment of a manifest name for a URL (RFC 3986 unreserved bytes stay).
+std::string url_path(const std::string& name) {
   std::string out;
-  std::size_t start = 0;
-  for (;;) {
-    auto slash = name.find('/', start);
-    auto seg = name.substr(start, slash == std::string::npos ? std::string::npos : slash - start);
-    char* esc = curl_easy_escape(c, seg.c_str(), static_cast<int>(seg.size()));
-    out += esc ? esc : "";
-    curl_free(esc);
-    if (slash == std::string::npos) return out;
-    out += '/';
-    start = slash + 1;
+  for (char ch : name) {
+    auto u = static_cast<unsigned char>(ch);
+    if (std::isalnum(u) || ch == '-' || ch == '.' || ch == '_' || ch == '~' || ch == '/') out += ch;
+    else out += fmt::format("%{:02X}", u);
   }
+  return out;
 }
 
 // Every transfer's settings: verification on unless the caller asked, loudly, for it to be off;
-// TLS 1.3 unless stepped down to 1.2; only http(s) redirects; stalls abandoned.
+// TLS 1.3 unless stepped down to 1.2 (for the proxy too); only http(s); stalls abandoned.
+// Redirects are not followed by curl: http_client follows them itself.
 void configure_easy(CURL* c, const source_options& o) {
   curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 1L);
-  curl_easy_setopt(c, CURLOPT_MAXREDIRS, 5L);
+  curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
   curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
-  curl_easy_setopt(c, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
-  curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, o.insecure ? 0L : 1L);
-  curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, o.insecure ? 0L : 2L);
-  curl_easy_setopt(c, CURLOPT_SSLVERSION, o.allow_tls12 ? CURL_SSLVERSION_TLSv1_2 : CURL_SSLVERSION_TLSv1_3);
-  if (!o.ca_file.empty()) curl_easy_setopt(c, CURLOPT_CAINFO, o.ca_file.c_str());
+  long verify = o.insecure ? 0L : 1L, tls = o.allow_tls12 ? CURL_SSLVERSION_TLSv1_2 : CURL_SSLVERSION_TLSv1_3;
+  curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, verify);
+  curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, verify * 2);
+  curl_easy_setopt(c, CURLOPT_SSLVERSION, tls);
+  curl_easy_setopt(c, CURLOPT_PROXY_SSL_VERIFYPEER, verify);
+  curl_easy_setopt(c, CURLOPT_PROXY_SSL_VERIFYHOST, verify * 2);
+  curl_easy_setopt(c, CURLOPT_PROXY_SSLVERSION, tls);
+  if (!o.ca_file.empty()) {
+    curl_easy_setopt(c, CURLOPT_CAINFO, o.ca_file.c_str());
+    curl_easy_setopt(c, CURLOPT_PROXY_CAINFO, o.ca_file.c_str());
+  }
   if (!o.proxy.empty()) curl_easy_setopt(c, CURLOPT_PROXY, o.proxy.c_str());
+  if (!o.proxy_credentials.empty()) curl_easy_setopt(c, CURLOPT_PROXYUSERPWD, o.proxy_credentials.c_str());
   curl_easy_setopt(c, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2TLS);
   curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, static_cast<long>(o.connect_timeout.count()));
   // A stalled transfer: under 1 byte/s for stall_timeout seconds.
@@ -82,28 +87,30 @@ std::string origin_of(const std::string& url) {
   return out;
 }
 
-bool same_origin(const std::string& a, const std::string& b) {
-  auto oa = origin_of(a);
-  return !oa.empty() && oa == origin_of(b);
-}
-
-// One transfer's state: the body goes straight into the caller's buffer, and never past it.
+// One transfer's state: a 2xx body goes to the caller's sink, which refuses what it cannot hold;
+// the body of any other answer (an error page, a redirect) is read and dropped, up to a bound.
 struct transfer {
-  std::span<std::byte> out;
-  std::size_t received = 0;
-  bool overflow = false;
+  std::function<bool(const char*, std::size_t)> sink;
+  CURL* handle = nullptr;
+  bool refused = false;
+  std::size_t dropped = 0;
   std::string content_range;
+
+  static constexpr std::size_t max_dropped = 1 << 20;
 
   static std::size_t on_body(char* data, std::size_t size, std::size_t n, void* self) {
     auto* t = static_cast<transfer*>(self);
-    std::size_t len = size * n;
-    if (t->received + len > t->out.size()) {
-      t->overflow = true;
+    long status = 0;
+    curl_easy_getinfo(t->handle, CURLINFO_RESPONSE_CODE, &status);
+    if (status < 200 || status > 299) {
+      t->dropped += size * n;
+      return t->dropped > max_dropped ? 0 : size * n;
+    }
+    if (!t->sink(data, size * n)) {
+      t->refused = true;
       return 0;  // aborts the transfer
     }
-    std::memcpy(t->out.data() + t->received, data, len);
-    t->received += len;
-    return len;
+    return size * n;
   }
   static std::size_t on_header(char* data, std::size_t size, std::size_t n, void* self) {
     auto* t = static_cast<transfer*>(self);
@@ -121,49 +128,67 @@ struct transfer {
     }
     return size * n;
   }
+  static int on_progress(void* cancel, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
+    return static_cast<const std::atomic<bool>*>(cancel)->load() ? 1 : 0;
+  }
 };
 
-class http_source final : public source {
+struct response {
+  long status = 0;
+  std::string url;            // where the answer came from, after redirects
+  std::string content_range;
+};
+
+// GETs over a pool of reusable curl handles (each keeps its connection open), following
+// redirects itself so that credentials (the caller's headers, SigV4) go only to the origin they
+// were meant for and never to another scheme, host or port.
+class http_client {
  public:
-  http_source(std::string base, source_options options) : base_(std::move(base)), options_(std::move(options)) {
-    while (base_.size() > 1 && base_.back() == '/') base_.pop_back();
+  http_client(std::string origin_url, source_options options)
+      : origin_(origin_of(origin_url)), options_(std::move(options)) {
     for (const auto& l : options_.headers) headers_ = curl_slist_append(headers_, l.c_str());
   }
-  const std::string& name() const noexcept override { return base_; }
+  ~http_client() {
+    curl_slist_free_all(headers_);
+    sodium_memzero(credentials_.data(), credentials_.size());
+    sodium_memzero(options_.proxy_credentials.data(), options_.proxy_credentials.size());
+  }
+  http_client(const http_client&) = delete;
+  http_client& operator=(const http_client&) = delete;
 
-  result<void> fetch(const std::string& file, byte_range range, std::span<std::byte> out) override {
+  // Signs every request to the origin with AWS SigV4 (curl's own implementation).
+  void sign_for_s3(const std::string& region, const std::string& key_id, const std::string& secret,
+                   const char* session_token) {
+    sigv4_ = "aws:amz:" + region + ":s3";
+    credentials_ = key_id + ":" + secret;
+    if (session_token) headers_ = curl_slist_append(headers_, (std::string("x-amz-security-token: ") + session_token).c_str());
+  }
+
+  // A failure here is a transport failure (io_error, or cancelled); the caller judges the status.
+  result<response> get(std::string url, const std::string& range, transfer& t, const std::atomic<bool>* cancel) {
     auto handle = take();
     if (!handle) return error(errc::io_error, "cannot create a curl handle");
     CURL* c = handle.get();
-    auto fail = [&](std::string why) {
-      return error(errc::io_error, fmt::format("{}: {}", base_, why)).with_path(file).with_range(range.begin, range.end);
-    };
-    std::string first = file == "." ? base_ : base_ + "/" + url_path(c, file);
-    // A hub answers with a redirect to a CDN: the target is reused for the next ranges of the file.
-    std::string url = first;
-    bool cached = false;
-    {
-      std::lock_guard lock(mutex_);
-      if (auto it = redirects_.find(file); it != redirects_.end()) url = it->second, cached = true;
-    }
-    std::string range_header = fmt::format("{}-{}", range.begin, range.end - 1);
-    transfer t{out, 0, false, {}};
-    long status = 0;
-    // Redirects are followed here, not by curl, so that credentials (any header the user gave)
-    // go to the origin they were meant for and never to another host or port.
     for (int hop = 0;; ++hop) {
-      if (hop > 5) return fail("too many redirects");
-      t = transfer{out, 0, false, {}};
+      if (hop > 5) return error(errc::io_error, fmt::format("{}: too many redirects", url));
+      t.refused = false;
+      t.dropped = 0;
+      t.handle = c;
+      t.content_range.clear();
       curl_easy_reset(c);
       configure_easy(c, options_);
-      curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
       curl_easy_setopt(c, CURLOPT_URL, url.c_str());
-      curl_easy_setopt(c, CURLOPT_RANGE, range_header.c_str());
+      if (!range.empty()) curl_easy_setopt(c, CURLOPT_RANGE, range.c_str());
       curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, &transfer::on_body);
       curl_easy_setopt(c, CURLOPT_WRITEDATA, &t);
       curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, &transfer::on_header);
       curl_easy_setopt(c, CURLOPT_HEADERDATA, &t);
-      if (same_origin(url, base_)) {
+      if (cancel) {
+        curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
+        curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, &transfer::on_progress);
+        curl_easy_setopt(c, CURLOPT_XFERINFODATA, const_cast<std::atomic<bool>*>(cancel));
+      }
+      if (!origin_.empty() && origin_of(url) == origin_) {
         if (headers_) curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers_);
         if (!sigv4_.empty()) {
           curl_easy_setopt(c, CURLOPT_AWS_SIGV4, sigv4_.c_str());
@@ -173,59 +198,25 @@ class http_source final : public source {
       char errbuf[CURL_ERROR_SIZE] = {};
       curl_easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
       CURLcode rc = curl_easy_perform(c);
-      curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
-      if (t.overflow) return fail("the server sent more bytes than the range asked for (does it ignore Range?)");
-      if (rc != CURLE_OK) {
-        if (cached) forget(file);
-        return fail(fmt::format("{} ({})", curl_easy_strerror(rc), errbuf));
-      }
-      if (status == 301 || status == 302 || status == 303 || status == 307 || status == 308) {
+      response r;
+      r.url = url;
+      curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &r.status);
+      if (rc == CURLE_ABORTED_BY_CALLBACK) return error(errc::cancelled, "the transfer was cancelled");
+      if (t.refused) return error(errc::io_error, "refused");  // the caller's sink says why
+      if (t.dropped > transfer::max_dropped) return r;         // the status says what went wrong
+      if (rc != CURLE_OK) return error(errc::io_error, fmt::format("{} ({})", curl_easy_strerror(rc), errbuf));
+      if (r.status == 301 || r.status == 302 || r.status == 303 || r.status == 307 || r.status == 308) {
         char* location = nullptr;
         curl_easy_getinfo(c, CURLINFO_REDIRECT_URL, &location);
         if (!location || (std::strncmp(location, "http://", 7) != 0 && std::strncmp(location, "https://", 8) != 0))
-          return fail("a redirect without an http(s) Location");
+          return error(errc::io_error, "a redirect without an http(s) Location");
         url = location;
         continue;
       }
-      break;
+      r.content_range = t.content_range;
+      give(std::move(handle));  // only after a complete exchange: a failed handle may hold a broken connection
+      return r;
     }
-    give(std::move(handle));
-    if (url != first && !cached) {
-      std::lock_guard lock(mutex_);
-      redirects_[file] = url;
-    }
-    // A cached redirect target that misbehaves is forgotten: the next try asks the origin again.
-    auto bad = [&](std::string why) {
-      if (cached) forget(file);
-      return fail(std::move(why));
-    };
-    if (status == 404) {
-      if (cached) forget(file);
-      return error(errc::not_found, fmt::format("{}: HTTP 404", base_)).with_path(file);
-    }
-    // 206 with the exact Content-Range asked for; 200 only when the range is a whole file.
-    if (status == 206) {
-      auto expected = fmt::format("bytes {}-{}/", range.begin, range.end - 1);
-      if (t.content_range.rfind(expected, 0) != 0)
-        return bad(fmt::format("Content-Range \"{}\" does not match the range asked for", t.content_range));
-    } else if (!(status == 200 && range.begin == 0)) {
-      return bad(fmt::format("HTTP {}", status));
-    }
-    if (t.received != out.size()) return bad(fmt::format("the body has {} bytes, the range {}", t.received, out.size()));
-    return {};
-  }
-
-  ~http_source() override {
-    curl_slist_free_all(headers_);
-    std::fill(credentials_.begin(), credentials_.end(), '\0');
-  }
-
-  // Signs every request to this origin with AWS SigV4 (curl's own implementation).
-  void sign_for_s3(std::string region, std::string key_id, std::string secret, const char* session_token) {
-    sigv4_ = "aws:amz:" + region + ":s3";
-    credentials_ = key_id + ":" + secret;
-    std::fill(secret.begin(), secret.end(), '\0');
-    if (session_token) headers_ = curl_slist_append(headers_, (std::string("x-amz-security-token: ") + session_token).c_str());
   }
 
  private:
@@ -240,30 +231,98 @@ class http_source final : public source {
     }
     return easy_ptr(curl_easy_init());
   }
-  // Only handles whose transfer succeeded come back: a failed one may hold a broken connection.
   void give(easy_ptr h) {
     std::lock_guard lock(mutex_);
     pool_.push_back(std::move(h));
   }
+
+  std::string origin_;
+  source_options options_;
+  std::mutex mutex_;
+  std::vector<easy_ptr> pool_;
+  curl_slist* headers_ = nullptr;
+  std::string sigv4_, credentials_;
+};
+
+class http_source final : public source {
+ public:
+  http_source(std::string base, source_options options)
+      : base_(std::move(base)), client_(base_, std::move(options)) {
+    while (base_.size() > 1 && base_.back() == '/') base_.pop_back();
+  }
+  const std::string& name() const noexcept override { return base_; }
+  http_client& client() { return client_; }
+
+  result<void> fetch(const std::string& file, byte_range range, std::span<std::byte> out,
+                     const std::atomic<bool>* cancel) override {
+    auto fail = [&](std::string why) {
+      return error(errc::io_error, fmt::format("{}: {}", base_, why)).with_path(file).with_range(range.begin, range.end);
+    };
+    std::string first = file == "." ? base_ : base_ + "/" + url_path(file);
+    // A hub answers with a redirect to a CDN: the target is reused for the next ranges of the file.
+    std::string url = first;
+    bool cached = false;
+    {
+      std::lock_guard lock(mutex_);
+      if (auto it = redirects_.find(file); it != redirects_.end()) url = it->second, cached = true;
+    }
+    // A cached redirect target that misbehaves is forgotten: the next try asks the origin again.
+    auto bad = [&](std::string why) {
+      if (cached) forget(file);
+      return fail(std::move(why));
+    };
+    std::size_t received = 0;
+    transfer t;
+    t.sink = [&](const char* data, std::size_t len) {
+      if (len > out.size() - received) return false;  // never past the caller's buffer
+      std::memcpy(out.data() + received, data, len);
+      received += len;
+      return true;
+    };
+    auto got = client_.get(url, fmt::format("{}-{}", range.begin, range.end - 1), t, cancel);
+    if (!got) {
+      if (got.error().code() == errc::cancelled) return std::move(got).error();
+      if (t.refused) return bad("the server sent more bytes than the range asked for (does it ignore Range?)");
+      return bad(got.error().detail());
+    }
+    if (got->url != first && !cached) {
+      std::lock_guard lock(mutex_);
+      redirects_[file] = got->url;
+    }
+    if (got->status == 404) {
+      if (cached) forget(file);
+      return error(errc::not_found, fmt::format("{}: HTTP 404", base_)).with_path(file);
+    }
+    // 206 with the exact Content-Range asked for; 200 only when the range is a whole file.
+    if (got->status == 206) {
+      auto expected = fmt::format("bytes {}-{}/", range.begin, range.end - 1);
+      if (got->content_range.rfind(expected, 0) != 0)
+        return bad(fmt::format("Content-Range \"{}\" does not match the range asked for", got->content_range));
+    } else if (!(got->status == 200 && range.begin == 0)) {
+      return bad(fmt::format("HTTP {}", got->status));
+    }
+    if (received != out.size()) return bad(fmt::format("the body has {} bytes, the range {}", received, out.size()));
+    return {};
+  }
+
+ private:
   void forget(const std::string& file) {
     std::lock_guard lock(mutex_);
     redirects_.erase(file);
   }
 
   std::string base_;
-  source_options options_;
+  http_client client_;
   std::mutex mutex_;
-  std::vector<easy_ptr> pool_;
   std::map<std::string, std::string> redirects_;  // file -> where its origin sent us
-  curl_slist* headers_ = nullptr;
-  std::string sigv4_, credentials_;
 };
 
 class file_source final : public source {
  public:
   explicit file_source(std::string url, std::filesystem::path root) : url_(std::move(url)), root_(std::move(root)) {}
   const std::string& name() const noexcept override { return url_; }
-  result<void> fetch(const std::string& file, byte_range range, std::span<std::byte> out) override {
+  result<void> fetch(const std::string& file, byte_range range, std::span<std::byte> out,
+                     const std::atomic<bool>*) override {
     auto path = file == "." ? root_ : root_ / file;
     auto fd = detail::open_read(path, /*follow=*/true);
     if (!fd) return std::move(fd).error();
@@ -299,8 +358,8 @@ result<std::unique_ptr<source>> make_source(std::string_view url, const source_o
       return error(errc::key_error, "s3:// needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment");
     curl_global();
     auto src = std::make_unique<http_source>(endpoint + "/" + std::string(url.substr(5)), options);
-    src->sign_for_s3(region, key_id, secret, std::getenv("AWS_SESSION_TOKEN"));
-    std::fill(secret.begin(), secret.end(), '\0');
+    src->client().sign_for_s3(region, key_id, secret, std::getenv("AWS_SESSION_TOKEN"));
+    sodium_memzero(secret.data(), secret.size());
     return std::unique_ptr<source>(std::move(src));
   }
   return error(errc::invalid_argument, fmt::format("\"{}\" is not an http://, https://, s3:// or file:// origin", url));
@@ -310,31 +369,20 @@ result<std::string> fetch_document(std::string_view url, std::size_t max_size, c
   if (url.rfind("http://", 0) != 0 && url.rfind("https://", 0) != 0)
     return error(errc::invalid_argument, fmt::format("\"{}\" is not an http:// or https:// URL", url));
   curl_global();
-  easy_ptr c(curl_easy_init());
-  if (!c) return error(errc::io_error, "cannot create a curl handle");
-  std::string body;
-  struct sink {
-    std::string* body;
-    std::size_t max;
-    static std::size_t on_body(char* data, std::size_t size, std::size_t n, void* self) {
-      auto* s = static_cast<sink*>(self);
-      if (s->body->size() + size * n > s->max) return 0;
-      s->body->append(data, size * n);
-      return size * n;
-    }
-  } s{&body, max_size};
-  std::string u(url);
-  configure_easy(c.get(), options);
-  curl_easy_setopt(c.get(), CURLOPT_URL, u.c_str());
-  curl_easy_setopt(c.get(), CURLOPT_WRITEFUNCTION, &sink::on_body);
-  curl_easy_setopt(c.get(), CURLOPT_WRITEDATA, &s);
-  CURLcode rc = curl_easy_perform(c.get());
-  long status = 0;
-  curl_easy_getinfo(c.get(), CURLINFO_RESPONSE_CODE, &status);
-  if (rc == CURLE_WRITE_ERROR && body.size() >= max_size)
+  std::string u(url), body;
+  http_client client(u, options);
+  transfer t;
+  t.sink = [&](const char* data, std::size_t len) {
+    if (len > max_size - body.size()) return false;
+    body.append(data, len);
+    return true;
+  };
+  auto got = client.get(u, "", t, nullptr);
+  if (!got && t.refused)
     return error(errc::malformed_bundle, fmt::format("{}: the bundle is too large (more than {} bytes)", url, max_size));
-  if (rc != CURLE_OK) return error(errc::io_error, fmt::format("{}: {}", url, curl_easy_strerror(rc)));
-  if (status != 200) return error(status == 404 ? errc::not_found : errc::io_error, fmt::format("{}: HTTP {}", url, status));
+  if (!got) return std::move(got).error().with_path(u);
+  if (got->status != 200)
+    return error(got->status == 404 ? errc::not_found : errc::io_error, fmt::format("{}: HTTP {}", url, got->status));
   return body;
 }
 

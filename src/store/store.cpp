@@ -11,6 +11,7 @@
 
 #include "detail/encoding.hpp"
 #include "detail/file.hpp"
+#include "detail/thread_pool.hpp"
 #include "store/seal.hpp"
 #include "store/sqlite.hpp"
 
@@ -29,6 +30,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -1053,7 +1055,7 @@ result<void> store::materialize(const std::string& artifact, const std::filesyst
   if (!reader) return fail(std::move(reader).error());
 
   std::vector<std::string> top_level;
-  std::vector<std::byte> buf;
+  std::vector<std::vector<std::byte>> bufs;
   for (std::size_t fi = 0; fi < d->files.size(); ++fi) {
     const auto& f = d->files[fi];
     // A single-file model is named "." in its manifest: it takes its subject's name.
@@ -1066,22 +1068,33 @@ result<void> store::materialize(const std::string& artifact, const std::filesyst
                        0644);
     if (ofd < 0) return fail(detail::sys_error("cannot create", dest / name, errno));
     detail::unique_fd out(ofd);
-    // Each piece is decrypted chunk by chunk straight into the staging file; a piece whose tag
-    // fails at the end fails the export, and the staging directory goes with it.
-    buf.resize(io_chunk);
-    for (std::size_t k = f.first_piece; k < f.first_piece + f.pieces; ++k) {
+    // Each piece is decrypted chunk by chunk straight into the staging file, pieces in parallel;
+    // a piece whose tag fails at the end fails the export, and the staging directory goes with it.
+    unsigned workers = detail::worker_count(0, f.pieces);
+    bufs.resize(std::max<std::size_t>(bufs.size(), workers));
+    std::mutex failure_mutex;
+    std::optional<error> failure;
+    detail::parallel_for(f.pieces, workers, [&](std::size_t i, unsigned w) {
+      std::size_t k = f.first_piece + i;
       auto range = reader->impl_->piece_ranges[k];
       auto write = [&](std::span<const std::byte> plain, std::uint64_t offset) {
         return pwrite_all(out.get(), plain, range.begin + offset, dest / name);
       };
+      bufs[w].resize(io_chunk);
       store_lock g(impl_->dir, LOCK_SH);
-      if (auto r = impl_->open_piece(artifact, k, buf, write); !r) return fail(std::move(r).error());
-    }
+      if (auto r = impl_->open_piece(artifact, k, bufs[w], write); !r) {
+        std::lock_guard lock(failure_mutex);
+        if (!failure) failure = std::move(r).error();
+        return false;
+      }
+      return true;
+    });
+    if (failure) return fail(std::move(*failure));
     if (::fsync(out.get()) != 0) return fail(detail::sys_error("cannot sync", dest / name, errno));
     auto top = name.substr(0, name.find('/'));
     if (std::find(top_level.begin(), top_level.end(), top) == top_level.end()) top_level.push_back(top);
   }
-  sodium_memzero(buf.data(), buf.size());
+  for (auto& b : bufs) sodium_memzero(b.data(), b.size());
   for (const auto& top : top_level)
     if (::renameat(staging_fd.get(), top.c_str(), dest_fd.get(), top.c_str()) != 0)
       return fail(detail::sys_error("cannot move into place", dest / top, errno));

@@ -7,6 +7,7 @@ import http.server
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -71,10 +72,10 @@ master_process off; daemon off; pid {self.dir / 'nginx.pid'}; error_log {self.di
 events {{ worker_connections 256; }}
 http {{
   {temp}
-  log_format bytes '$request_method $uri $status $body_bytes_sent';
+  log_format bytes '$request_method $uri $status $body_bytes_sent $server_protocol';
   access_log {self.log} bytes;
   server {{ listen 127.0.0.1:{self.port}; root {root}; }}
-  server {{ listen 127.0.0.1:{self.tls_port} ssl; root {root};
+  server {{ listen 127.0.0.1:{self.tls_port} ssl http2; root {root};
            ssl_certificate {cert}; ssl_certificate_key {key}; ssl_protocols {tls_protocols}; }}
 }}
 """
@@ -93,8 +94,13 @@ http {{
     def bytes_sent(self, name):
         if not self.log.exists():
             return 0
-        return sum(int(m.group(2)) for m in re.finditer(r"^GET (\S+) \d+ (\d+)$", self.log.read_text(), re.M)
+        return sum(int(m.group(2)) for m in re.finditer(r"^GET (\S+) \d+ (\d+) \S+$", self.log.read_text(), re.M)
                    if m.group(1).endswith(name))
+
+    def protocols(self, name):
+        """The HTTP versions of the GETs for `name`, as nginx logged them."""
+        return [m.group(2) for m in re.finditer(r"^GET (\S+) \d+ \d+ (\S+)$", self.log.read_text(), re.M)
+                if m.group(1).endswith(name)]
 
     def stop(self):
         self.proc.terminate()
@@ -165,8 +171,9 @@ class HostileHandler(http.server.BaseHTTPRequestHandler):
             if srv.mode == "stall":
                 time.sleep(3)
             return  # the connection closes with the body cut short
-        self.send_response(206)
-        self.send_header("Content-Range", f"bytes {b}-{e - 1}/{len(data)}")
+        self.send_response(206 if m else 200)
+        if m:
+            self.send_header("Content-Range", f"bytes {b}-{e - 1}/{len(data)}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -333,15 +340,19 @@ def test_credentials_go_to_the_origin_only_never_across_a_redirect(drun, tmp_pat
     (tmp_path / "headers").write_text("Authorization: Bearer s3cr3t-token\n")
     os.chmod(tmp_path / "headers", 0o600)
     try:
+        # The bundle too comes from the hub (through the same redirect), with the same credentials.
+        shutil.copy(sig, m / "model.sig")
         # One connection, so that "once per file" is exact (parallel first requests race the cache).
-        r = fetch(drun, sig, pub, tmp_path / "store", node_key, hub.url(),
+        r = fetch(drun, hub.url() + "/model.sig", pub, tmp_path / "store", node_key, hub.url(),
                   extra=["--header-file", tmp_path / "headers", "--out", tmp_path / "out", "--connections", 1]).ok()
+        (m / "model.sig").unlink()
         assert same_tree(m, tmp_path / "out")
         assert "s3cr3t" not in r.out + r.err
         assert hub.auth_seen and all(a == "Bearer s3cr3t-token" for a in hub.auth_seen)
         assert cdn.auth_seen and all(a is None for a in cdn.auth_seen), cdn.auth_seen
-        # The redirect target is reused: the hub is asked once per file (3), not once per piece (23).
-        assert len(hub.auth_seen) == 3, len(hub.auth_seen)
+        # The redirect target is reused: the hub is asked once per file (3), not once per piece
+        # (23), plus once for the bundle.
+        assert len(hub.auth_seen) == 4, len(hub.auth_seen)
         # A header file others can read is refused.
         os.chmod(tmp_path / "headers", 0o644)
         fetch(drun, sig, pub, tmp_path / "store2", node_key, hub.url(),
@@ -386,6 +397,209 @@ def test_through_a_forward_proxy(drun, tmp_path, published, nginx, node_key):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_http2_where_the_origin_offers_it(drun, tmp_path, published, nginx, node_key):
+    m, sig, pub = published
+    fetch(drun, sig, pub, tmp_path / "store", node_key, nginx.tls_url(), extra=["--ca-cert", nginx.ca]).ok()
+    # nginx offers h2 over TLS (ALPN): every range went over HTTP/2.
+    assert set(nginx.protocols("weights.bin")) == {"HTTP/2.0"}, nginx.protocols("weights.bin")
+    fetch(drun, sig, pub, tmp_path / "store2", node_key, nginx.url()).ok()
+    assert "HTTP/1.1" in nginx.protocols("weights.bin")  # cleartext stays on HTTP/1.1
+
+
+class Tinyproxy:
+    def __init__(self, tmp, auth=None):
+        exe = shutil.which("tinyproxy")
+        if not exe:
+            pytest.skip("tinyproxy is not installed (scripts/bootstrap.sh installs it)")
+        self.port = free_port()
+        self.log = tmp / "tinyproxy.log"
+        conf = (f"Port {self.port}\nListen 127.0.0.1\nTimeout 30\nAllow 127.0.0.1\nLogFile \"{self.log}\"\n"
+                f"LogLevel Connect\nPidFile \"{tmp / 'tinyproxy.pid'}\"\nMaxClients 50\n")
+        if auth:
+            conf += f"BasicAuth {auth[0]} {auth[1]}\n"
+        (tmp / "tinyproxy.conf").write_text(conf)
+        self.proc = subprocess.Popen([exe, "-d", "-c", tmp / "tinyproxy.conf"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_port(self.port, self.proc)
+
+    def requests_for(self, name):
+        return self.log.read_text().count(name) if self.log.exists() else 0
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class TlsFront:
+    """A TLS listener relaying every connection to a plaintext port: an HTTPS proxy made of
+    tinyproxy and this, with a certificate from `pki` (ca.pem, server.pem, server.key)."""
+
+    def __init__(self, backend_port, cert, key):
+        import ssl
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.backend = backend_port
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.relay, args=(conn,), daemon=True).start()
+
+    def relay(self, conn):
+        try:
+            tls = self.ctx.wrap_socket(conn, server_side=True)
+        except OSError:
+            conn.close()
+            return
+        back = socket.create_connection(("127.0.0.1", self.backend))
+
+        def pump(a, b):
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        threading.Thread(target=pump, args=(back, tls), daemon=True).start()
+        pump(tls, back)
+
+    def stop(self):
+        self.sock.close()
+
+
+def test_proxy_credentials_from_a_file_or_the_environment(drun, tmp_path, published, nginx, node_key):
+    m, sig, pub = published
+    proxy = Tinyproxy(tmp_path, auth=("drun", "pr0xy-pa55"))
+    url = f"http://127.0.0.1:{proxy.port}"
+    try:
+        fetch(drun, sig, pub, tmp_path / "s1", node_key, nginx.url(), extra=["--proxy", url]).fails(3, "HTTP 407")
+        creds = tmp_path / "proxy-auth"
+        creds.write_text("drun:pr0xy-pa55\n")
+        os.chmod(creds, 0o600)
+        r = fetch(drun, sig, pub, tmp_path / "s2", node_key, nginx.url(),
+                  extra=["--proxy", url, "--proxy-auth-file", creds, "--out", tmp_path / "out"]).ok()
+        assert same_tree(m, tmp_path / "out")
+        assert "pr0xy" not in r.out + r.err
+        assert proxy.requests_for("weights.bin") > 0
+        # The same from an environment variable.
+        os.environ["DRUN_TEST_PROXY_AUTH"] = "drun:pr0xy-pa55"
+        try:
+            fetch(drun, sig, pub, tmp_path / "s3", node_key, nginx.url(),
+                  extra=["--proxy", url, "--proxy-auth-env", "DRUN_TEST_PROXY_AUTH"]).ok()
+        finally:
+            del os.environ["DRUN_TEST_PROXY_AUTH"]
+        # Credentials on the command line, or in a file others can read, are refused.
+        fetch(drun, sig, pub, tmp_path / "s4", node_key, nginx.url(),
+              extra=["--proxy", f"http://drun:pr0xy-pa55@127.0.0.1:{proxy.port}"]).fails(2, "--proxy-auth-file")
+        os.chmod(creds, 0o644)
+        fetch(drun, sig, pub, tmp_path / "s5", node_key, nginx.url(),
+              extra=["--proxy", url, "--proxy-auth-file", creds]).fails(2, "permissions")
+    finally:
+        proxy.stop()
+
+
+def test_https_proxy_is_verified_like_an_origin(drun, tmp_path, published, nginx, node_key):
+    m, sig, pub = published
+    proxy = Tinyproxy(tmp_path)
+    ca, cert, key = make_ca_and_server_cert(tmp_path / "proxy-pki", "proxy CA")
+    front = TlsFront(proxy.port, cert, key)
+    url = f"https://127.0.0.1:{front.port}"
+    try:
+        # The proxy's certificate does not chain to a CA we were given: nothing goes through it.
+        fetch(drun, sig, pub, tmp_path / "s1", node_key, nginx.url(), extra=["--proxy", url]).fails(3)
+        assert proxy.requests_for("weights.bin") == 0
+        # An HTTPS origin through an HTTPS proxy: TLS to the proxy, then TLS inside the tunnel.
+        bundle = tmp_path / "both-cas.pem"
+        bundle.write_bytes(Path(ca).read_bytes() + Path(nginx.ca).read_bytes())
+        fetch(drun, sig, pub, tmp_path / "s2", node_key, nginx.tls_url(),
+              extra=["--proxy", url, "--ca-cert", bundle, "--out", tmp_path / "out"]).ok()
+        assert same_tree(m, tmp_path / "out")
+        assert f"CONNECT 127.0.0.1:{nginx.tls_port}" in proxy.log.read_text()  # tunnelled through it
+    finally:
+        front.stop()
+        proxy.stop()
+
+
+def slow_model(drun, tmp_path, drun_keys, size=8 << 20):
+    m = tmp_path / "slow"
+    m.mkdir()
+    (m / "w.bin").write_bytes(det_bytes(size, 9))
+    key, pub = drun_keys["ecdsa-p256"]
+    drun("sign", m, "--key", key, "--piece-size", 1 << 20, "--signature", tmp_path / "slow.sig").ok()
+    return m, tmp_path / "slow.sig", pub
+
+
+def test_ctrl_c_cancels_cleanly_and_a_rerun_fetches_only_the_rest(drun, drun_bin, tmp_path, drun_keys, node_key):
+    m, sig, pub = slow_model(drun, tmp_path, drun_keys)
+    srv = Nginx(tmp_path, m)
+    try:
+        argv = [drun_bin, "fetch", "--signature", sig, "--public-key", pub, "--store", tmp_path / "store",
+                "--key-source", node_key, "--origin", srv.url(), "--connections", "2"]
+        p = subprocess.Popen(list(map(str, argv + ["--limit-rate", "2M"])), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        t0 = time.time()
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=20)
+        assert time.time() - t0 < 2, "cancellation took too long"
+        assert p.returncode == 130, (p.returncode, out, err)
+        assert "cancelled" in err and "run it again" in err, err
+        drun("cache", "verify", "--store", tmp_path / "store", "--key-source", node_key).ok()
+        time.sleep(0.5)
+        first = srv.bytes_sent("w.bin")
+        r = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        already = int(re.search(r"\((\d+) already stored\)", r.stdout).group(1))
+        assert 0 < already < 8, r.stdout
+        assert srv.bytes_sent("w.bin") - first == (8 - already) << 20
+    finally:
+        srv.stop()
+
+
+def test_progress_bar_on_a_terminal_counts_pieces_and_time_left(drun_bin, drun, tmp_path, drun_keys, node_key):
+    import pty
+    m, sig, pub = slow_model(drun, tmp_path, drun_keys, size=4 << 20)
+    srv = Nginx(tmp_path, m)
+    master, slave = pty.openpty()
+    try:
+        argv = [drun_bin, "fetch", "--signature", sig, "--public-key", pub, "--store", tmp_path / "store",
+                "--key-source", node_key, "--origin", srv.url(), "--limit-rate", "2M"]
+        p = subprocess.Popen(list(map(str, argv)), stdout=subprocess.PIPE, stderr=slave,
+                             env={**os.environ, "DRUN_PROGRESS_DELAY_MS": "0"})
+        os.close(slave)
+        slave = None
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the pty closes when drun exits
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert p.wait(timeout=30) == 0
+        text = seen.decode(errors="replace")
+        assert re.search(r"fetching: +\d+%  \d+ / 4 MiB  \d+ MiB/s  \d/4 pieces  \d+:\d\d left", text), text
+    finally:
+        if slave is not None:
+            os.close(slave)
+        os.close(master)
+        srv.stop()
 
 
 def test_rate_limit(drun, tmp_path, drun_keys, node_key):
