@@ -11,18 +11,7 @@ bench=$build/benchmarks/bench_hash
 bench_seal=$build/benchmarks/bench_seal
 mkdir -p "$work"
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
-# Best (lowest) wall time of 3 runs of a command, in seconds.
-best_of_3() {
-  local best=""
-  for _ in 1 2 3; do
-    local t0 t1 dt
-    t0=$(date +%s.%N); "$@" >/dev/null; t1=$(date +%s.%N)
-    dt=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
-    best=$(awk -v a="$best" -v b="$dt" 'BEGIN { print (a == "" || b < a) ? b : a }')
-  done
-  echo "$best"
-}
+source "$root/benchmarks/lib.sh"
 
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $(grep -o -w sha_ni /proc/cpuinfo | head -1 || echo no) SHA extensions"
 echo "openssl: $(openssl version)"
@@ -72,18 +61,6 @@ echo
 
 echo "== importing the 2 GiB model into an encrypted store (verify + seal + write + fdatasync, 2 threads; best of 3)"
 [ -f "$work/node.key" ] || "$drun" cache keygen --out "$work/node.key" >/dev/null
-best_fresh() {  # best_fresh DIR_TO_CLEAR command...: best of 3 wall times, DIR removed before each run
-  local dir=$1 best=""
-  shift
-  for _ in 1 2 3; do
-    rm -rf "$dir"
-    sync
-    local t0 t1
-    t0=$(date +%s.%N); "$@" >/dev/null; t1=$(date +%s.%N)
-    best=$(awk -v a="$best" -v t0="$t0" -v t1="$t1" 'BEGIN { d = t1 - t0; print (a == "" || d < a) ? d : a }')
-  done
-  echo "$best"
-}
 import_cmd=("$drun" cache import "$work/model" --signature "$work/model.sig" --public-key "$work/key.pub"
             --store "$work/store" --key-source "file:$work/node.key" --threads 2)
 t_cp=$(best_fresh "$work/copy" cp -r "$work/model" "$work/copy")
@@ -100,22 +77,23 @@ echo "drun cache import peak RSS  : $((import_kib / 1024)) MiB"
 
 echo
 echo "== fetching the 2 GiB model from nginx on loopback (best of 3; nothing verified by curl or aria2c)"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-ngx=$work/nginx
-mkdir -p "$ngx"
-cat > "$ngx/nginx.conf" <<NGINX
-master_process off; daemon off; pid $ngx/nginx.pid; error_log $ngx/error.log;
-events { worker_connections 256; }
-http {
-  client_body_temp_path $ngx/body; proxy_temp_path $ngx/proxy; fastcgi_temp_path $ngx/fastcgi;
-  uwsgi_temp_path $ngx/uwsgi; scgi_temp_path $ngx/scgi; access_log off; sendfile on;
-  server { listen 127.0.0.1:$port; root $work/model; }
-}
-NGINX
-nginx -c "$ngx/nginx.conf" -p "$ngx" &
-nginx_pid=$!
+# A test PKI for HTTPS and the peers: a CA, a server certificate for 127.0.0.1, a client one.
+pki=$work/pki
+if [ ! -f "$pki/client.pem" ]; then
+  mkdir -p "$pki"
+  mk() { openssl "$@" >/dev/null 2>&1; }
+  mk req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=bench-ca -keyout "$pki/ca.key" -out "$pki/ca.pem"
+  for n in server client; do
+    mk req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$n" -keyout "$pki/$n.key" -out "$pki/$n.csr"
+    echo "subjectAltName=IP:127.0.0.1" > "$pki/$n.cnf"
+    mk x509 -req -in "$pki/$n.csr" -CA "$pki/ca.pem" -CAkey "$pki/ca.key" -CAcreateserial -days 30 -extfile "$pki/$n.cnf" -out "$pki/$n.pem"
+    chmod 600 "$pki/$n.key"
+  done
+fi
+port=$(free_port)
+tls_port=$(free_port)
+start_nginx "$work/nginx" "$work/model" "$port" "$tls_port" "$pki/server.pem" "$pki/server.key"
 trap 'kill $nginx_pid 2>/dev/null || true' EXIT
-for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
 url=http://127.0.0.1:$port/weights.bin
 fetch_cmd=("$drun" fetch --signature "$work/model.sig" --public-key "$work/key.pub" --origin "http://127.0.0.1:$port"
            --store "$work/fstore" --key-source "file:$work/node.key")
@@ -133,3 +111,26 @@ echo "aria2c -x8                   : ${t_aria} s"
 echo "drun fetch (verify + seal)   : ${t_fetch} s  ($(ratio "$t_fetch" "$t_curl")x curl, $(ratio "$t_fetch" "$t_curl_dgst")x curl+dgst, $(ratio "$t_fetch" "$t_aria")x aria2c)"
 echo "drun fetch --out             : ${t_fetch_out} s  ($(ratio "$t_fetch_out" "$t_curl")x curl)"
 echo "drun fetch peak RSS          : $((fetch_kib / 1024)) MiB"
+
+echo
+echo "== peer to peer on loopback: the 2 GiB model over mutual TLS 1.3 (best of 3)"
+"$drun" cache import "$work/model" --signature "$work/model.sig" --public-key "$work/key.pub" --store "$work/seed" \
+  --key-source "file:$work/node.key" >/dev/null
+peer_port=$(free_port)
+"$drun" serve --store "$work/seed" --key-source "file:$work/node.key" --listen "127.0.0.1:$peer_port" \
+  --tls-cert "$pki/server.pem" --tls-key "$pki/server.key" --client-ca "$pki/ca.pem" >/dev/null &
+serve_pid=$!
+trap 'kill $nginx_pid $serve_pid 2>/dev/null || true' EXIT
+for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$peer_port") 2>/dev/null && break; sleep 0.1; done
+tls_url=https://127.0.0.1:$tls_port/weights.bin
+peer_cmd=("$drun" fetch --signature "$work/model.sig" --public-key "$work/key.pub" --peer "127.0.0.1:$peer_port"
+          --ca-cert "$pki/ca.pem" --tls-cert "$pki/client.pem" --tls-key "$pki/client.key" --store "$work/pstore"
+          --key-source "file:$work/node.key")
+t_curl_tls=$(best_fresh "$work/dl" bash -c "mkdir -p '$work/dl' && curl -s --cacert '$pki/ca.pem' -o '$work/dl/w' '$tls_url'")
+t_peer=$(best_fresh "$work/pstore" "${peer_cmd[@]}")
+rm -rf "$work/pstore"
+peer_kib=$( { /usr/bin/time -f '%M' "${peer_cmd[@]}" >/dev/null; } 2>&1 | tail -1)
+rm -rf "$work/pstore" "$work/dl" "$work/seed"
+echo "curl -o over HTTPS from nginx (TLS 1.3, nothing verified)  : ${t_curl_tls} s  ($(awk -v t="$t_curl_tls" 'BEGIN { printf "%.0f", 2048 / t }') MiB/s)"
+echo "drun fetch --peer (mTLS + verify + seal)                   : ${t_peer} s  ($(awk -v t="$t_peer" 'BEGIN { printf "%.0f", 2048 / t }') MiB/s, $(ratio "$t_curl_tls" "$t_peer")x curl's throughput)"
+echo "drun fetch --peer peak RSS                                 : $((peer_kib / 1024)) MiB"

@@ -238,5 +238,7 @@ inline drun::result<drun::trust_store> trust_from_args(const parsed_args& args) 
 // Entry points of `drun cache ...` (cli/cache.cpp) and `drun fetch` (cli/fetch.cpp).
 int cmd_cache(int argc, char** argv);
 int cmd_fetch(int argc, char** argv);
+int cmd_serve(int argc, char** argv);
+int cmd_token(int argc, char** argv);  // cli/token.cpp
 
 }  // namespace drun::cli

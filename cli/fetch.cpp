@@ -13,12 +13,18 @@ int cmd_fetch(int argc, char** argv) {
                           {"connections", true}, {"ca-cert", true}, {"tls-min", true}, {"insecure", false},
                           {"proxy", true}, {"attempts", true}, {"header-file", true}, {"bearer-env", true},
                           {"limit-rate", true}, {"stall-timeout", true}, {"s3-endpoint", true},
-                          {"proxy-auth-file", true}, {"proxy-auth-env", true}});
+                          {"proxy-auth-file", true}, {"proxy-auth-env", true}, {"peer", true, true},
+                          {"peers-dns", true, true}, {"tls-cert", true}, {"tls-key", true}, {"token-file", true},
+                          {"artifact", true}, {"swarm-self", true}});
   if (!args.positional.empty()) throw usage_error{"fetch takes no positional arguments"};
   auto sig = args.get("signature");
   auto origins = args.all("origin");
-  if (!sig) throw usage_error{"--signature URL|FILE is required"};
-  if (origins.empty()) throw usage_error{"at least one --origin URL is required"};
+  auto peers = args.all("peer");
+  auto artifact = args.get("artifact");
+  if (sig.has_value() == artifact.has_value())
+    throw usage_error{"give --signature URL|FILE, or --artifact ID to get the bundle from a peer"};
+  if (origins.empty() && peers.empty() && !args.has("peers-dns"))
+    throw usage_error{"give at least one --origin URL, --peer HOST:PORT or --peers-dns NAME:PORT"};
   if (!args.has("store") || !args.has("key-source")) throw usage_error{"--store DIR and --key-source SPEC are required"};
 
   drun::source_options so;
@@ -92,24 +98,69 @@ int cmd_fetch(int argc, char** argv) {
 
   auto trust = trust_from_args(args);
   if (!trust) return fail("fetch", trust.error());
-  // The bundle first: nothing is downloaded for a model whose signature does not check out.
-  bool remote = sig->rfind("http://", 0) == 0 || sig->rfind("https://", 0) == 0;
-  auto text = remote ? drun::fetch_document(*sig, drun::max_bundle_size, so) : drun::read_bundle_file(*sig);
-  if (!text) return fail("fetch", text.error());
-  auto vm = drun::verify_bundle(*text, *trust);
-  if (!vm) return fail("fetch", std::move(vm).error().with_path(*sig));
 
+  // Peers first in the list: the session prefers them and falls back to the origins.
   std::vector<std::unique_ptr<drun::source>> sources;
+  drun::peer_client_options po;
+  po.ca_file = so.ca_file;
+  po.cert_file = args.get("tls-cert").value_or("");
+  po.key_file = args.get("tls-key").value_or("");
+  if (auto tf = args.get("token-file")) {
+    auto text = read_secret_file(*tf, "token file");
+    if (!text) return fail("fetch", text.error());
+    po.token = text->substr(0, text->find_first_of("\r\n"));
+  }
+  for (const auto& name : args.all("peers-dns")) {
+    auto addrs = drun::resolve_peers(name);
+    if (!addrs) return fail("fetch", addrs.error());
+    peers.insert(peers.end(), addrs->begin(), addrs->end());
+  }
+  // In a swarm (--swarm-self: this node's own serving address, found among the peers as
+  // --peers-dns lists every member), the origins' pieces are shared out between the members.
+  auto self = args.get("swarm-self");
+  std::vector<std::string> members = peers, addresses;
+  if (self) members.push_back(*self);
+  for (const auto& p : peers) {
+    if (self && p == *self) continue;  // not a source of its own
+    auto src = drun::make_peer_source(p, po);
+    if (!src) return fail("fetch", src.error());
+    sources.push_back(std::move(src).value());
+    addresses.push_back(p);
+  }
+  std::size_t peer_count = sources.size();
   for (const auto& o : origins) {
     auto src = drun::make_source(o, so);
     if (!src) return fail("fetch", src.error());
     sources.push_back(std::move(src).value());
   }
+
+  // The bundle first: nothing is downloaded for a model whose signature does not check out.
+  drun::result<std::string> text = std::string();
+  std::string bundle_name = sig.value_or("");
+  if (artifact) {
+    // From the first peer that has it; verified against our own trust like any bundle.
+    text = drun::error(drun::errc::not_found, "no peer serves this artifact's bundle");
+    for (std::size_t k = 0; k < peer_count && !text; ++k) {
+      text = sources[k]->bundle(*artifact);
+      bundle_name = sources[k]->name();
+    }
+    if (peer_count == 0) throw usage_error{"--artifact needs --peer or --peers-dns"};
+  } else {
+    bool remote = sig->rfind("http://", 0) == 0 || sig->rfind("https://", 0) == 0;
+    text = remote ? drun::fetch_document(*sig, drun::max_bundle_size, so) : drun::read_bundle_file(*sig);
+  }
+  if (!text) return fail("fetch", text.error());
+  auto vm = drun::verify_bundle(*text, *trust);
+  if (!vm) return fail("fetch", std::move(vm).error().with_path(bundle_name));
+  if (artifact && vm->artifact_id() != *artifact)
+    return fail("fetch", drun::error(drun::errc::signature_invalid,
+                                     fmt::format("{} sent the bundle of {}, not {}", bundle_name, vm->artifact_id(), *artifact)));
   auto key = drun::node_key::from_source(*args.get("key-source"));
   if (!key) return fail("fetch", key.error());
   auto st = drun::store::open(*args.get("store"), std::move(key).value());
   if (!st) return fail("fetch", st.error());
 
+  if (self) fo.origin_owners = drun::swarm_origin_owners(members, *self, addresses);
   auto start = std::chrono::steady_clock::now();
   progress_line progress("fetching");
   fo.progress = progress.fetch_callback();
@@ -131,7 +182,9 @@ int cmd_fetch(int argc, char** argv) {
              report->fetched, report->already_stored, static_cast<double>(report->bytes) / 1048576.0, secs,
              static_cast<double>(report->bytes) / 1048576.0 / std::max(secs, 1e-6));
   for (const auto& t : report->sources)
-    fmt::print("  {}: {} pieces, {} rejected, {} errors\n", t.source, t.pieces, t.rejected, t.errors);
+    fmt::print("  {}: {} pieces, {} rejected, {} errors{}\n", t.source, t.pieces, t.rejected, t.errors,
+               t.banned ? " (banned: sent bytes that do not match the signature)"
+                        : t.dropped ? " (dropped: kept failing or refused us)" : "");
   return exit_ok;
 }
 

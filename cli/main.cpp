@@ -171,17 +171,28 @@ void print_usage(std::FILE* to) {
              "  verify   PATH [--signature SIG] (--public-key PEM | --ca-bundle PEM [--certificate-time now|not-before])\n"
              "           [--ignore REL]... [--ignore-unsigned-files] [--threads N]\n"
              "  manifest SIG [--json]      what a bundle covers (NOT verified)\n\n"
-             "  fetch    --signature URL|FILE (--public-key PEM | --ca-bundle PEM) --origin URL...\n"
+             "  fetch    (--signature URL|FILE | --artifact ID) (--public-key PEM | --ca-bundle PEM)\n"
+             "           [--origin URL]... [--peer HOST:PORT]... [--peers-dns NAME:PORT]\n"
              "           --store DIR --key-source SPEC [--out DIR] [--connections N] [--ca-cert PEM]\n"
-             "           [--tls-min 1.2|1.3] [--proxy URL] [--header-file FILE] [--bearer-env NAME]\n"
+             "           [--tls-cert PEM --tls-key PEM] [--token-file FILE] [--swarm-self ADDR:PORT]\n"
+             "           [--tls-min 1.2|1.3] [--proxy URL] [--proxy-auth-file FILE | --proxy-auth-env NAME]\n"
+             "           [--header-file FILE] [--bearer-env NAME]\n"
              "           [--limit-rate BYTES/s] [--stall-timeout S] [--attempts N] [--insecure]\n"
+             "  serve    --store DIR --key-source SPEC --listen ADDR:PORT --tls-cert PEM --tls-key PEM\n"
+             "           --client-ca PEM [--policy FILE] [--jwks FILE] [--audience A] [--allow-token-only]\n"
+             "           [--max-connections N] [--limit-rate BYTES/s] [--requests-per-second N]\n"
+             "  token issue --key ED25519_KEY --subject S --audience A --artifact ID|'*' [--artifact ...]\n"
+             "           [--ttl 15m] [--issuer I]     prints an EdDSA JWT for a peer\n"
+             "  token jwks --public-key PEM      prints the JWKS that verifies those tokens\n"
+             "  token verify --jwks FILE --audience A [--clock-skew 60s] < TOKEN\n"
              "  cache keygen --out FILE    a new node key for an encrypted store\n"
              "  cache import PATH [--signature SIG] (--public-key PEM | --ca-bundle PEM) [--threads N]\n"
              "  cache export ARTIFACT DEST | ls [--json] | show ARTIFACT [--json] | verify [ARTIFACT]\n"
              "  cache gc [--ttl SECONDS] [--high BYTES --low BYTES] | rm ARTIFACT... | pin | unpin ARTIFACT\n"
              "  cache rotate-key --new-key-source SPEC\n"
              "        every cache command takes --store DIR --key-source file:PATH|env:NAME|cmd:COMMAND\n\n"
-             "exit status: 0 ok, 1 integrity/authenticity failure, 2 usage/configuration, 3 I/O\n");
+             "exit status: 0 ok, 1 integrity/authenticity failure, 2 usage/configuration, 3 I/O or network,\n"
+             "             4 refused by a peer's policy, 130 interrupted\n");
 }
 
 }  // namespace
@@ -199,6 +210,8 @@ int main(int argc, char** argv) {
     if (command == "manifest") return cmd_manifest(argc, argv);
     if (command == "cache") return drun::cli::cmd_cache(argc, argv);
     if (command == "fetch") return drun::cli::cmd_fetch(argc, argv);
+    if (command == "serve") return drun::cli::cmd_serve(argc, argv);
+    if (command == "token") return drun::cli::cmd_token(argc, argv);
     if (command == "help" || command == "--help" || command == "-h") {
       print_usage(stdout);
       return exit_ok;

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The demo: make a sample model (several files, one of 80 MiB), make a publisher key, sign,
 # verify with the CLI and in-process with the library, import it into an encrypted store and
-# export it back bit-identical, fetch it from an nginx origin into another store, then flip one
-# byte and show the refusal.
+# export it back bit-identical, fetch it from an nginx origin into another store, fetch it from an
+# embedded seed peer over mutual TLS into a third, then flip one byte and show the refusal.
 #   examples/demo.sh BUILD_DIR
 set -euo pipefail
 build=$(cd "${1:?usage: demo.sh BUILD_DIR}" && pwd)
@@ -74,6 +74,25 @@ echo "fetched-model/ is bit-identical to sample-model/"
 kill $nginx_pid
 wait $nginx_pid 2>/dev/null || true
 trap - EXIT
+
+step "peers: a test CA and a certificate for this node (mutual TLS 1.3 between peers)"
+mkdir -p pki
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj "/CN=demo cluster CA" \
+  -keyout pki/ca.key -out pki/ca.pem 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=node-1" -keyout pki/node.key \
+  -out pki/node.csr 2>/dev/null
+echo "subjectAltName=IP:127.0.0.1,URI:spiffe://demo/ns/ml/sa/node-1" > pki/node.cnf
+openssl x509 -req -in pki/node.csr -CA pki/ca.pem -CAkey pki/ca.key -CAcreateserial -days 1 \
+  -extfile pki/node.cnf -out pki/node.pem 2>/dev/null
+chmod 600 pki/node.key
+echo "pki/ca.pem, pki/node.pem (SPIFFE ID spiffe://demo/ns/ml/sa/node-1)"
+
+step "an embedded seed peer (examples/embedded_peer.cpp): serve one store in-process, fetch into another by artifact id"
+show "$build/examples/embedded_peer" store peer-store file:node.key "$artifact" publisher.key.pub pki/ca.pem \
+  pki/node.pem pki/node.key
+show "$drun" cache export "$artifact" peer-model --store peer-store --key-source file:node.key
+diff -r sample-model peer-model --exclude model.sig
+echo "peer-model/ is bit-identical to sample-model/"
 
 step "flip one byte at offset 50000000 of the first shard, and verify again"
 shard=sample-model/model-00001-of-00002.safetensors

@@ -15,7 +15,7 @@ packages=(
   nlohmann-json3-dev               # JSON (strict parsing layered on top, see src/detail/json.cpp)
   doctest-dev                      # unit tests
   openssl                          # the CLI: benchmark baseline and interop checks
-  python3 python3-pytest python3-cryptography   # CLI and interop tests, independent OMS checker
+  python3 python3-pytest python3-cryptography python3-jwt   # CLI and interop tests, independent OMS checker
   time                             # /usr/bin/time: peak memory in the benchmark
   curl aria2                       # the baselines of the fetch benchmark
 )

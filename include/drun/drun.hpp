@@ -7,9 +7,12 @@
 #include <drun/keys.hpp>
 #include <drun/manifest.hpp>
 #include <drun/node_key.hpp>
+#include <drun/peer.hpp>
 #include <drun/piece.hpp>
+#include <drun/policy.hpp>
 #include <drun/sign.hpp>
 #include <drun/source.hpp>
 #include <drun/store.hpp>
+#include <drun/token.hpp>
 #include <drun/trust.hpp>
 #include <drun/verify.hpp>

@@ -29,9 +29,14 @@ struct fetch_progress {
 };
 using fetch_progress_callback = std::function<void(const fetch_progress&)>;
 
+// Sources are peers (is_peer()) or origins. Pieces go to peers first, rarest first among the
+// peers that hold them, to the least busy holder; pieces no peer holds go to the origins. A peer
+// whose bytes do not match the signature is banned for the session; a peer that fails repeatedly
+// (dead, unreachable) is dropped and its pieces go elsewhere.
 struct fetch_options {
   unsigned connections = 8;                            // pieces in flight
-  unsigned attempts_per_piece = 6;                     // across all sources
+  unsigned per_peer = 4;                               // pieces in flight to one peer
+  unsigned attempts_per_piece = 6;                     // origin failures and mismatches per piece
   std::chrono::milliseconds first_backoff{100};        // doubled per attempt, with jitter
   std::uint64_t memory_budget = std::uint64_t{192} << 20;  // piece buffers, whatever the model size
   std::uint64_t max_bytes_per_second = 0;              // for the whole fetch; 0: unlimited
@@ -40,7 +45,25 @@ struct fetch_options {
   // Set from another thread (or a signal handler) to stop: transfers in flight are abandoned,
   // what was stored stays stored, and fetch() returns errc::cancelled.
   const std::atomic<bool>* cancel = nullptr;
+  // How often peers are asked what they hold (a leecher's holdings grow while it fetches).
+  std::chrono::milliseconds peer_refresh{500};
+  // With no origin, how long to wait for some peer to hold a missing piece before giving up.
+  std::chrono::milliseconds peer_wait{30000};
+  // Swarms started together: which node takes which piece from the origins, so that the origins
+  // send each piece about once. Piece i belongs to origin_owners[i % size]: a source index (a
+  // peer), or fetch_self for this node. A node takes another's piece from an origin only once that
+  // peer is gone, or after peer_wait; and one piece at a time per origin, so that pieces become
+  // tradeable early. Empty: every node takes any piece no peer holds.
+  std::vector<std::size_t> origin_owners;
 };
+
+inline constexpr std::size_t fetch_self = static_cast<std::size_t>(-1);
+
+// The origin_owners of a node in a swarm: every member's address (this node's own among them;
+// the same list on every node), this node's address, and the address of each of its sources
+// (empty for origins). Members without a source are skipped.
+DRUN_API std::vector<std::size_t> swarm_origin_owners(std::vector<std::string> members, const std::string& self,
+                                                      const std::vector<std::string>& source_addresses);
 
 struct source_tally {
   std::string source;
@@ -48,6 +71,9 @@ struct source_tally {
   std::uint64_t bytes = 0;
   std::size_t rejected = 0;    // delivered bytes that did not match the signed digest
   std::size_t errors = 0;      // network or HTTP failures
+  bool peer = false;
+  bool banned = false;         // a peer that sent bytes that do not match: not asked again
+  bool dropped = false;        // a peer that kept failing or refused us: not asked again
 };
 
 struct fetch_report {

@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -43,6 +44,16 @@ struct source_options {
   std::chrono::seconds stall_timeout{30};  // a transfer with no bytes for this long is abandoned
 };
 
+// One piece a fetch asks a source for: origins use the file name and range, peers the artifact
+// id and piece index.
+struct piece_request {
+  std::string_view artifact_id;  // hex
+  std::string_view file;         // manifest name ("." for a single-file model)
+  std::size_t file_index = 0;
+  std::size_t piece = 0;         // index in the manifest's pieces
+  byte_range range;              // within the file
+};
+
 // Thread safe: several fetch workers call fetch() at once (an HTTP source keeps a pool of
 // connections, reused across calls).
 class DRUN_API source {
@@ -50,12 +61,24 @@ class DRUN_API source {
   virtual ~source() = default;
   // Names the source in reports and errors (its URL, without credentials).
   virtual const std::string& name() const noexcept = 0;
-  // Reads bytes [range.begin, range.end) of the model file `file` (a manifest name, "." for a
-  // single-file model) into out, which has exactly range.size() bytes. A transfer in progress
-  // stops soon after *cancel (when given) becomes true. Errors: io_error (network, HTTP status,
-  // short or oversized body, wrong Content-Range: retryable), not_found, cancelled.
-  virtual result<void> fetch(const std::string& file, byte_range range, std::span<std::byte> out,
-                             const std::atomic<bool>* cancel) = 0;
+  // Reads the piece's bytes into out, which has exactly range.size() bytes. A transfer in
+  // progress stops soon after *cancel (when given) becomes true. Errors: io_error (network,
+  // HTTP status, short or oversized body, wrong Content-Range: retryable), not_found,
+  // permission_denied, cancelled.
+  virtual result<void> fetch(const piece_request& piece, std::span<std::byte> out, const std::atomic<bool>* cancel) = 0;
+  // Peers say which pieces of an artifact they hold (one flag per piece); origins hold every
+  // piece and answer nullopt.
+  virtual result<std::optional<std::vector<bool>>> holdings(std::string_view artifact_id, std::size_t pieces) {
+    (void)artifact_id, (void)pieces;
+    return std::optional<std::vector<bool>>{};
+  }
+  // The artifact's bundle, for sources that can name an artifact by id (peers). Still to be
+  // verified by the caller. Errors: unsupported (origins), not_found, permission_denied.
+  virtual result<std::string> bundle(std::string_view artifact_id) {
+    (void)artifact_id;
+    return error(errc::unsupported, name() + " does not serve bundles by artifact id");
+  }
+  virtual bool is_peer() const noexcept { return false; }
 };
 
 // http://, https://, s3:// or file:// (a local directory or file). Errors: invalid_argument,

@@ -135,6 +135,9 @@ class DRUN_API store {
   // digest on the way through, and the piece is marked stored only if they match
   // (digest_mismatch otherwise). Memory is two 1 MiB buffers whatever the piece size.
   result<bool> put_piece_streamed(const verified_manifest& m, std::size_t index, const piece_source& source);
+  // The bundle an artifact was registered with (verified then; verify again before trusting it
+  // elsewhere). Errors: invalid_argument (not an id), not_found, model_mismatch.
+  result<std::string> bundle(const std::string& artifact);
   // Which pieces of an artifact are stored, by piece index.
   result<std::vector<bool>> stored_pieces(const std::string& artifact);
   // The pieces of a verified artifact still to bring (import and fetch resume from here).

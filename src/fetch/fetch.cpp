@@ -1,5 +1,6 @@
-// The fetch session: parallel piece downloads, each checked against the signed manifest before
-// it is sealed, with retries across sources and bounded memory.
+// The fetch session: a scheduler hands pieces to workers (peers first, rarest first; origins for
+// what no peer holds), each piece is checked against the signed manifest before it is sealed,
+// and failures are charged to the source that caused them.
 #include <drun/fetch.hpp>
 
 #include "detail/thread_pool.hpp"
@@ -8,11 +9,39 @@
 #include <sodium.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <mutex>
 #include <random>
 #include <thread>
 
 namespace drun {
+namespace {
+
+using clock = std::chrono::steady_clock;
+
+enum class piece_state { pending, in_flight, done, failed };
+
+struct piece_slot {
+  piece_state state = piece_state::pending;
+  unsigned attempts = 0;               // origin failures and digest mismatches
+  clock::time_point not_before{};      // backoff after an origin failure
+  std::chrono::milliseconds backoff{};
+  std::optional<error> last;
+};
+
+struct source_slot {
+  bool peer = false;
+  bool usable = true;                  // false once banned or dropped
+  unsigned in_flight = 0;
+  unsigned consecutive_errors = 0;
+  std::vector<bool> have;              // peers: what they announced
+  std::string last_error;              // why it was last refused or failed
+  errc last_code = errc::io_error;
+};
+
+constexpr unsigned max_peer_errors = 3;  // a peer failing this often in a row is dropped
+
+}  // namespace
 
 result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_view bundle_json,
                            const std::vector<std::unique_ptr<source>>& sources, const fetch_options& options) {
@@ -21,120 +50,349 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
   auto plan = s.missing(m);
   if (!plan) return std::move(plan).error();
   fetch_report report;
-  for (const auto& src : sources) report.sources.push_back({src->name()});
+  const std::size_t piece_count = m.pieces().size();
+  std::vector<source_slot> src(sources.size());
+  bool any_origin = false, any_peer = false;
+  for (std::size_t k = 0; k < sources.size(); ++k) {
+    report.sources.push_back({sources[k]->name()});
+    src[k].peer = report.sources[k].peer = sources[k]->is_peer();
+    (src[k].peer ? any_peer : any_origin) = true;
+  }
   report.already_stored = plan->already_stored;
   const std::vector<std::size_t>& todo = plan->indices;
   const std::uint64_t total = plan->bytes;
-  // One piece buffer per worker: the budget bounds memory whatever the model size.
+  std::vector<piece_slot> slots(todo.size());
+  for (auto& sl : slots) sl.backoff = options.first_backoff;
+  // Ties in rarity are broken by a per-session shuffle, so nodes started together ask for
+  // different pieces first and can trade them.
+  std::vector<std::size_t> order(todo.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::mt19937_64 shuffle_rng(randombytes_random());
+  std::shuffle(order.begin(), order.end(), shuffle_rng);
+
   std::uint64_t piece = std::max<std::uint64_t>(1, m.shard_size());
   unsigned workers = std::max<unsigned>(1, std::min<unsigned>(options.connections,
                                                                static_cast<unsigned>(options.memory_budget / piece)));
   workers = detail::worker_count(workers, todo.size());
 
   std::mutex mutex;
-  std::optional<error> fatal, failed_piece;
-  std::atomic<std::uint64_t> done{0};
-  std::atomic<std::size_t> fetched{0};
-  std::vector<std::vector<std::byte>> buffers(workers);
+  std::condition_variable changed;
+  std::optional<error> fatal;
+  std::size_t remaining = todo.size();  // pending or in flight
+  std::uint64_t done_bytes = 0;
+  std::size_t done_pieces = 0;
+  clock::time_point last_refresh{}, last_progress = clock::now();
+  bool refreshing = false;
+
   auto cancelled = [&] { return options.cancel && options.cancel->load(); };
-  // Sleeps until `until`, waking early when the fetch is cancelled.
-  auto nap = [&](std::chrono::steady_clock::time_point until) {
+  auto nap = [&](clock::time_point until) {
     while (!cancelled()) {
-      auto now = std::chrono::steady_clock::now();
+      auto now = clock::now();
       if (now >= until) return;
-      std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(until - now, std::chrono::milliseconds(50)));
+      std::this_thread::sleep_for(std::min<clock::duration>(until - now, std::chrono::milliseconds(50)));
     }
   };
-  // Bandwidth limit: the session may have received at most rate * elapsed bytes; a worker that is
-  // ahead sleeps until the bytes it holds are due.
-  const auto start = std::chrono::steady_clock::now();
+  const auto start = clock::now();
   std::atomic<std::uint64_t> received{0};
   auto pace = [&](std::uint64_t n) {
     if (!options.max_bytes_per_second) return;
     auto total_received = received.fetch_add(n) + n;
-    nap(start + std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(
+    nap(start + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(
                     static_cast<double>(total_received) / static_cast<double>(options.max_bytes_per_second))));
   };
-  auto report_progress = [&](std::uint64_t bytes_done, std::size_t pieces_done) {
+  auto report_progress = [&] {  // under the mutex
     if (!options.progress) return;
-    fetch_progress p{bytes_done, total, pieces_done, todo.size(), 0, 0};
-    double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (secs > 0) p.bytes_per_second = static_cast<double>(bytes_done) / secs;
-    if (p.bytes_per_second > 0) p.seconds_left = static_cast<double>(total - bytes_done) / p.bytes_per_second;
+    fetch_progress p{done_bytes, total, done_pieces, todo.size(), 0, 0};
+    double secs = std::chrono::duration<double>(clock::now() - start).count();
+    if (secs > 0) p.bytes_per_second = static_cast<double>(done_bytes) / secs;
+    if (p.bytes_per_second > 0) p.seconds_left = static_cast<double>(total - done_bytes) / p.bytes_per_second;
     options.progress(p);
   };
-  detail::parallel_for(todo.size(), workers, [&](std::size_t t, unsigned w) {
-    if (cancelled()) return false;
-    std::size_t index = todo[t];
-    const auto& mp = m.pieces()[index];
-    const auto& name = m.files()[mp.file].name;
-    auto& buf = buffers[w];
-    buf.resize(mp.range->size());
-    std::mt19937_64 rng(index * 0x9e3779b97f4a7c15ull + w);
-    std::optional<error> last;
-    bool mismatch_seen = false;
-    auto backoff = options.first_backoff;
-    for (unsigned attempt = 0; attempt < options.attempts_per_piece; ++attempt) {
-      // Spread pieces over the sources, and move to the next source on every retry.
-      std::size_t k = (index + attempt) % sources.size();
-      auto got = sources[k]->fetch(name, *mp.range, buf, options.cancel);
-      if (cancelled()) break;
-      if (got) {
-        pace(buf.size());
-        auto verified = m.check_piece(index, buf);
-        if (verified) {
-          auto put = s.put_piece(m, *verified);
-          if (!put) {
-            std::lock_guard lock(mutex);
-            if (!fatal) fatal = std::move(put).error();
-            return false;
+  auto finish = [&](std::size_t t, piece_state st) {  // under the mutex
+    slots[t].state = st;
+    --remaining;
+    changed.notify_all();
+  };
+  auto drop_source = [&](std::size_t k, bool banned) {  // under the mutex
+    src[k].usable = false;
+    (banned ? report.sources[k].banned : report.sources[k].dropped) = true;
+    changed.notify_all();
+  };
+  // Asks every usable peer what it holds; called without the mutex, by one worker at a time.
+  auto refresh = [&] {
+    std::vector<std::pair<std::size_t, result<std::optional<std::vector<bool>>>>> answers;
+    for (std::size_t k = 0; k < sources.size(); ++k) {
+      {
+        std::lock_guard lock(mutex);
+        if (!src[k].peer || !src[k].usable) continue;
+      }
+      answers.emplace_back(k, sources[k]->holdings(m.artifact_id(), piece_count));
+    }
+    std::lock_guard lock(mutex);
+    for (auto& [k, a] : answers) {
+      if (a && *a) {
+        if (*a != src[k].have) last_progress = clock::now();
+        src[k].have = std::move(**a);
+        src[k].consecutive_errors = 0;
+      } else if (!a) {
+        report.sources[k].errors += 1;
+        src[k].last_error = a.error().message();
+        src[k].last_code = a.error().code();
+        if (a.error().code() == errc::permission_denied || ++src[k].consecutive_errors >= max_peer_errors)
+          drop_source(k, false);
+      }
+    }
+    last_refresh = clock::now();
+    refreshing = false;
+    changed.notify_all();
+  };
+
+  // Picks the next (piece, source), or waits. Returns false when the worker should stop.
+  auto pick = [&](std::unique_lock<std::mutex>& lock, std::size_t& t_out, std::size_t& k_out) -> bool {
+    for (;;) {
+      if (cancelled() || fatal || remaining == 0) return false;
+      auto now = clock::now();
+      if (any_peer && !refreshing && now - last_refresh >= options.peer_refresh) {
+        refreshing = true;
+        lock.unlock();
+        refresh();
+        lock.lock();
+        continue;
+      }
+      // Until the peers have answered once, nothing is known to be on a peer: wait rather than
+      // send everything to the origins.
+      if (any_peer && last_refresh == clock::time_point{}) {
+        changed.wait_for(lock, options.peer_refresh);
+        continue;
+      }
+      // Rarest first among pieces some usable peer holds and has room for.
+      std::size_t best_t = SIZE_MAX, best_k = SIZE_MAX, best_rarity = SIZE_MAX;
+      bool waiting_for_peer = false, any_pending = false;
+      for (std::size_t t : order) {
+        if (slots[t].state != piece_state::pending) continue;
+        any_pending = true;
+        std::size_t index = todo[t], holders = 0, k_free = SIZE_MAX;
+        for (std::size_t k = 0; k < src.size(); ++k) {
+          if (!src[k].peer || !src[k].usable || index >= src[k].have.size() || !src[k].have[index]) continue;
+          ++holders;
+          if (src[k].in_flight < options.per_peer && (k_free == SIZE_MAX || src[k].in_flight < src[k_free].in_flight))
+            k_free = k;
+        }
+        if (holders == 0) continue;
+        if (k_free == SIZE_MAX) {
+          waiting_for_peer = true;
+          continue;
+        }
+        if (holders < best_rarity) best_t = t, best_k = k_free, best_rarity = holders;
+      }
+      if (best_t != SIZE_MAX) {
+        t_out = best_t, k_out = best_k;
+        return true;
+      }
+      // Origins take what no peer holds, once its backoff has passed.
+      if (any_origin) {
+        clock::time_point soonest = clock::time_point::max();
+        for (std::size_t t : order) {
+          auto& sl = slots[t];
+          if (sl.state != piece_state::pending) continue;
+          std::size_t index = todo[t];
+          bool held = false;
+          for (std::size_t k = 0; k < src.size() && !held; ++k)
+            held = src[k].peer && src[k].usable && index < src[k].have.size() && src[k].have[index];
+          if (held) continue;
+          if (!options.origin_owners.empty()) {
+            // Another node's share: wait for it to bring the piece, unless it is gone or late.
+            std::size_t owner = options.origin_owners[index % options.origin_owners.size()];
+            if (owner != fetch_self && owner < src.size() && src[owner].usable && now - start < options.peer_wait) {
+              waiting_for_peer = true;
+              continue;
+            }
           }
-          std::lock_guard lock(mutex);
-          report.sources[k].pieces += 1;
-          report.sources[k].bytes += buf.size();
-          report_progress(done.fetch_add(buf.size()) + buf.size(), fetched.fetch_add(1) + 1);
+          if (sl.not_before > now) {
+            soonest = std::min(soonest, sl.not_before);
+            continue;
+          }
+          // Spread pieces over the origins, and move to the next origin on every retry.
+          std::vector<std::size_t> origins;
+          for (std::size_t k = 0; k < src.size(); ++k)
+            if (!src[k].peer) origins.push_back(k);
+          std::size_t k = origins[(index + sl.attempts) % origins.size()];
+          // In a swarm, one piece at a time per origin: the origin's link is shared by every
+          // member, and a piece finished early is a piece the others can start trading.
+          if (!options.origin_owners.empty() && src[k].in_flight >= 1) {
+            waiting_for_peer = true;
+            break;
+          }
+          t_out = t, k_out = k;
           return true;
         }
-        // Bytes that do not match the signature are charged to the source that sent them.
-        mismatch_seen = true;
-        std::lock_guard lock(mutex);
-        report.sources[k].rejected += 1;
-        last = error(errc::digest_mismatch, fmt::format("{} digest mismatch in what {} sent",
-                                                        to_string(m.hash_type()), sources[k]->name()))
-                   .with_path(name)
-                   .with_range(mp.range->begin, mp.range->end);
-      } else {
-        std::lock_guard lock(mutex);
-        report.sources[k].errors += 1;
-        last = std::move(got).error();
+        if (soonest != clock::time_point::max()) {
+          changed.wait_until(lock, std::min(soonest, now + options.peer_refresh));
+          continue;
+        }
       }
-      if (attempt + 1 == options.attempts_per_piece) break;
-      // Exponential backoff with jitter, so retries from many workers do not arrive together.
-      auto jitter = std::chrono::milliseconds(rng() % static_cast<std::uint64_t>(backoff.count() + 1));
-      nap(std::chrono::steady_clock::now() + backoff / 2 + jitter / 2);
-      backoff *= 2;
+      if (!any_pending || waiting_for_peer) {
+        changed.wait_for(lock, options.peer_refresh);
+        continue;
+      }
+      // Pieces that no usable source holds: wait for peers to get them, for a while.
+      bool peers_left = std::any_of(src.begin(), src.end(), [](const source_slot& x) { return x.peer && x.usable; });
+      if (!peers_left || now - last_progress > options.peer_wait) {
+        for (std::size_t t = 0; t < slots.size(); ++t) {
+          if (slots[t].state != piece_state::pending) continue;
+          if (!slots[t].last) {
+            std::string why = peers_left ? fmt::format("no peer has held it for {} ms", options.peer_wait.count())
+                                         : std::string("no usable source holds it");
+            for (const auto& x : src)
+              if (!x.last_error.empty()) why += "; " + x.last_error;
+            // Every source refused us: an authorization failure (exit 4), not a network one.
+            auto code = std::all_of(src.begin(), src.end(), [](const source_slot& x) {
+              return x.last_code == errc::permission_denied;
+            }) ? errc::permission_denied : errc::io_error;
+            slots[t].last = error(code, std::move(why));
+          }
+          finish(t, piece_state::failed);
+        }
+        continue;
+      }
+      changed.wait_for(lock, options.peer_refresh);
     }
-    sodium_memzero(buf.data(), buf.size());
-    if (cancelled()) return false;
-    std::lock_guard lock(mutex);
-    if (!failed_piece || mismatch_seen) {
-      std::string detail = fmt::format("piece {} failed from every source after {} attempts: {}", index,
-                                       options.attempts_per_piece, last ? last->message() : "no attempt");
-      failed_piece = error(mismatch_seen ? errc::digest_mismatch : errc::io_error, std::move(detail))
-                         .with_path(name)
-                         .with_range(mp.range->begin, mp.range->end);
+  };
+
+  std::vector<std::vector<std::byte>> buffers(workers);
+  detail::parallel_for(workers, workers, [&](std::size_t, unsigned w) {
+    std::mt19937_64 rng(randombytes_random() + w);
+    auto& buf = buffers[w];
+    std::unique_lock lock(mutex);
+    std::size_t t = 0, k = 0;
+    while (pick(lock, t, k)) {
+      auto& sl = slots[t];
+      sl.state = piece_state::in_flight;
+      src[k].in_flight++;
+      const std::size_t index = todo[t];
+      const auto& mp = m.pieces()[index];
+      const auto& name = m.files()[mp.file].name;
+      lock.unlock();
+
+      buf.resize(mp.range->size());
+      piece_request req{m.artifact_id(), name, mp.file, index, *mp.range};
+      auto got = sources[k]->fetch(req, buf, options.cancel);
+      std::optional<result<verified_piece>> verified;
+      result<bool> put = false;
+      if (got && !cancelled()) {
+        pace(buf.size());
+        verified.emplace(m.check_piece(index, buf));
+        if (*verified) put = s.put_piece(m, **verified);
+      }
+      sodium_memzero(buf.data(), buf.size());
+
+      lock.lock();
+      src[k].in_flight--;
+      changed.notify_all();
+      auto& tally = report.sources[k];
+      if (cancelled()) {
+        sl.state = piece_state::pending;
+        break;
+      }
+      if (got && *verified && put) {
+        tally.pieces += 1;
+        tally.bytes += mp.range->size();
+        src[k].consecutive_errors = 0;
+        done_bytes += mp.range->size();
+        done_pieces += 1;
+        last_progress = clock::now();
+        finish(t, piece_state::done);
+        report_progress();
+        continue;
+      }
+      if (got && *verified && !put) {  // the store failed: nothing else can succeed
+        if (!fatal) fatal = std::move(put).error();
+        break;
+      }
+      sl.state = piece_state::pending;
+      bool charge_piece = !src[k].peer;
+      if (got) {
+        // Bytes that do not match the signature are charged to the source that sent them; a peer
+        // that sends one is banned for the session.
+        tally.rejected += 1;
+        sl.last = error(errc::digest_mismatch, fmt::format("{} digest mismatch in what {} sent",
+                                                           to_string(m.hash_type()), sources[k]->name()))
+                      .with_path(name)
+                      .with_range(mp.range->begin, mp.range->end);
+        if (src[k].peer) drop_source(k, true);
+        charge_piece = true;
+      } else {
+        tally.errors += 1;
+        auto code = got.error().code();
+        src[k].last_error = got.error().message();
+        src[k].last_code = code;
+        sl.last = std::move(got).error();
+        if (src[k].peer) {
+          // A peer that no longer holds the piece is fine; one that refuses us or keeps failing
+          // is dropped, and its pieces go elsewhere.
+          if (code == errc::not_found && index < src[k].have.size()) src[k].have[index] = false;
+          else if (code == errc::permission_denied || ++src[k].consecutive_errors >= max_peer_errors)
+            drop_source(k, false);
+        }
+      }
+      if (charge_piece && ++sl.attempts >= options.attempts_per_piece) {
+        finish(t, piece_state::failed);
+        continue;
+      }
+      if (!src[k].peer) {
+        // Exponential backoff with jitter, so retries from many workers do not arrive together.
+        auto jitter = std::chrono::milliseconds(rng() % static_cast<std::uint64_t>(sl.backoff.count() + 1));
+        sl.not_before = clock::now() + sl.backoff / 2 + jitter / 2;
+        sl.backoff *= 2;
+      }
     }
-    return true;  // other pieces go on: what verifies is kept for the next run
+    return true;
   });
   for (auto& b : buffers) sodium_memzero(b.data(), b.size());
   if (fatal) return std::move(*fatal);
+  report.fetched = done_pieces;
+  report.bytes = done_bytes;
   if (cancelled())
     return error(errc::cancelled, fmt::format("the fetch was cancelled after storing {} of {} pieces; run it again to "
-                                              "fetch the rest", fetched.load(), todo.size()));
-  report.fetched = fetched.load();
-  report.bytes = done.load();
-  if (failed_piece) return std::move(*failed_piece);
+                                              "fetch the rest", done_pieces, todo.size()));
+  // The first failed piece names the failure; a mismatch (integrity) outranks a network failure.
+  const piece_slot* worst = nullptr;
+  std::size_t worst_t = 0;
+  for (std::size_t t = 0; t < slots.size(); ++t) {
+    if (slots[t].state != piece_state::failed) continue;
+    bool mismatch = slots[t].last && slots[t].last->code() == errc::digest_mismatch;
+    if (!worst || (mismatch && !(worst->last && worst->last->code() == errc::digest_mismatch))) worst = &slots[t], worst_t = t;
+  }
+  if (worst) {
+    std::size_t index = todo[worst_t];
+    const auto& mp = m.pieces()[index];
+    errc code = worst->last ? worst->last->code() : errc::io_error;
+    if (code != errc::digest_mismatch && code != errc::permission_denied) code = errc::io_error;
+    return error(code, worst->attempts ? fmt::format("piece {} failed from every source after {} attempts: {}", index,
+                                                     worst->attempts, worst->last->message())
+                                       : fmt::format("piece {}: {}", index,
+                                                     worst->last ? worst->last->message() : "no source delivered it"))
+        .with_path(m.files()[mp.file].name)
+        .with_range(mp.range->begin, mp.range->end);
+  }
   return report;
+}
+
+std::vector<std::size_t> swarm_origin_owners(std::vector<std::string> members, const std::string& self,
+                                             const std::vector<std::string>& source_addresses) {
+  std::sort(members.begin(), members.end());
+  members.erase(std::unique(members.begin(), members.end()), members.end());
+  std::vector<std::size_t> owners;
+  for (const auto& m : members) {
+    if (m == self) {
+      owners.push_back(fetch_self);
+      continue;
+    }
+    auto it = std::find(source_addresses.begin(), source_addresses.end(), m);
+    if (it != source_addresses.end()) owners.push_back(static_cast<std::size_t>(it - source_addresses.begin()));
+  }
+  if (std::find(owners.begin(), owners.end(), fetch_self) == owners.end()) return {};  // not a member
+  return owners;
 }
 
 }  // namespace drun

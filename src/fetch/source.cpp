@@ -253,8 +253,9 @@ class http_source final : public source {
   const std::string& name() const noexcept override { return base_; }
   http_client& client() { return client_; }
 
-  result<void> fetch(const std::string& file, byte_range range, std::span<std::byte> out,
-                     const std::atomic<bool>* cancel) override {
+  result<void> fetch(const piece_request& piece, std::span<std::byte> out, const std::atomic<bool>* cancel) override {
+    const std::string file(piece.file);
+    const byte_range range = piece.range;
     auto fail = [&](std::string why) {
       return error(errc::io_error, fmt::format("{}: {}", base_, why)).with_path(file).with_range(range.begin, range.end);
     };
@@ -321,12 +322,11 @@ class file_source final : public source {
  public:
   explicit file_source(std::string url, std::filesystem::path root) : url_(std::move(url)), root_(std::move(root)) {}
   const std::string& name() const noexcept override { return url_; }
-  result<void> fetch(const std::string& file, byte_range range, std::span<std::byte> out,
-                     const std::atomic<bool>*) override {
-    auto path = file == "." ? root_ : root_ / file;
+  result<void> fetch(const piece_request& piece, std::span<std::byte> out, const std::atomic<bool>*) override {
+    auto path = piece.file == "." ? root_ : root_ / std::string(piece.file);
     auto fd = detail::open_read(path, /*follow=*/true);
     if (!fd) return std::move(fd).error();
-    return detail::pread_exact(fd->get(), out, range.begin, path);
+    return detail::pread_exact(fd->get(), out, piece.range.begin, path);
   }
 
  private:

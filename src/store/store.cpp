@@ -23,6 +23,7 @@
 #include <sodium.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <ctime>
 #include <dirent.h>
@@ -650,6 +651,24 @@ result<std::vector<bool>> store::stored_pieces(const std::string& artifact) {
   });
   if (!rows) return std::move(rows).error();
   return out;
+}
+
+result<std::string> store::bundle(const std::string& artifact) {
+  if (artifact.size() != 64 || !std::all_of(artifact.begin(), artifact.end(), [](char c) {
+        return std::isdigit(static_cast<unsigned char>(c)) || (c >= 'a' && c <= 'f');
+      }))
+    return error(errc::invalid_argument, "not an artifact id");
+  auto text = read_bundle_file(impl_->artifact_dir(artifact) / "bundle.sig");
+  if (!text) {
+    if (text.error().code() == errc::not_found)
+      return error(errc::not_found, fmt::format("no artifact {} in the store", artifact));
+    return std::move(text).error();
+  }
+  // The file was verified when it came in; a swapped one is caught by its payload's hash.
+  auto summary = inspect_bundle(*text);
+  if (!summary || summary->artifact_id != artifact)
+    return error(errc::model_mismatch, fmt::format("the stored bundle of {} does not match its id", artifact));
+  return text;
 }
 
 result<missing_pieces> store::missing(const verified_manifest& m) {

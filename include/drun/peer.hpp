@@ -1,0 +1,97 @@
+// Peers: a node serves the pieces in its store to other nodes over mutually authenticated TLS 1.3,
+// and a fetch session uses other nodes as sources. What a peer sends is verified against the
+// signed manifest like any other source's bytes; the expected digests never come from a peer.
+//
+// The wire protocol is documented in docs/peer-protocol.md: length-prefixed frames (type, length,
+// body) with a versioned handshake, every length bounded.
+#pragma once
+
+#include <drun/config.hpp>
+#include <drun/error.hpp>
+#include <drun/policy.hpp>
+#include <drun/source.hpp>
+#include <drun/store.hpp>
+#include <drun/token.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace drun {
+
+struct peer_server_options {
+  std::string listen = "127.0.0.1:0";  // ADDR:PORT (IPv4, [IPv6] or a name); port 0 picks a free one
+  std::string cert_file, key_file;     // this node's certificate chain and key (PEM; key owner-only)
+  std::string client_ca_file;          // callers' certificates must chain to these roots
+  // Off only when token-only callers are wanted: then a caller without a certificate must
+  // present a valid token (token_keys required).
+  bool require_client_certificate = true;
+  std::shared_ptr<const access_policy> policy;  // null: access_policy::authenticated_callers()
+  std::shared_ptr<const jwks> token_keys;       // null: tokens are refused
+  std::string audience = "drun";                // tokens must be issued for it
+  unsigned max_connections = 256;               // more are closed at once (counted as busy)
+  double max_requests_per_second = 2000;        // per connection; faster callers are slowed down
+  std::uint64_t max_upload_bytes_per_second = 0;  // the whole server; 0: unlimited
+  std::uint64_t memory_budget = std::uint64_t{256} << 20;  // piece buffers of all connections
+  std::chrono::milliseconds handshake_timeout{10000};  // TLS handshake and hello
+  std::chrono::milliseconds idle_timeout{60000};       // between requests
+  std::chrono::milliseconds io_timeout{30000};         // to receive a request or send a response
+};
+
+struct peer_server_stats {
+  std::uint64_t connections = 0;        // accepted since start
+  std::uint64_t active = 0;             // open now
+  std::uint64_t handshake_failures = 0; // TLS, certificate, token or hello refused
+  std::uint64_t busy = 0;               // refused for max_connections
+  std::uint64_t requests = 0;
+  std::uint64_t denied = 0;             // refused by the policy
+  std::uint64_t protocol_errors = 0;    // malformed frames, bad lengths, unknown types after the hello
+  std::uint64_t pieces_served = 0;
+  std::uint64_t bytes_served = 0;
+};
+
+// Serves a store's committed pieces (and bundles) on its own threads until stopped or destroyed.
+// A piece is servable the moment a fetch (in this process or another) commits it.
+class DRUN_API peer_server {
+ public:
+  // Errors: invalid_argument (listen address), key_error (certificate, key or CA unusable),
+  // io_error (cannot listen).
+  static result<peer_server> start(store& s, peer_server_options options);
+  ~peer_server();  // stops
+  peer_server(peer_server&&) noexcept;
+  peer_server& operator=(peer_server&&) noexcept;
+
+  std::uint16_t port() const noexcept;
+  peer_server_stats stats() const noexcept;
+  // Closes the listener and every connection, and joins the threads. Idempotent.
+  void stop() noexcept;
+
+  struct impl;
+
+ private:
+  explicit peer_server(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+struct peer_client_options {
+  std::string ca_file;              // peers' certificates must chain to these roots (required)
+  std::string cert_file, key_file;  // this node's client certificate (optional with a token)
+  std::string token;                // bearer token sent in the hello; never logged
+  unsigned connections = 4;         // per peer: pieces in flight to one peer
+  std::chrono::milliseconds connect_timeout{5000};
+  std::chrono::milliseconds io_timeout{30000};  // a response with no bytes for this long fails
+};
+
+// A peer as a source: "HOST:PORT" ("[v6]:PORT"). The peer's certificate must chain to ca_file
+// and name HOST (DNS or IP SAN). Nothing is connected until the first request.
+// Errors: invalid_argument, key_error.
+DRUN_API result<std::unique_ptr<source>> make_peer_source(std::string_view host_port, const peer_client_options& options);
+
+// Every address NAME resolves to, as "ADDR:PORT" (a Kubernetes headless Service gives one per pod).
+// Errors: invalid_argument (not NAME:PORT), not_found (the name does not resolve).
+DRUN_API result<std::vector<std::string>> resolve_peers(std::string_view name_port);
+
+}  // namespace drun

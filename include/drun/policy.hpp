@@ -1,0 +1,84 @@
+// Authorization for the peer server: who may read which artifact. A policy maps identities
+// (certificate subjects and SANs, token subjects and claims) to roles, and roles to artifacts (by
+// artifact id, by publisher key or CA, or all). Policy files are JSON:
+//
+//   {
+//     "roles": {
+//       "reader":  { "artifacts": ["<64 hex artifact id>", ...] },
+//       "team-ml": { "publishers": [ { "public_key": "keys/publisher.pub" },
+//                                    { "ca_bundle": "pki/release-ca.pem" } ] },
+//       "admin":   { "all": true }
+//     },
+//     "bindings": [
+//       { "certificate": { "subject": "CN=node-1,O=ml" },               "roles": ["reader"] },
+//       { "certificate": { "uri": "spiffe://cluster/ns/ml/sa/loader" },  "roles": ["team-ml"] },
+//       { "certificate": { "uri_prefix": "spiffe://cluster/ns/ml/" },    "roles": ["team-ml"] },
+//       { "certificate": { "dns": "node-2.ml.svc" },                     "roles": ["reader"] },
+//       { "token": { "subject": "system:serviceaccount:ml:loader",
+//                    "claims": { "team": "ml" } },                       "roles": ["team-ml"] }
+//     ]
+//   }
+//
+// Paths in "publishers" are relative to the policy file. A binding matches when every field it
+// names matches (claims: the token's claim has that value, or an array holding it). An identity's
+// roles are the union over the bindings that match its certificate and, separately, its token.
+// A token that carries a drun_artifacts claim narrows access to those artifacts ("*": no
+// narrowing); it never widens what the roles allow.
+// Unknown fields are errors, so a typo never widens or narrows access silently. An artifact is
+// allowed by a "publishers" entry when its stored bundle verifies against that key or CA.
+#pragma once
+
+#include <drun/config.hpp>
+#include <drun/error.hpp>
+#include <drun/token.hpp>
+
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace drun {
+
+// Who is asking, as the TLS handshake and the bearer token established it.
+struct DRUN_API peer_identity {
+  bool has_certificate = false;
+  std::string subject;                 // RFC 2253, e.g. "CN=node-1,O=ml"
+  std::vector<std::string> uris;       // URI SANs (SPIFFE IDs)
+  std::vector<std::string> dns;        // DNS SANs
+  std::optional<token_claims> token;   // a verified token, when one was presented
+
+  // "spiffe://..." when there is a URI SAN, else the subject, else "token:<sub>": for logs.
+  std::string display() const;
+};
+
+class DRUN_API access_policy {
+ public:
+  ~access_policy();
+  access_policy(access_policy&&) noexcept;
+  access_policy& operator=(access_policy&&) noexcept;
+
+  // Errors: malformed_bundle (not JSON, unknown field, bad artifact id, a binding naming an
+  // undefined role), key_error (a publisher key or CA that does not load), not_found, io_error.
+  static result<access_policy> parse(std::string_view json, const std::filesystem::path& base_dir);
+  static result<access_policy> load(const std::filesystem::path& file);
+
+  // The policy without a file: every authenticated caller (a certificate that chained to the
+  // client CA) may read every artifact; a token-only caller reads what its drun_artifacts claim
+  // grants.
+  static access_policy authenticated_callers();
+
+  // Whether `who` may read the artifact whose stored, already verified bundle is bundle_json.
+  // Thread safe (results of publisher checks are cached per artifact id). Errors:
+  // permission_denied, naming the identity and the artifact (never a token).
+  result<void> authorize(const peer_identity& who, const std::string& artifact_id, std::string_view bundle_json) const;
+
+  struct impl;
+
+ private:
+  explicit access_policy(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace drun

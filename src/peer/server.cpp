@@ -1,0 +1,398 @@
+// The peer server: one acceptor thread and one thread per connection (bounded by
+// max_connections); every wait has a deadline and notices stop(), and piece buffers come from a
+// server-wide budget, so slow or hostile callers cannot exhaust threads or memory.
+#include <drun/peer.hpp>
+
+#include "peer/tls.hpp"
+#include "peer/wire.hpp"
+
+#include <fmt/format.h>
+#include <sodium.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <netdb.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <thread>
+
+namespace drun {
+
+using peer::clock;
+using peer::frame;
+using peer::wire_error;
+
+namespace {
+
+struct artifact_info {
+  std::string bundle;
+  std::vector<std::size_t> piece_file;       // file index of each piece
+  std::vector<std::uint64_t> piece_length;
+};
+
+struct counters {
+  std::atomic<std::uint64_t> connections{0}, active{0}, handshake_failures{0}, busy{0}, requests{0}, denied{0},
+      protocol_errors{0}, pieces_served{0}, bytes_served{0};
+};
+
+}  // namespace
+
+struct peer_server::impl {
+  store* st = nullptr;
+  peer_server_options o;
+  peer::ssl_ctx_ptr ctx;
+  std::shared_ptr<const access_policy> policy;
+  detail::unique_fd listener;
+  std::uint16_t port = 0;
+  std::atomic<bool> stopping{false};
+  std::thread acceptor;
+  counters n;
+
+  std::mutex threads_mutex;
+  std::condition_variable threads_cv;  // signalled when a connection thread ends
+
+  std::mutex memory_mutex;
+  std::condition_variable memory_cv;
+  std::uint64_t memory_used = 0;
+
+  std::mutex upload_mutex;
+  clock::time_point upload_next = clock::now();
+
+  std::mutex artifacts_mutex;
+  std::map<std::string, std::shared_ptr<const artifact_info>> artifacts;
+
+  void accept_loop();
+  void serve(detail::unique_fd fd);
+  bool handle(peer::tls_stream& s, const peer_identity& who, const peer::frame_in& f);
+  result<std::shared_ptr<const artifact_info>> artifact(const std::string& id);
+
+  // Waits until `bytes` of the piece budget are free (a piece larger than the whole budget goes
+  // alone). False when stopping.
+  bool reserve(std::uint64_t bytes) {
+    std::unique_lock lock(memory_mutex);
+    while (!stopping.load() && memory_used > 0 && memory_used + bytes > o.memory_budget)
+      memory_cv.wait_for(lock, std::chrono::milliseconds(200));
+    if (stopping.load()) return false;
+    memory_used += bytes;
+    return true;
+  }
+  void release(std::uint64_t bytes) {
+    std::lock_guard lock(memory_mutex);
+    memory_used -= bytes;
+    memory_cv.notify_all();
+  }
+  // The server-wide upload limit: each chunk reserves its share of time.
+  void pace_upload(std::size_t bytes) {
+    if (!o.max_upload_bytes_per_second) return;
+    clock::time_point start;
+    {
+      std::lock_guard lock(upload_mutex);
+      start = std::max(clock::now(), upload_next);
+      upload_next = start + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(
+                                static_cast<double>(bytes) / static_cast<double>(o.max_upload_bytes_per_second)));
+    }
+    while (!stopping.load() && clock::now() < start)
+      std::this_thread::sleep_for(std::min<clock::duration>(start - clock::now(), std::chrono::milliseconds(100)));
+  }
+};
+
+namespace {
+
+result<void> send_error(peer::tls_stream& s, wire_error code, std::string_view message, clock::time_point deadline,
+                        const std::atomic<bool>* stop) {
+  peer::writer w;
+  w.u16(static_cast<std::uint16_t>(code)).text(message.substr(0, peer::max_error_message));
+  return peer::write_frame(s, frame::error, w.view(), deadline, stop);
+}
+
+// Sends an answer: BODY with the length, then DATA frames of at most 1 MiB.
+result<void> send_answer(peer::tls_stream& s, std::span<const std::byte> bytes, std::chrono::milliseconds io_timeout,
+                         const std::atomic<bool>* stop, const std::function<void(std::size_t)>& pace) {
+  peer::writer w;
+  w.u64(bytes.size());
+  if (auto r = peer::write_frame(s, frame::body, w.view(), clock::now() + io_timeout, stop); !r) return r;
+  for (std::size_t off = 0; off < bytes.size(); off += peer::max_data_frame) {
+    auto chunk = bytes.subspan(off, std::min(peer::max_data_frame, bytes.size() - off));
+    if (pace) pace(chunk.size());
+    if (auto r = peer::write_frame(s, frame::data, chunk, clock::now() + io_timeout, stop); !r) return r;
+  }
+  return {};
+}
+
+}  // namespace
+
+result<std::shared_ptr<const artifact_info>> peer_server::impl::artifact(const std::string& id) {
+  {
+    std::lock_guard lock(artifacts_mutex);
+    if (auto it = artifacts.find(id); it != artifacts.end()) return it->second;
+  }
+  auto bundle = st->bundle(id);
+  if (!bundle) return std::move(bundle).error();
+  auto details = st->show(id);
+  if (!details) return std::move(details).error();
+  auto info = std::make_shared<artifact_info>();
+  info->bundle = std::move(*bundle);
+  for (std::size_t f = 0; f < details->files.size(); ++f) {
+    const auto& file = details->files[f];
+    for (std::size_t k = 0; k < file.pieces; ++k) {
+      std::uint64_t begin = k * details->piece_size;
+      info->piece_file.push_back(f);
+      info->piece_length.push_back(std::min(details->piece_size, file.size - begin));
+    }
+  }
+  std::lock_guard lock(artifacts_mutex);
+  artifacts.emplace(id, info);
+  return std::shared_ptr<const artifact_info>(info);
+}
+
+// One request. Returns false when the connection must close.
+bool peer_server::impl::handle(peer::tls_stream& s, const peer_identity& who, const peer::frame_in& f) {
+  auto io = [&] { return clock::now() + o.io_timeout; };
+  auto bad = [&](std::string why) {
+    n.protocol_errors++;
+    (void)send_error(s, wire_error::bad_request, why, io(), &stopping);
+    return false;
+  };
+  auto type = static_cast<frame>(f.type);
+  if (type != frame::get_bundle && type != frame::get_have && type != frame::get_piece)
+    return bad(fmt::format("frame type 0x{:02x} is not a request", f.type));
+  peer::reader rd(f.body);
+  auto raw_id = rd.bytes(32);
+  std::optional<std::uint32_t> file_index, piece_index;
+  if (type == frame::get_piece) file_index = rd.u32(), piece_index = rd.u32();
+  if (!raw_id || !rd.done() || (type == frame::get_piece && (!file_index || !piece_index)))
+    return bad("malformed request body");
+  std::string id = peer::artifact_from_wire(*raw_id);
+
+  // Authorization comes first, so a caller learns nothing of artifacts it may not read (not even
+  // whether they exist: an unknown artifact is judged with no bundle, which only an id or "all"
+  // rule can allow).
+  auto info = artifact(id);
+  auto allowed = policy->authorize(who, id, info ? std::string_view((*info)->bundle) : std::string_view());
+  if (!allowed) {
+    n.denied++;
+    return send_error(s, wire_error::denied, allowed.error().message(), io(), &stopping).has_value();
+  }
+  if (!info) {
+    bool missing = info.error().code() == errc::not_found;
+    return send_error(s, missing ? wire_error::not_found : wire_error::internal,
+                      missing ? fmt::format("no artifact {}", id) : "the store cannot read this artifact", io(), &stopping)
+        .has_value();
+  }
+  const artifact_info& a = **info;
+  auto pace = [this](std::size_t bytes) { pace_upload(bytes); };
+  if (type == frame::get_bundle)
+    return send_answer(s, std::as_bytes(std::span(a.bundle.data(), a.bundle.size())), o.io_timeout, &stopping, {})
+        .has_value();
+  if (type == frame::get_have) {
+    auto stored = st->stored_pieces(id);
+    if (!stored) return send_error(s, wire_error::internal, "the store cannot list its pieces", io(), &stopping).has_value();
+    std::size_t count = a.piece_length.size();
+    std::vector<std::byte> bits((count + 7) / 8);
+    for (std::size_t i = 0; i < count && i < stored->size(); ++i)
+      if ((*stored)[i]) bits[i / 8] |= static_cast<std::byte>(0x80u >> (i % 8));
+    peer::writer w;
+    w.u32(static_cast<std::uint32_t>(count)).bytes(bits);
+    return send_answer(s, w.view(), o.io_timeout, &stopping, {}).has_value();
+  }
+  if (*piece_index >= a.piece_length.size() || a.piece_file[*piece_index] != *file_index)
+    return send_error(s, wire_error::not_found, fmt::format("artifact {} has no piece {} in file {}", id, *piece_index,
+                                                            *file_index),
+                      io(), &stopping)
+        .has_value();
+  std::uint64_t length = a.piece_length[*piece_index];
+  if (!reserve(length)) return false;
+  std::vector<std::byte> buf(length);
+  auto read = st->read_piece(id, *piece_index, buf);
+  bool keep = true;
+  if (!read) {
+    bool absent = read.error().code() == errc::model_mismatch;
+    keep = send_error(s, absent ? wire_error::not_found : wire_error::internal,
+                      absent ? fmt::format("piece {} is not stored here (yet)", *piece_index)
+                             : "the store cannot read this piece",
+                      io(), &stopping)
+               .has_value();
+  } else {
+    keep = send_answer(s, buf, o.io_timeout, &stopping, pace).has_value();
+    if (keep) {
+      n.pieces_served++;
+      n.bytes_served += length;
+    }
+  }
+  sodium_memzero(buf.data(), buf.size());
+  release(length);
+  return keep;
+}
+
+void peer_server::impl::serve(detail::unique_fd fd) {
+  peer::ssl_ptr ssl(SSL_new(ctx.get()));
+  if (!ssl) return;
+  peer::tls_stream s(std::move(fd), std::move(ssl));
+  auto hs_deadline = clock::now() + o.handshake_timeout;
+  auto refuse = [&](wire_error code, const std::string& why) {
+    n.handshake_failures++;
+    (void)send_error(s, code, why, clock::now() + o.io_timeout, &stopping);
+  };
+  if (!s.accept(hs_deadline, &stopping)) {
+    n.handshake_failures++;
+    return;
+  }
+  peer_identity who = s.identity();
+  auto hello = peer::read_frame(s, hs_deadline, &stopping);
+  if (!hello) {
+    if (hello.error().code() == errc::malformed_bundle) return refuse(wire_error::bad_request, hello.error().detail());
+    n.handshake_failures++;
+    return;
+  }
+  peer::reader rd(hello->body);
+  auto magic = rd.bytes(4);
+  auto version = rd.u16();
+  auto token_len = rd.u16();
+  std::span<const std::byte> token;
+  bool well_formed = static_cast<frame>(hello->type) == frame::hello && magic && version && token_len;
+  if (well_formed) {
+    auto t = rd.bytes(*token_len);
+    well_formed = t.has_value() && rd.done() && std::memcmp(magic->data(), peer::protocol_magic.data(), 4) == 0;
+    if (t) token = *t;
+  }
+  if (!well_formed)
+    return refuse(wire_error::bad_request, "expected a HELLO frame");
+  if (*version != peer::protocol_version)
+    return refuse(wire_error::unsupported_version,
+                  fmt::format("this server speaks protocol version {}, not {}", peer::protocol_version, *version));
+  if (!token.empty()) {
+    std::string text(reinterpret_cast<const char*>(token.data()), token.size());
+    if (!o.token_keys) {
+      sodium_memzero(text.data(), text.size());
+      return refuse(wire_error::unauthenticated, "this server accepts no tokens");
+    }
+    auto claims = verify_token(text, *o.token_keys, token_check{o.audience, std::chrono::seconds(60), {}});
+    sodium_memzero(text.data(), text.size());
+    if (!claims) return refuse(wire_error::unauthenticated, "token refused: " + claims.error().detail());
+    who.token = std::move(*claims);
+  }
+  if (!who.has_certificate && !who.token) return refuse(wire_error::unauthenticated, "no certificate and no token");
+  peer::writer w;
+  w.u16(peer::protocol_version).u16(0);
+  if (!peer::write_frame(s, frame::welcome, w.view(), clock::now() + o.io_timeout, &stopping)) return;
+
+  // Requests, each slowed to the per-connection rate.
+  auto gap = std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(1.0 / std::max(o.max_requests_per_second, 0.001)));
+  auto next = clock::now();
+  while (!stopping.load()) {
+    auto f = peer::read_frame(s, clock::now() + o.idle_timeout, &stopping);
+    if (!f) {
+      if (f.error().code() == errc::malformed_bundle) {
+        n.protocol_errors++;
+        (void)send_error(s, wire_error::bad_request, f.error().detail(), clock::now() + o.io_timeout, &stopping);
+      }
+      return;
+    }
+    n.requests++;
+    auto now = clock::now();
+    if (next > now) std::this_thread::sleep_until(next);
+    next = std::max(now, next) + gap;
+    if (!handle(s, who, *f)) return;
+  }
+}
+
+void peer_server::impl::accept_loop() {
+  while (!stopping.load()) {
+    pollfd p{listener.get(), POLLIN, 0};
+    if (::poll(&p, 1, 200) <= 0) continue;
+    int fd = ::accept4(listener.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) continue;
+    detail::unique_fd conn(fd);
+    n.connections++;
+    {
+      std::lock_guard lock(threads_mutex);
+      if (n.active.load() >= o.max_connections) {
+        n.busy++;
+        continue;  // closed at once: a connection beyond the limit costs no thread
+      }
+      n.active++;
+    }
+    std::thread([this, c = std::move(conn)]() mutable {
+      serve(std::move(c));
+      std::lock_guard lock(threads_mutex);
+      n.active--;
+      threads_cv.notify_all();
+    }).detach();
+  }
+}
+
+result<peer_server> peer_server::start(store& s, peer_server_options options) {
+  auto hp = peer::split_host_port(options.listen);
+  if (!hp) return std::move(hp).error();
+  if (options.max_connections == 0) return error(errc::invalid_argument, "max_connections must be at least 1");
+  if (!options.require_client_certificate && !options.token_keys)
+    return error(errc::invalid_argument, "without client certificates, callers need tokens: give a JWKS");
+  auto p = std::make_unique<impl>();
+  p->st = &s;
+  auto ctx = peer::server_context(options.cert_file, options.key_file, options.client_ca_file,
+                                  options.require_client_certificate);
+  if (!ctx) return std::move(ctx).error();
+  p->ctx = std::move(*ctx);
+  p->policy = options.policy ? options.policy
+                             : std::make_shared<const access_policy>(access_policy::authenticated_callers());
+  p->o = std::move(options);
+
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  addrinfo* res = nullptr;
+  if (int rc = ::getaddrinfo(hp->first.c_str(), hp->second.c_str(), &hints, &res); rc != 0)
+    return error(errc::invalid_argument, fmt::format("cannot listen on {}: {}", p->o.listen, ::gai_strerror(rc)));
+  std::unique_ptr<addrinfo, void (*)(addrinfo*)> guard(res, ::freeaddrinfo);
+  detail::unique_fd fd(::socket(res->ai_family, res->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, res->ai_protocol));
+  int one = 1;
+  if (fd.get() < 0 || ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+      ::bind(fd.get(), res->ai_addr, res->ai_addrlen) != 0 || ::listen(fd.get(), 512) != 0)
+    return error(errc::io_error, fmt::format("cannot listen on {}: {}", p->o.listen, std::strerror(errno)));
+  sockaddr_storage addr{};
+  socklen_t len = sizeof addr;
+  ::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &len);
+  p->port = ntohs(addr.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port
+                                             : reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
+  p->listener = std::move(fd);
+  p->acceptor = std::thread([raw = p.get()] { raw->accept_loop(); });
+  return peer_server(std::move(p));
+}
+
+peer_server::peer_server(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+peer_server::~peer_server() { stop(); }
+peer_server::peer_server(peer_server&&) noexcept = default;
+peer_server& peer_server::operator=(peer_server&& o) noexcept {
+  if (this != &o) {
+    stop();
+    impl_ = std::move(o.impl_);
+  }
+  return *this;
+}
+
+std::uint16_t peer_server::port() const noexcept { return impl_ ? impl_->port : 0; }
+
+peer_server_stats peer_server::stats() const noexcept {
+  if (!impl_) return {};
+  const auto& n = impl_->n;
+  return {n.connections.load(), n.active.load(),          n.handshake_failures.load(), n.busy.load(),
+          n.requests.load(),    n.denied.load(),          n.protocol_errors.load(),    n.pieces_served.load(),
+          n.bytes_served.load()};
+}
+
+void peer_server::stop() noexcept {
+  if (!impl_ || impl_->stopping.exchange(true)) return;
+  if (impl_->acceptor.joinable()) impl_->acceptor.join();
+  impl_->listener = detail::unique_fd();
+  // Connection threads notice `stopping` within one poll slice.
+  std::unique_lock lock(impl_->threads_mutex);
+  impl_->threads_cv.wait(lock, [&] { return impl_->n.active.load() == 0; });
+}
+
+}  // namespace drun

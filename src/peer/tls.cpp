@@ -1,0 +1,300 @@
+// TLS 1.3 for peers, with OpenSSL over non-blocking sockets polled against deadlines.
+#include "peer/tls.hpp"
+
+#include "detail/openssl.hpp"
+
+#include <fmt/format.h>
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
+
+#include <algorithm>
+#include <arpa/inet.h>
+#include <cerrno>
+#include <cstring>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <csignal>
+#include <pthread.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+
+namespace drun::peer {
+namespace {
+
+error tls_error(errc code, std::string what, const std::string& path) {
+  auto detail = detail::openssl_errors();
+  return error(code, detail.empty() ? what : what + ": " + detail).with_path(path);
+}
+
+// Private keys readable by anyone but their owner are refused, as for signing keys.
+result<void> check_key_file(const std::string& key) {
+  struct stat st {};
+  if (::stat(key.c_str(), &st) != 0)
+    return error(errc::key_error, "cannot read the TLS key").with_path(key).with_errno(errno);
+  if ((st.st_mode & 077) != 0)
+    return error(errc::key_error, fmt::format("TLS key file has permissions {:04o}: it must be readable by its owner "
+                                              "only (chmod 600)",
+                                              st.st_mode & 07777))
+        .with_path(key);
+  return {};
+}
+
+result<void> load_identity(SSL_CTX* c, const std::string& cert, const std::string& key) {
+  if (auto r = check_key_file(key); !r) return r;
+  if (SSL_CTX_use_certificate_chain_file(c, cert.c_str()) != 1)
+    return tls_error(errc::key_error, "cannot load the certificate chain", cert);
+  if (SSL_CTX_use_PrivateKey_file(c, key.c_str(), SSL_FILETYPE_PEM) != 1)
+    return tls_error(errc::key_error, "cannot load the TLS key", key);
+  if (SSL_CTX_check_private_key(c) != 1) return tls_error(errc::key_error, "the key does not match the certificate", key);
+  return {};
+}
+
+result<ssl_ctx_ptr> new_context(const SSL_METHOD* method) {
+  ssl_ctx_ptr c(SSL_CTX_new(method));
+  if (!c) return error(errc::io_error, "cannot create a TLS context: " + detail::openssl_errors());
+  // TLS 1.3 only: the peer protocol has no old clients to serve.
+  SSL_CTX_set_min_proto_version(c.get(), TLS1_3_VERSION);
+  SSL_CTX_set_mode(c.get(), SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  return c;
+}
+
+// Writing to a connection the other end has closed raises SIGPIPE, whose default action kills
+// the process: a library must not let a dead peer do that. For the duration of one TLS call the
+// signal is blocked in this thread, and one it caused is consumed before the mask is restored
+// (the technique libcurl uses; MSG_NOSIGNAL is not reachable through OpenSSL's socket BIO).
+class sigpipe_guard {
+ public:
+  sigpipe_guard() {
+    sigemptyset(&pipe_);
+    sigaddset(&pipe_, SIGPIPE);
+    sigset_t pending;
+    sigpending(&pending);
+    already_pending_ = sigismember(&pending, SIGPIPE) == 1;
+    pthread_sigmask(SIG_BLOCK, &pipe_, &old_);
+  }
+  ~sigpipe_guard() {
+    if (!already_pending_) {
+      sigset_t pending;
+      sigpending(&pending);
+      if (sigismember(&pending, SIGPIPE) == 1) {
+        timespec zero{0, 0};
+        sigtimedwait(&pipe_, nullptr, &zero);
+      }
+    }
+    pthread_sigmask(SIG_SETMASK, &old_, nullptr);
+  }
+  sigpipe_guard(const sigpipe_guard&) = delete;
+  sigpipe_guard& operator=(const sigpipe_guard&) = delete;
+
+ private:
+  sigset_t pipe_{}, old_{};
+  bool already_pending_ = false;
+};
+
+}  // namespace
+
+result<ssl_ctx_ptr> server_context(const std::string& cert, const std::string& key, const std::string& client_ca,
+                                   bool require_client_certificate) {
+  if (cert.empty() || key.empty()) return error(errc::invalid_argument, "a peer server needs a certificate and a key");
+  if (client_ca.empty() && require_client_certificate)
+    return error(errc::invalid_argument, "a peer server needs the CA that client certificates chain to");
+  auto c = new_context(TLS_server_method());
+  if (!c) return c;
+  if (auto r = load_identity(c->get(), cert, key); !r) return std::move(r).error();
+  if (!client_ca.empty()) {
+    if (SSL_CTX_load_verify_locations(c->get(), client_ca.c_str(), nullptr) != 1)
+      return tls_error(errc::key_error, "cannot load the client CA", client_ca);
+    if (auto* names = SSL_load_client_CA_file(client_ca.c_str())) SSL_CTX_set_client_CA_list(c->get(), names);
+  }
+  SSL_CTX_set_verify(c->get(), SSL_VERIFY_PEER | (require_client_certificate ? SSL_VERIFY_FAIL_IF_NO_PEER_CERT : 0),
+                     nullptr);
+  // No session tickets: every connection authenticates afresh, and no ticket keys to manage.
+  SSL_CTX_set_num_tickets(c->get(), 0);
+  SSL_CTX_set_session_cache_mode(c->get(), SSL_SESS_CACHE_OFF);
+  return c;
+}
+
+result<ssl_ctx_ptr> client_context(const std::string& ca, const std::string& cert, const std::string& key) {
+  if (ca.empty()) return error(errc::invalid_argument, "peers need the CA their certificates chain to (--ca-cert)");
+  auto c = new_context(TLS_client_method());
+  if (!c) return c;
+  if (SSL_CTX_load_verify_locations(c->get(), ca.c_str(), nullptr) != 1)
+    return tls_error(errc::key_error, "cannot load the CA", ca);
+  SSL_CTX_set_verify(c->get(), SSL_VERIFY_PEER, nullptr);
+  if (!cert.empty() || !key.empty()) {
+    if (cert.empty() || key.empty()) return error(errc::invalid_argument, "a client certificate needs its key, and a key its certificate");
+    if (auto r = load_identity(c->get(), cert, key); !r) return std::move(r).error();
+  }
+  return c;
+}
+
+template <class F>
+result<int> tls_stream::drive(F&& call, clock::time_point deadline, const std::atomic<bool>* stop, const char* what) {
+  for (;;) {
+    ERR_clear_error();
+    int r;
+    {
+      sigpipe_guard guard;
+      r = call();
+    }
+    if (r > 0) return r;
+    int e = SSL_get_error(ssl_.get(), r);
+    short events = 0;
+    if (e == SSL_ERROR_WANT_READ) events = POLLIN;
+    else if (e == SSL_ERROR_WANT_WRITE) events = POLLOUT;
+    else if (e == SSL_ERROR_ZERO_RETURN) return error(errc::io_error, fmt::format("{}: the peer closed the connection", what));
+    else if (e == SSL_ERROR_SYSCALL) {
+      int err = errno;
+      return error(errc::io_error, r == 0 || err == 0 ? fmt::format("{}: the connection was closed", what)
+                                                      : fmt::format("{}: {}", what, std::strerror(err)));
+    } else {
+      std::string why = detail::openssl_errors();
+      long v = SSL_get_verify_result(ssl_.get());
+      if (v != X509_V_OK) why = fmt::format("certificate verification failed: {}", X509_verify_cert_error_string(v));
+      return error(errc::io_error, fmt::format("{}: TLS error{}{}", what, why.empty() ? "" : ": ", why));
+    }
+    // Wait in short slices so that stop is noticed promptly.
+    for (;;) {
+      if (stop && stop->load()) return error(errc::cancelled, fmt::format("{}: stopped", what));
+      auto now = clock::now();
+      if (now >= deadline) return error(errc::io_error, fmt::format("{}: timed out", what));
+      auto slice = std::min<clock::duration>(deadline - now, std::chrono::milliseconds(200));
+      pollfd p{fd_.get(), events, 0};
+      int n = ::poll(&p, 1, static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(slice).count()) + 1);
+      if (n > 0) break;
+      if (n < 0 && errno != EINTR) return error(errc::io_error, fmt::format("{}: poll: {}", what, std::strerror(errno)));
+    }
+  }
+}
+
+result<void> tls_stream::accept(clock::time_point deadline, const std::atomic<bool>* stop) {
+  SSL_set_fd(ssl_.get(), fd_.get());
+  auto r = drive([&] { return SSL_accept(ssl_.get()); }, deadline, stop, "TLS handshake");
+  if (!r) return std::move(r).error();
+  return {};
+}
+
+result<void> tls_stream::connect(const std::string& host, clock::time_point deadline, const std::atomic<bool>* stop) {
+  SSL_set_fd(ssl_.get(), fd_.get());
+  // The certificate must name what was dialled: an IP SAN for an address, a DNS SAN for a name.
+  in6_addr a6{};
+  in_addr a4{};
+  X509_VERIFY_PARAM* param = SSL_get0_param(ssl_.get());
+  if (::inet_pton(AF_INET, host.c_str(), &a4) == 1 || ::inet_pton(AF_INET6, host.c_str(), &a6) == 1) {
+    X509_VERIFY_PARAM_set1_ip_asc(param, host.c_str());
+  } else {
+    SSL_set_tlsext_host_name(ssl_.get(), host.c_str());
+    SSL_set1_host(ssl_.get(), host.c_str());
+  }
+  auto r = drive([&] { return SSL_connect(ssl_.get()); }, deadline, stop, "TLS handshake");
+  if (!r) return std::move(r).error();
+  return {};
+}
+
+result<void> tls_stream::read_exact(std::span<std::byte> out, clock::time_point deadline, const std::atomic<bool>* stop) {
+  std::size_t done = 0;
+  while (done < out.size()) {
+    int want = static_cast<int>(std::min<std::size_t>(out.size() - done, 1 << 30));
+    auto r = drive([&] { return SSL_read(ssl_.get(), out.data() + done, want); }, deadline, stop, "read");
+    if (!r) return std::move(r).error();
+    done += static_cast<std::size_t>(*r);
+  }
+  return {};
+}
+
+result<void> tls_stream::write_all(std::span<const std::byte> in, clock::time_point deadline, const std::atomic<bool>* stop) {
+  std::size_t done = 0;
+  while (done < in.size()) {
+    int want = static_cast<int>(std::min<std::size_t>(in.size() - done, 1 << 30));
+    auto r = drive([&] { return SSL_write(ssl_.get(), in.data() + done, want); }, deadline, stop, "write");
+    if (!r) return std::move(r).error();
+    done += static_cast<std::size_t>(*r);
+  }
+  return {};
+}
+
+peer_identity tls_stream::identity() const {
+  peer_identity id;
+  X509* cert = SSL_get0_peer_certificate(ssl_.get());
+  if (!cert) return id;
+  id.has_certificate = true;
+  detail::bio_ptr bio(BIO_new(BIO_s_mem()));
+  X509_NAME_print_ex(bio.get(), X509_get_subject_name(cert), 0, XN_FLAG_RFC2253);
+  id.subject = detail::bio_contents(bio.get());
+  auto* names = static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr));
+  for (int i = 0; names && i < sk_GENERAL_NAME_num(names); ++i) {
+    const GENERAL_NAME* g = sk_GENERAL_NAME_value(names, i);
+    auto text = [](const ASN1_STRING* s) {
+      return std::string(reinterpret_cast<const char*>(ASN1_STRING_get0_data(s)), static_cast<std::size_t>(ASN1_STRING_length(s)));
+    };
+    if (g->type == GEN_URI) id.uris.push_back(text(g->d.uniformResourceIdentifier));
+    else if (g->type == GEN_DNS) id.dns.push_back(text(g->d.dNSName));
+  }
+  GENERAL_NAMES_free(names);
+  return id;
+}
+
+result<detail::unique_fd> tcp_connect(const std::string& host, const std::string& port, clock::time_point deadline) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  if (int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &res); rc != 0)
+    return error(errc::io_error, fmt::format("{}:{}: {}", host, port, ::gai_strerror(rc)));
+  std::unique_ptr<addrinfo, void (*)(addrinfo*)> guard(res, ::freeaddrinfo);
+  std::string last = "no address";
+  for (auto* a = res; a; a = a->ai_next) {
+    detail::unique_fd fd(::socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol));
+    if (fd.get() < 0) {
+      last = std::strerror(errno);
+      continue;
+    }
+    int one = 1;
+    ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (::connect(fd.get(), a->ai_addr, a->ai_addrlen) != 0 && errno != EINPROGRESS) {
+      last = std::strerror(errno);
+      continue;
+    }
+    pollfd p{fd.get(), POLLOUT, 0};
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - clock::now()).count();
+    int n = ::poll(&p, 1, static_cast<int>(std::max<long long>(0, left)));
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (n <= 0) {
+      last = "connection timed out";
+      continue;
+    }
+    ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err != 0) {
+      last = std::strerror(err);
+      continue;
+    }
+    return fd;
+  }
+  return error(errc::io_error, fmt::format("cannot connect to {}:{}: {}", host, port, last));
+}
+
+result<std::pair<std::string, std::string>> split_host_port(std::string_view hp) {
+  std::string host, port;
+  if (!hp.empty() && hp.front() == '[') {
+    auto close = hp.find(']');
+    if (close == std::string_view::npos || close + 1 >= hp.size() || hp[close + 1] != ':')
+      return error(errc::invalid_argument, fmt::format("\"{}\" is not [IPV6]:PORT", hp));
+    host = std::string(hp.substr(1, close - 1));
+    port = std::string(hp.substr(close + 2));
+  } else {
+    auto colon = hp.rfind(':');
+    if (colon == std::string_view::npos || hp.find(':') != colon)
+      return error(errc::invalid_argument, fmt::format("\"{}\" is not HOST:PORT", hp));
+    host = std::string(hp.substr(0, colon));
+    port = std::string(hp.substr(colon + 1));
+  }
+  bool digits = !port.empty() && port.size() <= 5 && std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; });
+  if (host.empty() || !digits || std::stoul(port) > 65535)
+    return error(errc::invalid_argument, fmt::format("\"{}\" is not HOST:PORT", hp));
+  return std::pair{host, port};
+}
+
+}  // namespace drun::peer

@@ -1,0 +1,110 @@
+// Frame I/O for the peer protocol.
+#include "peer/wire.hpp"
+
+#include "detail/encoding.hpp"
+
+#include <fmt/format.h>
+
+#include <array>
+
+namespace drun::peer {
+
+std::size_t max_body(std::uint8_t type) noexcept {
+  switch (static_cast<frame>(type)) {
+    case frame::hello: return 8 + 8192;
+    case frame::get_bundle:
+    case frame::get_have: return 32;
+    case frame::get_piece: return 40;
+    case frame::welcome: return 4;
+    case frame::body: return 8;
+    case frame::data: return max_data_frame;
+    case frame::error: return 2 + max_error_message;
+  }
+  return 0;
+}
+
+result<frame_in> read_frame(tls_stream& s, clock::time_point deadline, const std::atomic<bool>* stop) {
+  std::array<std::byte, 5> head{};
+  if (auto r = s.read_exact(head, deadline, stop); !r) return std::move(r).error();
+  frame_in f;
+  f.type = static_cast<std::uint8_t>(head[0]);
+  reader rd{std::span<const std::byte>(head).subspan(1)};
+  std::uint32_t len = *rd.u32();
+  std::size_t bound = max_body(f.type);
+  if (bound == 0) return error(errc::malformed_bundle, fmt::format("unknown frame type 0x{:02x}", f.type));
+  if (len > bound)
+    return error(errc::malformed_bundle, fmt::format("frame type 0x{:02x} of {} bytes (at most {})", f.type, len, bound));
+  f.body.resize(len);
+  if (auto r = s.read_exact(f.body, deadline, stop); !r) return std::move(r).error();
+  return f;
+}
+
+result<void> write_frame(tls_stream& s, frame type, std::span<const std::byte> body, clock::time_point deadline,
+                         const std::atomic<bool>* stop) {
+  // Header and body in one write when small, so a request is one TLS record.
+  writer w;
+  std::array<std::byte, 1> t{static_cast<std::byte>(type)};
+  w.bytes(t).u32(static_cast<std::uint32_t>(body.size()));
+  if (body.size() <= 4096) {
+    w.bytes(body);
+    return s.write_all(w.view(), deadline, stop);
+  }
+  if (auto r = s.write_all(w.view(), deadline, stop); !r) return r;
+  return s.write_all(body, deadline, stop);
+}
+
+writer& writer::u16(std::uint16_t v) {
+  buf_.push_back(static_cast<std::byte>(v >> 8));
+  buf_.push_back(static_cast<std::byte>(v));
+  return *this;
+}
+writer& writer::u32(std::uint32_t v) {
+  for (int shift = 24; shift >= 0; shift -= 8) buf_.push_back(static_cast<std::byte>(v >> shift));
+  return *this;
+}
+writer& writer::u64(std::uint64_t v) {
+  for (int shift = 56; shift >= 0; shift -= 8) buf_.push_back(static_cast<std::byte>(v >> shift));
+  return *this;
+}
+writer& writer::bytes(std::span<const std::byte> b) {
+  buf_.insert(buf_.end(), b.begin(), b.end());
+  return *this;
+}
+writer& writer::text(std::string_view t) { return bytes(std::as_bytes(std::span(t.data(), t.size()))); }
+
+std::optional<std::span<const std::byte>> reader::bytes(std::size_t n) {
+  if (n > left()) return std::nullopt;
+  auto out = b_.subspan(pos_, n);
+  pos_ += n;
+  return out;
+}
+std::optional<std::uint16_t> reader::u16() {
+  auto b = bytes(2);
+  if (!b) return std::nullopt;
+  return static_cast<std::uint16_t>((std::to_integer<unsigned>((*b)[0]) << 8) | std::to_integer<unsigned>((*b)[1]));
+}
+std::optional<std::uint32_t> reader::u32() {
+  auto b = bytes(4);
+  if (!b) return std::nullopt;
+  std::uint32_t v = 0;
+  for (auto x : *b) v = (v << 8) | std::to_integer<std::uint32_t>(x);
+  return v;
+}
+std::optional<std::uint64_t> reader::u64() {
+  auto b = bytes(8);
+  if (!b) return std::nullopt;
+  std::uint64_t v = 0;
+  for (auto x : *b) v = (v << 8) | std::to_integer<std::uint64_t>(x);
+  return v;
+}
+
+std::optional<std::vector<std::byte>> artifact_to_wire(std::string_view hex) {
+  if (hex.size() != 64) return std::nullopt;
+  auto raw = detail::hex_decode(hex);
+  if (!raw || raw->size() != 32) return std::nullopt;
+  return std::vector<std::byte>(raw->begin(), raw->end());
+}
+
+std::string artifact_from_wire(std::span<const std::byte> raw) { return detail::hex_encode(raw); }
+
+}  // namespace drun::peer

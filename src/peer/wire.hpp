@@ -1,0 +1,94 @@
+// The peer protocol's frames (docs/peer-protocol.md): types, bounds, and reading and writing
+// them over a TLS stream with deadlines.
+#pragma once
+
+#include <drun/error.hpp>
+
+#include "peer/tls.hpp"
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace drun::peer {
+
+inline constexpr std::uint16_t protocol_version = 1;
+inline constexpr std::string_view protocol_magic = "DRUN";
+
+enum class frame : std::uint8_t {
+  hello = 0x01,
+  get_bundle = 0x02,
+  get_have = 0x03,
+  get_piece = 0x04,
+  welcome = 0x81,
+  body = 0x82,
+  data = 0x83,
+  error = 0x84,
+};
+
+enum class wire_error : std::uint16_t {
+  bad_request = 1,
+  unsupported_version = 2,
+  unauthenticated = 3,
+  denied = 4,
+  not_found = 5,
+  busy = 6,
+  internal = 7,
+};
+
+inline constexpr std::size_t max_data_frame = std::size_t{1} << 20;
+inline constexpr std::size_t max_error_message = 1024;
+// The longest answer: a piece (at most 64 MiB by the piece plan) or a bundle.
+inline constexpr std::uint64_t max_answer = std::uint64_t{64} << 20;
+
+// The largest body a frame type may carry; 0 for an unknown type.
+std::size_t max_body(std::uint8_t type) noexcept;
+
+struct frame_in {
+  std::uint8_t type = 0;
+  std::vector<std::byte> body;
+};
+
+// Reads one frame, refusing an unknown type or a length over its bound before reading the body.
+// Errors: io_error, cancelled, malformed_bundle (the protocol error, with what was wrong).
+result<frame_in> read_frame(tls_stream& s, clock::time_point deadline, const std::atomic<bool>* stop);
+result<void> write_frame(tls_stream& s, frame type, std::span<const std::byte> body, clock::time_point deadline,
+                         const std::atomic<bool>* stop);
+
+// Big-endian encoding into a growing buffer, and bounds-checked decoding.
+class writer {
+ public:
+  writer& u16(std::uint16_t v);
+  writer& u32(std::uint32_t v);
+  writer& u64(std::uint64_t v);
+  writer& bytes(std::span<const std::byte> b);
+  writer& text(std::string_view t);
+  std::span<const std::byte> view() const noexcept { return buf_; }
+
+ private:
+  std::vector<std::byte> buf_;
+};
+
+class reader {
+ public:
+  explicit reader(std::span<const std::byte> b) : b_(b) {}
+  std::optional<std::uint16_t> u16();
+  std::optional<std::uint32_t> u32();
+  std::optional<std::uint64_t> u64();
+  std::optional<std::span<const std::byte>> bytes(std::size_t n);
+  bool done() const noexcept { return pos_ == b_.size(); }
+  std::size_t left() const noexcept { return b_.size() - pos_; }
+
+ private:
+  std::span<const std::byte> b_;
+  std::size_t pos_ = 0;
+};
+
+// 64 hex characters <-> the 32 raw bytes on the wire.
+std::optional<std::vector<std::byte>> artifact_to_wire(std::string_view hex);
+std::string artifact_from_wire(std::span<const std::byte> raw);
+
+}  // namespace drun::peer

@@ -1,0 +1,794 @@
+"""The peer protocol (docs/peer-protocol.md) attacked from the outside: a real `drun serve` on
+loopback over a store seeded with a small signed model, and a raw Python TLS 1.3 client that
+speaks the frames by hand (standard library only).
+
+Every test ends by checking that the server still serves a well-behaved client (a full GET_PIECE
+round trip with the right bytes) and, where meaningful, the statistics `drun serve` prints when it
+stops. Note that Serve's readiness probe is a bare TCP connection closed at once, so every server
+has one refused handshake and one connection before the test starts.
+
+Run:  cd tests/python && DRUN_BIN=/path/to/drun /usr/bin/python3 -m pytest -q test_peer_protocol.py
+"""
+
+import json
+import os
+import re
+import resource
+import socket
+import ssl
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from peerkit import PKI, Serve, seeded_store, signed_model
+
+MiB = 1 << 20
+
+# frame types
+HELLO, GET_BUNDLE, GET_HAVE, GET_PIECE = 0x01, 0x02, 0x03, 0x04
+WELCOME, BODY, DATA, ERROR = 0x81, 0x82, 0x83, 0x84
+# error codes
+BAD_REQUEST, UNSUPPORTED_VERSION, UNAUTHENTICATED, DENIED, NOT_FOUND, BUSY, INTERNAL = range(1, 8)
+
+# what the client accepts from a server (the protocol's bounds; a bundle is well under 16 MiB here)
+MAX_ANSWER = 64 * MiB + 16 * MiB
+MAX_BODY = {WELCOME: 4, BODY: 8, DATA: MiB, ERROR: 2 + 1024}
+
+# the readiness probe of peerkit.Serve: one bare TCP connection, refused as a handshake
+PROBE_REFUSALS = 1
+
+
+# ------------------------------------------------------------------------------------------------
+# the module runs only once drun has a `serve` command
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _serve_command_exists(drun_bin):
+    p = subprocess.run([drun_bin, "serve"], stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    if p.returncode == 2 and b"unknown command" in p.stderr.lower():
+        pytest.skip(f"{drun_bin} has no `serve` command yet (the peer server is not built in)")
+
+
+# ------------------------------------------------------------------------------------------------
+# a raw protocol client
+
+
+class Closed(Exception):
+    """The server closed the connection (EOF) where a frame was expected."""
+
+
+class PeerError(Exception):
+    def __init__(self, code, message):
+        super().__init__(f"ERROR {code}: {message}")
+        self.code, self.message = code, message
+
+
+def parse_error(body):
+    assert len(body) >= 2, f"ERROR frame of {len(body)} bytes: no code"
+    code = struct.unpack(">H", body[:2])[0]
+    assert len(body) - 2 <= 1024, f"ERROR message of {len(body) - 2} bytes (at most 1024)"
+    return code, body[2:].decode("utf-8")  # strict: the message must be UTF-8
+
+
+class Client:
+    """One TLS 1.3 connection to a peer server, speaking frames by hand."""
+
+    def __init__(self, port, ca, cert=None, key=None, timeout=10.0, tls_max=None):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile=str(ca))
+        if tls_max is None:
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        else:
+            ctx.maximum_version = tls_max
+        if cert:
+            ctx.load_cert_chain(str(cert), str(key))
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        try:
+            self.sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+        except BaseException:
+            raw.close()
+            raise
+        if tls_max is None:
+            assert self.sock.version() == "TLSv1.3", self.sock.version()
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # frames
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def send_frame(self, ftype, body=b""):
+        self.sock.sendall(struct.pack(">BI", ftype, len(body)) + body)
+
+    def recv_exact(self, n):
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(min(n - len(buf), MiB))
+            if not chunk:
+                raise Closed(f"EOF after {len(buf)} of {n} bytes")
+            buf += chunk
+        return bytes(buf)
+
+    def read_frame(self):
+        ftype, length = struct.unpack(">BI", self.recv_exact(5))
+        assert ftype in MAX_BODY, f"server sent a frame of unknown type 0x{ftype:02x}"
+        assert length <= MAX_BODY[ftype], f"server sent frame 0x{ftype:02x} of {length} bytes"
+        return ftype, self.recv_exact(length)
+
+    # messages
+
+    def hello(self, version=1, token=b"", magic=b"DRUN"):
+        self.send_frame(HELLO, magic + struct.pack(">HH", version, len(token)) + token)
+
+    def welcome(self, version=1, token=b""):
+        """HELLO, then expect WELCOME (version 1, reserved 0)."""
+        self.hello(version, token)
+        ftype, body = self.read_frame()
+        if ftype == ERROR:
+            raise PeerError(*parse_error(body))
+        assert ftype == WELCOME, f"expected WELCOME, got frame 0x{ftype:02x} {body!r}"
+        assert len(body) == 4, body
+        assert struct.unpack(">HH", body) == (1, 0), body
+        return self
+
+    def read_answer(self):
+        """BODY + DATA frames -> bytes; ERROR -> PeerError."""
+        ftype, body = self.read_frame()
+        if ftype == ERROR:
+            raise PeerError(*parse_error(body))
+        assert ftype == BODY, f"expected BODY or ERROR, got frame 0x{ftype:02x}"
+        assert len(body) == 8, f"BODY of {len(body)} bytes"
+        total = struct.unpack(">Q", body)[0]
+        assert total <= MAX_ANSWER, f"answer of {total} bytes"
+        out = bytearray()
+        while len(out) < total:
+            ftype, chunk = self.read_frame()
+            assert ftype == DATA, f"expected DATA, got frame 0x{ftype:02x}"
+            assert 1 <= len(chunk) <= MiB, f"DATA frame of {len(chunk)} bytes"
+            out += chunk
+            assert len(out) <= total, f"DATA frames add up to more than the {total} announced"
+        return bytes(out)
+
+    def get_bundle(self, artifact_hex):
+        self.send_frame(GET_BUNDLE, bytes.fromhex(artifact_hex))
+        return self.read_answer()
+
+    def get_have(self, artifact_hex):
+        """-> (piece count, bitfield bytes)"""
+        self.send_frame(GET_HAVE, bytes.fromhex(artifact_hex))
+        ans = self.read_answer()
+        assert len(ans) >= 4, ans
+        count = struct.unpack(">I", ans[:4])[0]
+        bits = ans[4:]
+        assert len(bits) == (count + 7) // 8, f"{count} pieces but a bitfield of {len(bits)} bytes"
+        return count, bits
+
+    def get_piece(self, artifact_hex, file_index, piece_index):
+        self.send_frame(GET_PIECE, bytes.fromhex(artifact_hex) + struct.pack(">II", file_index, piece_index))
+        return self.read_answer()
+
+    def expect_error(self, code):
+        """The next frame must be ERROR `code`; returns its message."""
+        ftype, body = self.read_frame()
+        assert ftype == ERROR, f"expected ERROR {code}, got frame 0x{ftype:02x} {body[:64]!r}"
+        got, message = parse_error(body)
+        assert got == code, f"expected ERROR {code}, got ERROR {got}: {message!r}"
+        return message
+
+    def expect_closed(self, within=5.0):
+        """The server must have closed the connection (EOF or reset) within `within` seconds and
+        sent nothing more."""
+        self.sock.settimeout(within)
+        try:
+            data = self.sock.recv(4096)
+        except TimeoutError:
+            pytest.fail(f"the server did not close the connection within {within} s")
+        except (ssl.SSLError, ConnectionError):
+            return
+        assert data == b"", f"the server sent more after it should have closed: {data[:64]!r}"
+
+
+def bits_set(bits, count):
+    return [i for i in range(count) if bits[i // 8] & (0x80 >> (i % 8))]
+
+
+def handshake_fails(connect_and_hello):
+    """Runs a connect + HELLO + read; asserts it fails with a TLS error, a reset or EOF (not a
+    timeout, and not a WELCOME). Returns what failed."""
+    try:
+        got = connect_and_hello()
+    except TimeoutError:
+        pytest.fail("the server neither refused nor answered the connection (timed out)")
+    except (ssl.SSLError, ConnectionError, Closed, EOFError) as e:
+        return e
+    except OSError as e:  # e.g. EPIPE surfaced otherwise
+        return e
+    pytest.fail(f"the connection was served: {got!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# process introspection
+
+
+def proc_status(pid):
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def threads(pid):
+    return int(proc_status(pid)["Threads"])
+
+
+def rss_mib(pid, field="VmRSS"):
+    v = proc_status(pid)[field]
+    assert v.endswith("kB"), v
+    return int(v.split()[0]) / 1024
+
+
+def wait_until(pred, timeout, step=0.05):
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+# ------------------------------------------------------------------------------------------------
+# the world: a signed model in a store, a PKI, and `drun serve` factories
+
+
+class World:
+    pass
+
+
+@pytest.fixture
+def world(drun, drun_bin, drun_keys, tmp_path):
+    priv, pub = drun_keys["ed25519"]
+    w = World()
+    w.bin = drun_bin
+    w.model, w.sig, w.artifact = signed_model(drun, tmp_path / "model", priv)
+    drun("cache", "keygen", "--out", tmp_path / "node.key").ok()
+    w.key_source = f"file:{tmp_path / 'node.key'}"
+    w.store = tmp_path / "store"
+    seeded_store(drun, w.store, w.key_source, w.model, w.sig, pub)
+
+    # The piece map comes from the manifest, not from assumptions.
+    man = json.loads(drun("manifest", "--json", w.sig).ok().out)
+    assert man["artifact_id"] == w.artifact
+    ps = man["shard_size"]
+    assert ps == MiB, man
+    assert [f["name"] for f in man["files"]] == ["config.json", "weights.bin"], man["files"]
+    w.pieces = []  # global piece index -> (file index, expected bytes)
+    for fi, f in enumerate(man["files"]):
+        data = (w.model / f["name"]).read_bytes()
+        assert len(data) == f["size"]
+        for k in range(f["pieces"]):
+            w.pieces.append((fi, data[k * ps:(k + 1) * ps]))
+    assert len(w.pieces) == man["piece_count"] == 4, man
+    assert [fi for fi, _ in w.pieces] == [0, 1, 1, 1]
+    w.bundle = Path(w.sig).read_bytes()
+
+    w.pki = PKI(tmp_path / "pki")
+    w.server_cert, w.server_key = w.pki.issue("server")
+    w.client_cert, w.client_key = w.pki.issue("client", uri="spiffe://drun.test/client")
+    w.tmp = tmp_path
+    w.servers = []
+    yield w
+    for s in w.servers:
+        if s.proc.poll() is None:
+            s.kill()
+
+
+def serve(w, *extra):
+    srv = Serve(w.bin, w.store, w.key_source, w.server_cert, w.server_key, w.pki.ca, extra=extra)
+    w.servers.append(srv)
+    return srv
+
+
+def client(w, srv, **kw):
+    kw.setdefault("cert", w.client_cert)
+    kw.setdefault("key", w.client_key)
+    return Client(srv.port, w.pki.ca, **kw)
+
+
+def check_piece(w, c, index):
+    fi, expected = w.pieces[index]
+    got = c.get_piece(w.artifact, fi, index)
+    assert len(got) == len(expected), f"piece {index}: {len(got)} bytes, expected {len(expected)}"
+    assert got == expected, f"piece {index}: wrong bytes"
+
+
+def assert_serves(w, srv, pieces=(0, 3)):
+    """A fresh, well-behaved client: HELLO -> WELCOME, then GET_PIECE with the right bytes."""
+    with client(w, srv) as c:
+        c.welcome()
+        for i in pieces:
+            check_piece(w, c, i)
+
+
+def stop(srv):
+    st = srv.stop()
+    assert st, f"drun serve printed no statistics line\n--- stdout ---\n{srv.out}\n--- stderr ---\n{srv.err}"
+    assert srv.proc.returncode == 0, f"drun serve exited with {srv.proc.returncode}: {srv.err}"
+    return st
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. happy path
+
+
+def test_happy_path_hello_have_pieces_bundle(world):
+    w = world
+    srv = serve(w)
+    with client(w, srv) as c:
+        c.welcome()
+        count, bits = c.get_have(w.artifact)
+        assert count == len(w.pieces) == 4
+        assert bits_set(bits, count) == [0, 1, 2, 3], bits.hex()
+        for i in range(len(w.pieces)):
+            check_piece(w, c, i)
+        assert c.get_bundle(w.artifact) == w.bundle
+        # still in order on the same connection
+        check_piece(w, c, 2)
+    assert_serves(w, srv)
+    st = stop(srv)
+    assert st["pieces"] == 5 + 2, st
+    assert st["requests"] == 2 + 5 + 2, st  # have + 5 pieces + bundle, then 2 pieces
+    assert st["protocol_errors"] == 0 and st["busy"] == 0 and st["denied"] == 0, st
+    assert st["handshakes_refused"] == PROBE_REFUSALS, st
+    assert st["connections"] == PROBE_REFUSALS + 2, st
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. who may connect
+
+
+def test_client_without_certificate_is_refused(world):
+    w = world
+    srv = serve(w)
+
+    def attempt():
+        with client(w, srv, cert=None, key=None) as c:
+            c.hello()
+            return c.read_frame()
+
+    handshake_fails(attempt)
+    assert_serves(w, srv)
+    st = stop(srv)
+    assert st["handshakes_refused"] >= PROBE_REFUSALS + 1, st
+    assert st["requests"] == 2, st
+
+
+def test_client_certificate_from_another_ca_is_refused(world):
+    w = world
+    other = PKI(w.tmp / "other-pki", name="some other CA")
+    # Same names as the good client, signed by a CA the server does not trust.
+    cert, key = other.issue("client", uri="spiffe://drun.test/client")
+    srv = serve(w)
+
+    def attempt():
+        with client(w, srv, cert=cert, key=key) as c:
+            c.hello()
+            return c.read_frame()
+
+    handshake_fails(attempt)
+    assert_serves(w, srv)
+    st = stop(srv)
+    assert st["handshakes_refused"] >= PROBE_REFUSALS + 1, st
+    assert st["requests"] == 2, st
+
+
+def test_tls12_client_is_refused(world):
+    w = world
+    srv = serve(w)
+
+    def attempt():
+        with client(w, srv, tls_max=ssl.TLSVersion.TLSv1_2) as c:
+            c.hello()
+            return c.read_frame()
+
+    handshake_fails(attempt)
+    assert_serves(w, srv)
+    st = stop(srv)
+    assert st["handshakes_refused"] >= PROBE_REFUSALS + 1, st
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. malformed frames
+
+
+def test_hello_with_wrong_magic(world):
+    w = world
+    srv = serve(w)
+    with client(w, srv) as c:
+        c.hello(magic=b"DRUM")
+        c.expect_error(BAD_REQUEST)
+        c.expect_closed()
+    assert_serves(w, srv)
+    st = stop(srv)
+    # a refused HELLO is counted as a refused handshake (include/drun/peer.hpp)
+    assert st["handshakes_refused"] + st["protocol_errors"] >= PROBE_REFUSALS + 1, st
+
+
+def test_hello_with_version_2(world):
+    w = world
+    srv = serve(w)
+    with client(w, srv) as c:
+        c.hello(version=2)
+        msg = c.expect_error(UNSUPPORTED_VERSION)
+        assert re.search(r"version\D*\b1\b", msg), \
+            f"the refusal does not name the server's version 1: {msg!r}"
+        c.expect_closed()
+    assert_serves(w, srv)
+    st = stop(srv)
+    assert st["handshakes_refused"] + st["protocol_errors"] >= PROBE_REFUSALS + 1, st
+
+
+def test_request_before_hello(world):
+    w = world
+    srv = serve(w)
+    with client(w, srv) as c:
+        c.send_frame(GET_HAVE, bytes.fromhex(w.artifact))
+        c.expect_error(BAD_REQUEST)
+        c.expect_closed()
+    assert_serves(w, srv)
+    st = stop(srv)
+    assert st["handshakes_refused"] + st["protocol_errors"] >= PROBE_REFUSALS + 1, st
+    assert st["pieces"] == 2, st
+
+
+def test_hello_too_long_is_refused_before_reading_it(world):
+    """A HELLO announcing more than 8 + 8192 bytes: refused from the header alone."""
+    w = world
+    srv = serve(w)
+    with client(w, srv, timeout=5) as c:
+        c.send_raw(struct.pack(">BI", HELLO, 8 + 8192 + 1))
+        c.expect_error(BAD_REQUEST)
+        c.expect_closed()
+    assert_serves(w, srv)
+    st = stop(srv)
+    assert st["handshakes_refused"] + st["protocol_errors"] >= PROBE_REFUSALS + 1, st
+
+
+# after WELCOME: (name, raw bytes to send). Each sends exactly what the server reads, so that
+# closing leaves nothing unread (which would turn the close into a reset).
+def _after_welcome_cases():
+    aid = b"\x11" * 32  # the body's content does not matter for these
+    return {
+        "unknown_type_0x7f": struct.pack(">BI", 0x7F, 0),
+        "server_type_0x81_from_client": struct.pack(">BI", WELCOME, 4) + b"\x00\x01\x00\x00",
+        "hello_again": struct.pack(">BI", HELLO, 8) + b"DRUN\x00\x01\x00\x00",
+        "get_piece_body_too_short": struct.pack(">BI", GET_PIECE, 36) + aid + b"\x00\x00\x00\x01",
+        "get_piece_body_32": struct.pack(">BI", GET_PIECE, 32) + aid,
+        "get_have_body_31": struct.pack(">BI", GET_HAVE, 31) + aid[:31],
+        "get_bundle_empty": struct.pack(">BI", GET_BUNDLE, 0),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_after_welcome_cases()))
+def test_malformed_frame_after_welcome(world, case):
+    w = world
+    srv = serve(w)
+    with client(w, srv) as c:
+        c.welcome()
+        check_piece(w, c, 1)
+        c.send_raw(_after_welcome_cases()[case])
+        c.expect_error(BAD_REQUEST)
+        c.expect_closed()
+    assert_serves(w, srv)
+    st = stop(srv)
+    assert st["protocol_errors"] >= 1, st
+
+
+@pytest.mark.parametrize("ftype,length", [(GET_PIECE, 0x7FFFFFFF), (GET_PIECE, 41), (DATA, 0xFFFFFFFF),
+                                          (GET_BUNDLE, 0x7FFFFFFF), (0x7F, 0xFFFFFFFF)])
+def test_oversized_frame_is_refused_from_its_header(world, ftype, length):
+    """Only the 5-byte header is sent: the server must answer at once (it cannot be waiting for
+    the body) and must not have allocated the announced length."""
+    w = world
+    srv = serve(w)
+    with client(w, srv, timeout=5) as c:
+        c.welcome()
+        t0 = time.monotonic()
+        c.send_raw(struct.pack(">BI", ftype, length))
+        c.expect_error(BAD_REQUEST)
+        c.expect_closed(within=5)
+        assert time.monotonic() - t0 < 4, "the server waited before refusing the header"
+    hwm = rss_mib(srv.proc.pid, "VmHWM")
+    assert hwm < 200, f"server peak RSS {hwm:.0f} MiB after a {length}-byte frame header"
+    assert_serves(w, srv)
+    st = stop(srv)
+    assert st["protocol_errors"] >= 1, st
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. requests for what is not there
+
+
+def test_not_found_keeps_the_connection(world):
+    w = world
+    srv = serve(w)
+    unknown = os.urandom(32).hex()
+    with client(w, srv) as c:
+        c.welcome()
+        for fi, pi in [(1, 4), (1, 0xFFFFFFFF), (0, 1), (1, 0), (2, 1), (0xFFFFFFFF, 0)]:
+            with pytest.raises(PeerError) as e:
+                c.get_piece(w.artifact, fi, pi)
+            assert e.value.code == NOT_FOUND, f"file {fi} piece {pi}: {e.value}"
+            check_piece(w, c, 2)  # same connection, still usable
+        for req in (lambda: c.get_piece(unknown, 1, 1), lambda: c.get_have(unknown),
+                    lambda: c.get_bundle(unknown)):
+            with pytest.raises(PeerError) as e:
+                req()
+            assert e.value.code == NOT_FOUND, f"unknown artifact: {e.value}"
+            check_piece(w, c, 0)
+        assert c.get_bundle(w.artifact) == w.bundle
+    assert_serves(w, srv)
+    st = stop(srv)
+    assert st["protocol_errors"] == 0 and st["denied"] == 0, st
+    assert st["pieces"] == 6 + 3 + 2, st
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. silent connections
+
+
+def test_silent_connections_do_not_block_others(world):
+    w = world
+    srv = serve(w)
+    pid = srv.proc.pid
+    assert_serves(w, srv)
+    base = threads(pid)
+    silent_tcp = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(20)]
+    silent_tls = [client(w, srv) for _ in range(20)]  # TLS done, no HELLO
+    half_hello = []
+    for _ in range(5):  # a HELLO header announcing 12 bytes, then 3 of them, then silence
+        c = client(w, srv)
+        c.send_raw(struct.pack(">BI", HELLO, 12) + b"DRU")
+        half_hello.append(c)
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        assert_serves(w, srv, pieces=(0, 1, 2, 3))
+        took = time.monotonic() - t0
+        assert took < 3, f"a well-behaved client took {took:.1f} s beside 45 silent connections"
+        n, rss = threads(pid), rss_mib(pid)
+        assert n <= base + 45 + 8, f"{n} server threads for 45 silent connections (baseline {base})"
+        assert rss < 200, f"server RSS {rss:.0f} MiB with 45 silent connections"
+    finally:
+        for s in silent_tcp:
+            s.close()
+        for c in silent_tls + half_hello:
+            c.close()
+    # the threads of closed connections end
+    assert wait_until(lambda: threads(pid) <= base + 2, 5), \
+        f"{threads(pid)} server threads 5 s after the silent connections closed (baseline {base})"
+    assert_serves(w, srv)
+    st = stop(srv)
+    assert st["busy"] == 0, st
+    assert st["connections"] >= PROBE_REFUSALS + 45 + 2, st
+
+
+def test_silent_connections_are_closed_by_the_handshake_timeout(world):
+    """The handshake timeout (TLS + HELLO) is 10 s: a caller that stays silent is closed then."""
+    w = world
+    srv = serve(w)
+    pid = srv.proc.pid
+    base = threads(pid)
+    t0 = time.monotonic()
+    tcp = socket.create_connection(("127.0.0.1", srv.port), timeout=20)
+    tls = client(w, srv, timeout=20)
+    half = client(w, srv, timeout=20)
+    half.send_raw(struct.pack(">BI", HELLO, 12) + b"DRU")
+    try:
+        assert_serves(w, srv)
+        # raw TCP: EOF or reset
+        tcp.settimeout(20)
+        try:
+            assert tcp.recv(1) == b"", "the server sent bytes to a silent TCP caller"
+        except ConnectionError:
+            pass
+        except TimeoutError:
+            pytest.fail("a silent TCP connection was still open 20 s after it was made")
+        for c in (tls, half):
+            try:
+                ftype, body = c.read_frame()
+                # an ERROR before closing is fine; anything else is not
+                assert ftype == ERROR, f"frame 0x{ftype:02x} to a silent caller"
+                c.expect_closed(within=5)
+            except (Closed, ssl.SSLError, ConnectionError):
+                pass
+            except TimeoutError:
+                pytest.fail("a silent connection was still open 20 s after it was made")
+        took = time.monotonic() - t0
+        assert 8 <= took <= 16, f"silent connections closed after {took:.1f} s (handshake timeout 10 s)"
+    finally:
+        tcp.close()
+        tls.close()
+        half.close()
+    assert wait_until(lambda: threads(pid) <= base + 1, 5), threads(pid)
+    assert_serves(w, srv)
+    st = stop(srv)
+    assert st["handshakes_refused"] >= PROBE_REFUSALS + 3, st
+
+
+def test_idle_timeout_closes_idle_and_slow_request_connections(world):
+    w = world
+    srv = serve(w, "--idle-timeout", "2")
+    idle = client(w, srv, timeout=10).welcome()
+    slow = client(w, srv, timeout=10).welcome()
+    # a slow-loris request: the header and 10 of 40 body bytes, then nothing
+    slow.send_raw(struct.pack(">BI", GET_PIECE, 40) + b"\x00" * 10)
+    t0 = time.monotonic()
+    try:
+        assert_serves(w, srv)
+        for name, c in (("idle", idle), ("slow request", slow)):
+            try:
+                ftype, body = c.read_frame()
+                assert ftype == ERROR, f"{name}: frame 0x{ftype:02x}"
+                c.expect_closed(within=5)
+            except (Closed, ssl.SSLError, ConnectionError):
+                pass
+            except TimeoutError:
+                pytest.fail(f"{name} connection still open {time.monotonic() - t0:.1f} s in (--idle-timeout 2)")
+        took = time.monotonic() - t0
+        assert 1.5 <= took <= 6, f"closed after {took:.1f} s with --idle-timeout 2"
+    finally:
+        idle.close()
+        slow.close()
+    assert_serves(w, srv)
+    stop(srv)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. many concurrent clients
+
+
+def test_64_concurrent_clients(world):
+    w = world
+    srv = serve(w)
+    pid = srv.proc.pid
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 256:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+    n = 64
+    barrier = threading.Barrier(n)
+    errors, done = [], []
+    peak = [0.0]
+    stop_sampling = threading.Event()
+
+    def sample():
+        while not stop_sampling.is_set():
+            try:
+                peak[0] = max(peak[0], rss_mib(pid))
+            except (OSError, KeyError):
+                pass
+            time.sleep(0.02)
+
+    def one(k):
+        try:
+            with client(w, srv, timeout=60) as c:
+                c.welcome()
+                barrier.wait(timeout=60)
+                for j in range(3):
+                    check_piece(w, c, 1 + (k + j) % 3)
+            done.append(k)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(f"client {k}: {type(e).__name__}: {e}")
+            barrier.abort()
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    ts = [threading.Thread(target=one, args=(k,), daemon=True) for k in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=180)
+    stop_sampling.set()
+    sampler.join()
+    assert not any(t.is_alive() for t in ts), "some clients did not finish within 180 s"
+    assert not errors, "\n".join(errors[:10])
+    assert len(done) == n
+    hwm = rss_mib(pid, "VmHWM")
+    assert max(peak[0], hwm) < 400, f"server RSS peaked at {max(peak[0], hwm):.0f} MiB with {n} clients"
+    assert_serves(w, srv)
+    st = stop(srv)
+    assert st["pieces"] == 3 * n + 2, st
+    assert st["protocol_errors"] == 0 and st["busy"] == 0, st
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. --max-connections
+
+
+def test_max_connections_refuses_the_fifth(world):
+    w = world
+    srv = serve(w, "--max-connections", "4")
+    time.sleep(0.5)  # let the readiness probe's connection end
+    held = [client(w, srv).welcome() for _ in range(4)]
+    try:
+        def attempt():
+            with client(w, srv, timeout=5) as c:
+                c.hello()
+                return c.read_frame()
+
+        t0 = time.monotonic()
+        e = handshake_fails(attempt)
+        took = time.monotonic() - t0
+        assert took < 3, f"the 5th connection was refused only after {took:.1f} s ({e!r})"
+        # the 4 held connections still work
+        for c in held:
+            check_piece(w, c, 3)
+    finally:
+        for c in held:
+            c.close()
+
+    # once they are closed, a new caller is served again
+    def served():
+        try:
+            assert_serves(w, srv)
+            return True
+        except (OSError, Closed):
+            return False
+
+    assert wait_until(served, 5, step=0.2), "no caller served after the 4 held connections closed"
+    st = stop(srv)
+    assert st["busy"] >= 1, st
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. tokens
+
+
+def test_token_without_jwks_is_unauthenticated(world):
+    w = world
+    srv = serve(w)
+    token = b"eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJtYWxsb3J5IiwiYXVkIjoiZHJ1biJ9.c2lnbmF0dXJl"
+    with client(w, srv) as c:
+        c.hello(token=token)
+        c.expect_error(UNAUTHENTICATED)
+        c.expect_closed()
+    # a token that is not even a JWT: the same answer
+    with client(w, srv) as c:
+        c.hello(token=b"\xff" * 100)
+        c.expect_error(UNAUTHENTICATED)
+        c.expect_closed()
+    assert_serves(w, srv)
+    st = stop(srv)
+    assert st["handshakes_refused"] >= PROBE_REFUSALS + 2, st
+    assert st["requests"] == 2, st
+
+
+def test_hello_token_length_beyond_body_is_bad_request(world):
+    """HELLO whose token length says more than the body holds: bad_request, never a read past."""
+    w = world
+    srv = serve(w)
+    with client(w, srv) as c:
+        c.send_frame(HELLO, b"DRUN" + struct.pack(">HH", 1, 500) + b"x" * 10)
+        c.expect_error(BAD_REQUEST)
+        c.expect_closed()
+    with client(w, srv) as c:  # trailing bytes after the token
+        c.send_frame(HELLO, b"DRUN" + struct.pack(">HH", 1, 0) + b"junk")
+        c.expect_error(BAD_REQUEST)
+        c.expect_closed()
+    assert_serves(w, srv)
+    stop(srv)

@@ -1,0 +1,361 @@
+"""Peers over mutual TLS, with real processes on loopback: `drun serve` seeds, `drun fetch`
+leeches from peers (and origins), a lying peer (a Python process that frames correctly but flips
+bytes) is banned, a peer killed mid-transfer is replaced, and the policy and tokens decide who may
+read what."""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from peerkit import PKI, Serve, free_port, seeded_store, signed_model
+from test_fetch import Nginx
+
+
+PIECES_OF = 256 << 10
+N = 13  # pieces of the swarm's model
+
+
+def same_tree(a, b, skip=("model.sig",)):
+    files = lambda r: {p.relative_to(r): hashlib.sha256(p.read_bytes()).hexdigest()
+                       for p in r.rglob("*") if p.is_file() and p.name not in skip}
+    return files(a) == files(b)
+
+
+@pytest.fixture
+def swarm(drun, drun_bin, drun_keys, tmp_path):
+    """A PKI, a signed 3 MiB model (256 KiB pieces: 13 in all), a seed store holding it, and a node key."""
+    pki = PKI(tmp_path / "pki")
+    key, pub = drun_keys["ecdsa-p256"]
+    model, sig, artifact = signed_model(drun, tmp_path / "model", key, piece=PIECES_OF)
+    drun("cache", "keygen", "--out", tmp_path / "node.key").ok()
+    ks = f"file:{tmp_path / 'node.key'}"
+    seeded_store(drun, tmp_path / "seed", ks, model, sig, pub)
+
+    class S:
+        pass
+
+    s = S()
+    s.pki, s.model, s.sig, s.pub, s.artifact, s.ks, s.tmp = pki, model, sig, pub, artifact, ks, tmp_path
+    s.client_cert, s.client_key = pki.issue("leecher", uri="spiffe://cluster/ns/ml/sa/loader")
+    s.server_cert, s.server_key = pki.issue("seed", uri="spiffe://cluster/ns/ml/sa/seed")
+    s.servers = []
+
+    def serve(store=None, extra=()):
+        srv = Serve(drun_bin, store or tmp_path / "seed", ks, s.server_cert, s.server_key, pki.ca, extra=extra)
+        s.servers.append(srv)
+        return srv
+
+    def fetch(*peers, store="leech", extra=(), origin=None, cert=True, timeout=120):
+        args = ["fetch", "--public-key", pub, "--store", tmp_path / store, "--key-source", ks, "--ca-cert", pki.ca]
+        if "--artifact" not in extra:
+            args += ["--signature", sig]
+        if cert:
+            args += ["--tls-cert", s.client_cert, "--tls-key", s.client_key]
+        for p in peers:
+            args += ["--peer", p]
+        if origin:
+            args += ["--origin", origin]
+        return drun(*args, *extra, timeout=timeout)
+
+    s.serve, s.fetch = serve, fetch
+    yield s
+    for srv in s.servers:
+        if srv.proc.poll() is None:
+            srv.kill()
+
+
+def test_fetch_from_a_seed_peer_without_any_origin(swarm, tmp_path):
+    seed = swarm.serve()
+    r = swarm.fetch(seed.addr, extra=["--out", tmp_path / "out"]).ok()
+    assert same_tree(swarm.model, tmp_path / "out")
+    assert re.search(rf"peer {re.escape(seed.addr)}: {N} pieces, 0 rejected, 0 errors", r.out), r
+    stats = seed.stop()
+    assert stats["pieces"] == N and stats["denied"] == 0, stats
+
+
+def test_bundle_from_a_peer_is_verified_against_our_own_trust(swarm, drun, drun_keys, tmp_path):
+    seed = swarm.serve()
+    r = swarm.fetch(seed.addr, extra=["--artifact", swarm.artifact, "--out", tmp_path / "out"])
+    r.ok()
+    assert same_tree(swarm.model, tmp_path / "out")
+    # A trust store that does not include the publisher: refused, nothing fetched.
+    other = drun_keys["ecdsa-p384"][1]
+    r = drun("fetch", "--artifact", swarm.artifact, "--public-key", other, "--store", tmp_path / "s2",
+             "--key-source", swarm.ks, "--ca-cert", swarm.pki.ca, "--tls-cert", swarm.client_cert,
+             "--tls-key", swarm.client_key, "--peer", seed.addr)
+    r.fails(1)
+    stats = seed.stop()
+    assert stats["pieces"] == N, stats  # only the first fetch's pieces
+
+
+def test_client_without_a_certificate_or_from_another_ca_is_refused(swarm, tmp_path):
+    seed = swarm.serve()
+    swarm.fetch(seed.addr, cert=False).fails(3, seed.addr)
+    other = PKI(tmp_path / "other", "another CA")
+    cert, key = other.issue("stranger")
+    r = swarm.fetch(seed.addr, cert=False, store="s3",
+                    extra=["--tls-cert", cert, "--tls-key", key])
+    r.fails(3, seed.addr)
+    stats = seed.stop()
+    assert stats["pieces"] == 0 and stats["handshakes_refused"] >= 2, stats
+
+
+def test_server_certificate_must_chain_to_our_ca(swarm, drun_bin, tmp_path):
+    other = PKI(tmp_path / "other", "another CA")
+    cert, key = other.issue("impostor")
+    impostor = Serve(drun_bin, tmp_path / "seed", swarm.ks, cert, key, swarm.pki.ca)
+    swarm.servers.append(impostor)
+    swarm.fetch(impostor.addr).fails(3, "certificate")
+    assert impostor.stop()["pieces"] == 0
+
+
+def write_policy(path, bindings, roles):
+    path.write_text(json.dumps({"roles": roles, "bindings": bindings}))
+    return path
+
+
+def test_policy_allows_by_spiffe_id_and_denies_others_with_exit_4(swarm, tmp_path):
+    policy = write_policy(tmp_path / "policy.json",
+                          [{"certificate": {"uri": "spiffe://cluster/ns/ml/sa/loader"}, "roles": ["reader"]}],
+                          {"reader": {"artifacts": [swarm.artifact]}})
+    seed = swarm.serve(extra=["--policy", policy])
+    swarm.fetch(seed.addr, extra=["--out", tmp_path / "out"]).ok()
+    assert same_tree(swarm.model, tmp_path / "out")
+    # Another identity from the same CA: authenticated, but not authorized.
+    cert, key = swarm.pki.issue("intruder", uri="spiffe://cluster/ns/other/sa/x")
+    r = swarm.fetch(seed.addr, store="s2", cert=False, extra=["--tls-cert", cert, "--tls-key", key])
+    r.fails(4, "denied", any_of=("spiffe://cluster/ns/other/sa/x",))
+    stats = seed.stop()
+    assert stats["denied"] >= 1 and stats["pieces"] == N, stats  # nothing went to the intruder
+
+
+def test_publisher_rule_allows_what_the_publisher_signed(swarm, drun, drun_keys, tmp_path):
+    policy = write_policy(tmp_path / "policy.json",
+                          [{"certificate": {"uri_prefix": "spiffe://cluster/ns/ml/"}, "roles": ["ml"]}],
+                          {"ml": {"publishers": [{"public_key": str(swarm.pub)}]}})
+    seed = swarm.serve(extra=["--policy", policy])
+    swarm.fetch(seed.addr).ok()
+    seed.stop()
+    other_pub = drun_keys["ecdsa-p384"][1]
+    policy = write_policy(tmp_path / "policy2.json",
+                          [{"certificate": {"uri_prefix": "spiffe://cluster/ns/ml/"}, "roles": ["ml"]}],
+                          {"ml": {"publishers": [{"public_key": str(other_pub)}]}})
+    seed = swarm.serve(extra=["--policy", policy])
+    swarm.fetch(seed.addr, store="s2").fails(4)
+    seed.stop()
+
+
+def token(drun, tmp_path, name, *args):
+    key = tmp_path / "issuer.key"
+    if not key.exists():
+        drun("keygen", "--type", "ed25519", "--out", key).ok()
+        (tmp_path / "jwks.json").write_text(drun("token", "jwks", "--public-key", f"{key}.pub").ok().out)
+    out = drun("token", "issue", "--key", key, *args).ok().out.strip()
+    path = tmp_path / name
+    path.write_text(out + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def test_token_only_callers(swarm, drun, tmp_path):
+    good = token(drun, tmp_path, "good.jwt", "--subject", "loader", "--audience", "drun", "--artifact", swarm.artifact)
+    wrong_aud = token(drun, tmp_path, "aud.jwt", "--subject", "loader", "--audience", "elsewhere", "--artifact", "*")
+    other_artifact = token(drun, tmp_path, "other.jwt", "--subject", "loader", "--audience", "drun",
+                           "--artifact", "0" * 64)
+    seed = swarm.serve(extra=["--jwks", tmp_path / "jwks.json", "--allow-token-only"])
+    swarm.fetch(seed.addr, cert=False, extra=["--token-file", good, "--out", tmp_path / "out"]).ok()
+    assert same_tree(swarm.model, tmp_path / "out")
+    swarm.fetch(seed.addr, cert=False, store="s2", extra=["--token-file", wrong_aud]).fails(4, "audience")
+    swarm.fetch(seed.addr, cert=False, store="s3", extra=["--token-file", other_artifact]).fails(4)
+    r = swarm.fetch(seed.addr, cert=False, store="s4")
+    r.fails((3, 4))
+    stats = seed.stop()
+    assert "eyJ" not in seed.out + seed.err  # tokens are never logged
+
+
+class LyingPeer:
+    """A peer that speaks the protocol correctly and serves every piece with one byte flipped."""
+
+    def __init__(self, pki, model, sig, manifest):
+        cert, key = pki.issue("liar")
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        self.ctx.load_cert_chain(cert, key)
+        self.ctx.load_verify_locations(pki.ca)
+        self.ctx.verify_mode = ssl.CERT_REQUIRED
+        self.model, self.sig = Path(model), Path(sig)
+        self.ranges = []  # (file name, file index, begin, end) per piece
+        shard = manifest["shard_size"]
+        for fi, f in enumerate(manifest["files"]):
+            for k in range(f["pieces"]):
+                self.ranges.append((f["name"], fi, k * shard, min(f["size"], (k + 1) * shard)))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.addr = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.served = 0
+        threading.Thread(target=self.loop, daemon=True).start()
+
+    def loop(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.session, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def read_exact(s, n):
+        b = b""
+        while len(b) < n:
+            chunk = s.recv(n - len(b))
+            if not chunk:
+                raise EOFError
+            b += chunk
+        return b
+
+    def send(self, s, t, body):
+        s.sendall(struct.pack(">BI", t, len(body)) + body)
+
+    def answer(self, s, data):
+        self.send(s, 0x82, struct.pack(">Q", len(data)))
+        for i in range(0, len(data), 1 << 20):
+            self.send(s, 0x83, data[i:i + (1 << 20)])
+
+    def session(self, conn):
+        try:
+            s = self.ctx.wrap_socket(conn, server_side=True)
+            t, n = struct.unpack(">BI", self.read_exact(s, 5))
+            self.read_exact(s, n)
+            self.send(s, 0x81, struct.pack(">HH", 1, 0))
+            while True:
+                t, n = struct.unpack(">BI", self.read_exact(s, 5))
+                body = self.read_exact(s, n)
+                if t == 0x03:
+                    count = len(self.ranges)
+                    self.answer(s, struct.pack(">I", count) + b"\xff" * ((count + 7) // 8))
+                elif t == 0x02:
+                    self.answer(s, self.sig.read_bytes())
+                elif t == 0x04:
+                    fi, pi = struct.unpack(">II", body[32:40])
+                    name, _, b, e = self.ranges[pi]
+                    data = bytearray((self.model / name).read_bytes()[b:e])
+                    data[len(data) // 2] ^= 0x40
+                    self.served += 1
+                    self.answer(s, bytes(data))
+        except (OSError, EOFError, ssl.SSLError):
+            pass
+
+    def stop(self):
+        self.sock.close()
+
+
+def manifest_json(drun, sig):
+    return json.loads(drun("manifest", "--json", sig).ok().out)
+
+
+def test_a_lying_peer_is_banned_and_the_fetch_completes_from_others(swarm, drun, tmp_path):
+    liar = LyingPeer(swarm.pki, swarm.model, swarm.sig, manifest_json(drun, swarm.sig))
+    seed = swarm.serve()
+    try:
+        r = swarm.fetch(liar.addr, seed.addr, extra=["--out", tmp_path / "out"]).ok()
+        assert same_tree(swarm.model, tmp_path / "out")
+        line = next(l for l in r.out.splitlines() if liar.addr in l)
+        # Banned at its first bad piece: only requests already in flight (at most 4) were answered.
+        assert "banned" in line and re.search(r"0 pieces, [1-4] rejected", line), r
+        assert 1 <= liar.served <= 4
+        drun("cache", "verify", "--store", tmp_path / "leech", "--key-source", swarm.ks).ok()
+        # With only the liar, nothing verifies: exit 1, and nothing unverified is stored or written.
+        r = swarm.fetch(liar.addr, store="s2", extra=["--out", tmp_path / "out2"])
+        r.fails(1, "digest mismatch")
+        assert not (tmp_path / "out2").exists()
+        drun("cache", "verify", "--store", tmp_path / "s2", "--key-source", swarm.ks).ok()
+    finally:
+        liar.stop()
+
+
+def test_a_peer_killed_mid_transfer_is_replaced_by_the_origin(swarm, drun, tmp_path):
+    nginx = Nginx(tmp_path, swarm.model)
+    seed = swarm.serve(extra=["--limit-rate", "1M"])
+    try:
+        p = subprocess.Popen([os.environ["DRUN_BIN"], "fetch", "--signature", str(swarm.sig), "--public-key",
+                              str(swarm.pub), "--store", str(tmp_path / "leech"), "--key-source", swarm.ks,
+                              "--ca-cert", str(swarm.pki.ca), "--tls-cert", str(swarm.client_cert), "--tls-key",
+                              str(swarm.client_key), "--peer", seed.addr, "--origin", nginx.url(), "--out",
+                              str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.2)
+        seed.kill()
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        assert same_tree(swarm.model, tmp_path / "out")
+        # Some pieces came from the seed before it died, the rest from the origin.
+        assert re.search(rf"{re.escape(nginx.url().rstrip('/'))}: [1-9]\d* pieces", out), out
+        assert re.search(rf"peer {re.escape(seed.addr)}: [1-9]\d* pieces", out), out
+    finally:
+        nginx.stop()
+
+
+def test_leechers_started_together_trade_pieces(swarm, drun, drun_bin, tmp_path):
+    """One seed, three leechers each serving its own store while fetching: all complete, verify,
+    and the seed does not serve every piece to everyone."""
+    seed = swarm.serve(extra=["--limit-rate", "2M"])
+    leech_servers = [swarm.serve(store=tmp_path / f"l{i}") for i in range(3)]
+    procs = []
+    for i in range(3):
+        peers = [seed.addr] + [s.addr for j, s in enumerate(leech_servers) if j != i]
+        argv = [drun_bin, "fetch", "--signature", swarm.sig, "--public-key", swarm.pub, "--store", tmp_path / f"l{i}",
+                "--key-source", swarm.ks, "--ca-cert", swarm.pki.ca, "--tls-cert", swarm.client_cert, "--tls-key",
+                swarm.client_key, "--out", tmp_path / f"out{i}"]
+        for p in peers:
+            argv += ["--peer", p]
+        procs.append(subprocess.Popen(list(map(str, argv)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    for i in range(3):
+        assert same_tree(swarm.model, tmp_path / f"out{i}")
+    stats = seed.stop()
+    served_by_leechers = sum(s.stop()["pieces"] for s in leech_servers)
+    assert stats["pieces"] + served_by_leechers == 3 * N, (stats, served_by_leechers)
+    assert served_by_leechers > 0, (stats, served_by_leechers)
+
+
+def test_a_swarm_started_together_takes_each_piece_from_the_origin_once(swarm, drun_bin, tmp_path):
+    """Three nodes, each serving its store and fetching from the origin and the others, started
+    together with --swarm-self: the origin's pieces are shared out, so it sends the model once."""
+    nginx = Nginx(tmp_path, swarm.model)
+    servers = [swarm.serve(store=tmp_path / f"n{i}") for i in range(3)]
+    members = [s.addr for s in servers]
+    procs = []
+    try:
+        for i in range(3):
+            argv = [drun_bin, "fetch", "--signature", swarm.sig, "--public-key", swarm.pub, "--store", tmp_path / f"n{i}",
+                    "--key-source", swarm.ks, "--ca-cert", swarm.pki.ca, "--tls-cert", swarm.client_cert,
+                    "--tls-key", swarm.client_key, "--origin", nginx.url(), "--swarm-self", members[i],
+                    "--out", tmp_path / f"out{i}"]
+            for m in members:
+                argv += ["--peer", m]
+            procs.append(subprocess.Popen(list(map(str, argv)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=120) for p in procs]
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0, err
+        for i in range(3):
+            assert same_tree(swarm.model, tmp_path / f"out{i}")
+        size = (swarm.model / "weights.bin").stat().st_size
+        assert nginx.bytes_sent("weights.bin") == size, (nginx.bytes_sent("weights.bin"), size, outs)
+        # Every node took a share from the origin (12 pieces of weights.bin over 3 nodes).
+        for out, _ in outs:
+            assert re.search(rf"{re.escape(nginx.url().rstrip('/'))}: [1-9]\d* pieces", out), out
+    finally:
+        nginx.stop()
