@@ -2,6 +2,8 @@
 // check a token (from stdin, never from the command line, where other users can read it in ps).
 #include "common.hpp"
 
+#include <fmt/chrono.h>
+
 #include <ctime>
 #include <iostream>
 #include <iterator>
@@ -9,14 +11,6 @@
 namespace drun::cli {
 namespace {
 
-std::string utc(std::chrono::system_clock::time_point t) {
-  std::time_t tt = std::chrono::system_clock::to_time_t(t);
-  std::tm tm{};
-  gmtime_r(&tt, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
 
 // "90", "90s", "15m", "2h": a duration in whole seconds.
 std::chrono::seconds parse_duration(const std::string& text, const char* what) {
@@ -98,7 +92,7 @@ int token_verify(int argc, char** argv) {
   fmt::print("subject:   {}\n", claims->subject);
   if (!claims->issuer.empty()) fmt::print("issuer:    {}\n", claims->issuer);
   fmt::print("audience:  {}\n", join(claims->audience));
-  fmt::print("expires:   {}\n", utc(claims->expires));
+  fmt::print("expires:   {:%Y-%m-%dT%H:%M:%SZ}\n", fmt::gmtime(std::chrono::system_clock::to_time_t(claims->expires)));
   if (!claims->artifacts.empty()) fmt::print("artifacts: {}\n", join(claims->artifacts));
   return exit_ok;
 }

@@ -33,11 +33,7 @@ class peer_source final : public source {
     if (!id) return error(errc::invalid_argument, "not an artifact id");
     peer::writer w;
     w.bytes(*id).u32(static_cast<std::uint32_t>(p.file_index)).u32(static_cast<std::uint32_t>(p.piece));
-    std::size_t got = 0;
-    auto r = request(frame::get_piece, w.view(), out.size(), out.size(), [&](std::span<const std::byte> chunk) {
-      std::memcpy(out.data() + got, chunk.data(), chunk.size());
-      got += chunk.size();
-    }, cancel);
+    auto r = request(frame::get_piece, w.view(), out.size(), out.size(), {out, nullptr}, cancel);
     if (!r) return std::move(r).error().with_path(std::string(p.file)).with_range(p.range.begin, p.range.end);
     return {};
   }
@@ -47,8 +43,7 @@ class peer_source final : public source {
     if (!id) return error(errc::invalid_argument, "not an artifact id");
     std::vector<std::byte> answer;
     std::size_t expected = 4 + (pieces + 7) / 8;
-    auto r = request(frame::get_have, *id, expected, expected,
-                     [&](std::span<const std::byte> c) { answer.insert(answer.end(), c.begin(), c.end()); }, nullptr);
+    auto r = request(frame::get_have, *id, expected, expected, {{}, &answer}, nullptr);
     if (!r) return std::move(r).error();
     peer::reader rd(answer);
     if (rd.u32() != pieces) return error(errc::io_error, fmt::format("{}: its piece count differs from the manifest", name_));
@@ -61,19 +56,23 @@ class peer_source final : public source {
   result<std::string> bundle(std::string_view artifact_id) override {
     auto id = peer::artifact_to_wire(artifact_id);
     if (!id) return error(errc::invalid_argument, fmt::format("\"{}\" is not an artifact id", artifact_id));
-    std::string text;
-    auto r = request(frame::get_bundle, *id, 1, max_bundle_size,
-                     [&](std::span<const std::byte> c) { text.append(reinterpret_cast<const char*>(c.data()), c.size()); },
-                     nullptr);
+    std::vector<std::byte> answer;
+    auto r = request(frame::get_bundle, *id, 1, max_bundle_size, {{}, &answer}, nullptr);
     if (!r) return std::move(r).error();
-    return text;
+    return std::string(reinterpret_cast<const char*>(answer.data()), answer.size());
   }
 
  private:
-  // Sends one request and streams its answer (min..max bytes) to sink. A connection whose
+  // Where an answer goes: straight into a caller's buffer of its exact size, or appended to a vector.
+  struct answer_sink {
+    std::span<std::byte> fixed;
+    std::vector<std::byte>* grow = nullptr;
+  };
+
+  // Sends one request and reads its answer (min..max bytes) into sink. A connection whose
   // exchange went wrong is closed, never reused.
   result<void> request(frame type, std::span<const std::byte> body, std::uint64_t min, std::uint64_t max,
-                       const std::function<void(std::span<const std::byte>)>& sink, const std::atomic<bool>* cancel) {
+                       answer_sink sink, const std::atomic<bool>* cancel) {
     auto conn = take(cancel);
     if (!conn) return std::move(conn).error();
     auto& s = **conn;
@@ -95,12 +94,20 @@ class peer_source final : public source {
       return fail(fmt::format("protocol error: an answer of {} bytes where {} to {} were expected", *length, min, max));
     std::uint64_t got = 0;
     while (got < *length) {
-      auto d = peer::read_frame(s, deadline(), cancel);
+      auto d = peer::read_header(s, deadline(), cancel);
       if (!d) return d.error().code() == errc::cancelled ? std::move(d).error() : fail(d.error().detail());
-      if (static_cast<frame>(d->type) != frame::data || d->body.empty() || d->body.size() > *length - got)
+      if (static_cast<frame>(d->type) != frame::data || d->length == 0 || d->length > *length - got)
         return fail("protocol error: a DATA frame that does not fit the answer");
-      sink(d->body);
-      got += d->body.size();
+      std::span<std::byte> into;
+      if (sink.grow) {
+        sink.grow->resize(static_cast<std::size_t>(got) + d->length);
+        into = std::span(*sink.grow).subspan(static_cast<std::size_t>(got));
+      } else {
+        into = sink.fixed.subspan(static_cast<std::size_t>(got), d->length);
+      }
+      if (auto r = s.read_exact(into, deadline(), cancel); !r)
+        return r.error().code() == errc::cancelled ? std::move(r).error() : fail(r.error().detail());
+      got += d->length;
     }
     give(std::move(*conn));
     return {};

@@ -58,7 +58,9 @@ struct peer_server::impl {
 
   std::mutex memory_mutex;
   std::condition_variable memory_cv;
-  std::uint64_t memory_used = 0;
+  std::uint64_t memory_used = 0;   // bytes of the buffers in use
+  std::uint64_t pooled = 0;        // capacity of the idle buffers in pool
+  std::vector<std::vector<std::byte>> pool;
 
   std::mutex upload_mutex;
   clock::time_point upload_next = clock::now();
@@ -71,19 +73,38 @@ struct peer_server::impl {
   bool handle(peer::tls_stream& s, const peer_identity& who, const peer::frame_in& f);
   result<std::shared_ptr<const artifact_info>> artifact(const std::string& id);
 
-  // Waits until `bytes` of the piece budget are free (a piece larger than the whole budget goes
-  // alone). False when stopping.
-  bool reserve(std::uint64_t bytes) {
+  // Piece buffers come from a pool bounded by the memory budget: a buffer in use and the idle
+  // ones kept for reuse (so no fresh pages are faulted in per piece) never exceed it together, and
+  // a piece larger than the whole budget goes alone. Empty optional when stopping.
+  std::optional<std::vector<std::byte>> take_buffer(std::uint64_t bytes) {
     std::unique_lock lock(memory_mutex);
     while (!stopping.load() && memory_used > 0 && memory_used + bytes > o.memory_budget)
       memory_cv.wait_for(lock, std::chrono::milliseconds(200));
-    if (stopping.load()) return false;
+    if (stopping.load()) return std::nullopt;
     memory_used += bytes;
-    return true;
+    std::vector<std::byte> buf;
+    auto fit = std::find_if(pool.begin(), pool.end(), [&](const auto& b) { return b.capacity() >= bytes; });
+    if (fit != pool.end()) {
+      buf = std::move(*fit);
+      pool.erase(fit);
+      pooled -= buf.capacity();
+    }
+    while (!pool.empty() && memory_used + pooled > o.memory_budget) {
+      pooled -= pool.back().capacity();
+      pool.pop_back();
+    }
+    lock.unlock();
+    buf.resize(bytes);
+    return buf;
   }
-  void release(std::uint64_t bytes) {
+  void give_buffer(std::vector<std::byte> buf, std::uint64_t bytes) {
+    sodium_memzero(buf.data(), buf.size());
     std::lock_guard lock(memory_mutex);
     memory_used -= bytes;
+    if (memory_used + pooled + buf.capacity() <= o.memory_budget) {
+      pooled += buf.capacity();
+      pool.push_back(std::move(buf));
+    }
     memory_cv.notify_all();
   }
   // The server-wide upload limit: each chunk reserves its share of time.
@@ -206,8 +227,9 @@ bool peer_server::impl::handle(peer::tls_stream& s, const peer_identity& who, co
                       io(), &stopping)
         .has_value();
   std::uint64_t length = a.piece_length[*piece_index];
-  if (!reserve(length)) return false;
-  std::vector<std::byte> buf(length);
+  auto taken = take_buffer(length);
+  if (!taken) return false;
+  auto& buf = *taken;
   auto read = st->read_piece(id, *piece_index, buf);
   bool keep = true;
   if (!read) {
@@ -224,8 +246,7 @@ bool peer_server::impl::handle(peer::tls_stream& s, const peer_identity& who, co
       n.bytes_served += length;
     }
   }
-  sodium_memzero(buf.data(), buf.size());
-  release(length);
+  give_buffer(std::move(buf), length);
   return keep;
 }
 

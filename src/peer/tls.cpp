@@ -10,13 +10,12 @@
 #include <algorithm>
 #include <arpa/inet.h>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
-#include <csignal>
-#include <pthread.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 
@@ -57,41 +56,60 @@ result<ssl_ctx_ptr> new_context(const SSL_METHOD* method) {
   // TLS 1.3 only: the peer protocol has no old clients to serve.
   SSL_CTX_set_min_proto_version(c.get(), TLS1_3_VERSION);
   SSL_CTX_set_mode(c.get(), SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  // Read ahead: one read() fetches many records instead of two per 16 KiB record (header, then
+  // body), which halves the syscalls of a bulk transfer.
+  SSL_CTX_set_read_ahead(c.get(), 1);
+  SSL_CTX_set_default_read_buffer_len(c.get(), 256 * 1024);
   return c;
 }
 
-// Writing to a connection the other end has closed raises SIGPIPE, whose default action kills
-// the process: a library must not let a dead peer do that. For the duration of one TLS call the
-// signal is blocked in this thread, and one it caused is consumed before the mask is restored
-// (the technique libcurl uses; MSG_NOSIGNAL is not reachable through OpenSSL's socket BIO).
-class sigpipe_guard {
- public:
-  sigpipe_guard() {
-    sigemptyset(&pipe_);
-    sigaddset(&pipe_, SIGPIPE);
-    sigset_t pending;
-    sigpending(&pending);
-    already_pending_ = sigismember(&pending, SIGPIPE) == 1;
-    pthread_sigmask(SIG_BLOCK, &pipe_, &old_);
-  }
-  ~sigpipe_guard() {
-    if (!already_pending_) {
-      sigset_t pending;
-      sigpending(&pending);
-      if (sigismember(&pending, SIGPIPE) == 1) {
-        timespec zero{0, 0};
-        sigtimedwait(&pipe_, nullptr, &zero);
-      }
-    }
-    pthread_sigmask(SIG_SETMASK, &old_, nullptr);
-  }
-  sigpipe_guard(const sigpipe_guard&) = delete;
-  sigpipe_guard& operator=(const sigpipe_guard&) = delete;
+// A socket BIO of our own, for one reason: writing to a connection the other end has closed
+// raises SIGPIPE, whose default action kills the process, and a library must not let a dead peer
+// do that. send(MSG_NOSIGNAL) avoids it without touching the process's signal state (OpenSSL's
+// socket BIO uses write(), and masking the signal around every call costs two syscalls each).
+int bio_fd(BIO* b) { return static_cast<int>(reinterpret_cast<std::intptr_t>(BIO_get_data(b))); }
 
- private:
-  sigset_t pipe_{}, old_{};
-  bool already_pending_ = false;
-};
+int bio_write(BIO* b, const char* data, int len) {
+  BIO_clear_retry_flags(b);
+  ssize_t n = ::send(bio_fd(b), data, static_cast<std::size_t>(len), MSG_NOSIGNAL);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) BIO_set_retry_write(b);
+  return static_cast<int>(n);
+}
+
+int bio_read(BIO* b, char* data, int len) {
+  BIO_clear_retry_flags(b);
+  ssize_t n = ::recv(bio_fd(b), data, static_cast<std::size_t>(len), 0);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) BIO_set_retry_read(b);
+  return static_cast<int>(n);
+}
+
+long bio_ctrl(BIO*, int cmd, long, void*) { return cmd == BIO_CTRL_FLUSH ? 1 : 0; }
+
+int bio_create(BIO* b) {
+  BIO_set_init(b, 1);
+  return 1;
+}
+
+const BIO_METHOD* socket_method() {
+  static BIO_METHOD* method = [] {
+    BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK | BIO_TYPE_DESCRIPTOR, "drun socket");
+    BIO_meth_set_write(m, bio_write);
+    BIO_meth_set_read(m, bio_read);
+    BIO_meth_set_ctrl(m, bio_ctrl);
+    BIO_meth_set_create(m, bio_create);
+    return m;
+  }();
+  return method;
+}
+
+// Attaches the socket to the TLS session through that BIO (the fd stays owned by the stream).
+bool attach(SSL* ssl, int fd) {
+  BIO* bio = BIO_new(socket_method());
+  if (!bio) return false;
+  BIO_set_data(bio, reinterpret_cast<void*>(static_cast<std::intptr_t>(fd)));
+  SSL_set_bio(ssl, bio, bio);
+  return true;
+}
 
 }  // namespace
 
@@ -134,11 +152,7 @@ template <class F>
 result<int> tls_stream::drive(F&& call, clock::time_point deadline, const std::atomic<bool>* stop, const char* what) {
   for (;;) {
     ERR_clear_error();
-    int r;
-    {
-      sigpipe_guard guard;
-      r = call();
-    }
+    int r = call();
     if (r > 0) return r;
     int e = SSL_get_error(ssl_.get(), r);
     short events = 0;
@@ -170,14 +184,14 @@ result<int> tls_stream::drive(F&& call, clock::time_point deadline, const std::a
 }
 
 result<void> tls_stream::accept(clock::time_point deadline, const std::atomic<bool>* stop) {
-  SSL_set_fd(ssl_.get(), fd_.get());
+  if (!attach(ssl_.get(), fd_.get())) return error(errc::io_error, "cannot create a socket BIO");
   auto r = drive([&] { return SSL_accept(ssl_.get()); }, deadline, stop, "TLS handshake");
   if (!r) return std::move(r).error();
   return {};
 }
 
 result<void> tls_stream::connect(const std::string& host, clock::time_point deadline, const std::atomic<bool>* stop) {
-  SSL_set_fd(ssl_.get(), fd_.get());
+  if (!attach(ssl_.get(), fd_.get())) return error(errc::io_error, "cannot create a socket BIO");
   // The certificate must name what was dialled: an IP SAN for an address, a DNS SAN for a name.
   in6_addr a6{};
   in_addr a4{};

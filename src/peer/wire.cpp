@@ -23,18 +23,26 @@ std::size_t max_body(std::uint8_t type) noexcept {
   return 0;
 }
 
-result<frame_in> read_frame(tls_stream& s, clock::time_point deadline, const std::atomic<bool>* stop) {
+result<frame_header> read_header(tls_stream& s, clock::time_point deadline, const std::atomic<bool>* stop) {
   std::array<std::byte, 5> head{};
   if (auto r = s.read_exact(head, deadline, stop); !r) return std::move(r).error();
-  frame_in f;
-  f.type = static_cast<std::uint8_t>(head[0]);
+  frame_header h;
+  h.type = static_cast<std::uint8_t>(head[0]);
   reader rd{std::span<const std::byte>(head).subspan(1)};
-  std::uint32_t len = *rd.u32();
-  std::size_t bound = max_body(f.type);
-  if (bound == 0) return error(errc::malformed_bundle, fmt::format("unknown frame type 0x{:02x}", f.type));
-  if (len > bound)
-    return error(errc::malformed_bundle, fmt::format("frame type 0x{:02x} of {} bytes (at most {})", f.type, len, bound));
-  f.body.resize(len);
+  h.length = *rd.u32();
+  std::size_t bound = max_body(h.type);
+  if (bound == 0) return error(errc::malformed_bundle, fmt::format("unknown frame type 0x{:02x}", h.type));
+  if (h.length > bound)
+    return error(errc::malformed_bundle, fmt::format("frame type 0x{:02x} of {} bytes (at most {})", h.type, h.length, bound));
+  return h;
+}
+
+result<frame_in> read_frame(tls_stream& s, clock::time_point deadline, const std::atomic<bool>* stop) {
+  auto h = read_header(s, deadline, stop);
+  if (!h) return std::move(h).error();
+  frame_in f;
+  f.type = h->type;
+  f.body.resize(h->length);
   if (auto r = s.read_exact(f.body, deadline, stop); !r) return std::move(r).error();
   return f;
 }

@@ -52,6 +52,13 @@ struct frame_in {
   std::vector<std::byte> body;
 };
 
+struct frame_header {
+  std::uint8_t type = 0;
+  std::uint32_t length = 0;
+};
+// Reads a frame's header, refusing an unknown type or a length over its bound; the body is the
+// caller's to read (straight into its own buffer: piece data is never copied twice).
+result<frame_header> read_header(tls_stream& s, clock::time_point deadline, const std::atomic<bool>* stop);
 // Reads one frame, refusing an unknown type or a length over its bound before reading the body.
 // Errors: io_error, cancelled, malformed_bundle (the protocol error, with what was wrong).
 result<frame_in> read_frame(tls_stream& s, clock::time_point deadline, const std::atomic<bool>* stop);

@@ -359,3 +359,54 @@ def test_a_swarm_started_together_takes_each_piece_from_the_origin_once(swarm, d
             assert re.search(rf"{re.escape(nginx.url().rstrip('/'))}: [1-9]\d* pieces", out), out
     finally:
         nginx.stop()
+
+
+def test_bad_tokens_are_refused_by_the_server(swarm, drun, tmp_path):
+    """Tokens minted independently (PyJWT): expired, not yet valid, signed by another key, and
+    alg none are each refused with exit 4; a good one from the same issuer works."""
+    jwt = pytest.importorskip("jwt", reason="PyJWT (python3-jwt) is not installed")
+    from cryptography.hazmat.primitives.asymmetric import ec
+    import base64
+
+    def b64(n, size):
+        return base64.urlsafe_b64encode(n.to_bytes(size, "big")).rstrip(b"=").decode()
+
+    key, other = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    pub = key.public_key().public_numbers()
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [
+        {"kty": "EC", "crv": "P-256", "x": b64(pub.x, 32), "y": b64(pub.y, 32), "kid": "k1", "use": "sig"}]}))
+    now = int(time.time())
+    claims = {"sub": "system:serviceaccount:ml:loader", "aud": "drun", "exp": now + 600,
+              "drun_artifacts": [swarm.artifact]}
+
+    def write(name, text):
+        p = tmp_path / name
+        p.write_text(text + "\n")
+        os.chmod(p, 0o600)
+        return p
+
+    good = write("good.jwt", jwt.encode(claims, key, algorithm="ES256", headers={"kid": "k1"}))
+    bad = {
+        "expired": jwt.encode({**claims, "exp": now - 3600}, key, algorithm="ES256", headers={"kid": "k1"}),
+        "not-yet-valid": jwt.encode({**claims, "nbf": now + 3600}, key, algorithm="ES256", headers={"kid": "k1"}),
+        "other-key": jwt.encode(claims, other, algorithm="ES256", headers={"kid": "k1"}),
+        "alg-none": jwt.encode(claims, None, algorithm="none"),
+    }
+    seed = swarm.serve(extra=["--jwks", tmp_path / "jwks.json", "--allow-token-only"])
+    swarm.fetch(seed.addr, cert=False, extra=["--token-file", good]).ok()
+    for i, (name, text) in enumerate(bad.items()):
+        r = swarm.fetch(seed.addr, cert=False, store=f"bad{i}", extra=["--token-file", write(f"{name}.jwt", text)])
+        r.fails(4, "token refused")
+        assert text not in r.err
+    stats = seed.stop()
+    assert stats["pieces"] == N and stats["handshakes_refused"] >= len(bad), stats
+    assert "eyJ" not in seed.out + seed.err
+
+
+def test_peers_from_dns_every_address_of_a_name(swarm, tmp_path):
+    seed = swarm.serve()
+    # localhost may resolve to ::1 as well: the seed listens on 127.0.0.1 only, so that address
+    # fails and is dropped while the other serves everything.
+    r = swarm.fetch(extra=["--peers-dns", f"localhost:{seed.port}", "--out", tmp_path / "out"]).ok()
+    assert same_tree(swarm.model, tmp_path / "out")
+    assert re.search(rf"peer 127\.0\.0\.1:{seed.port}: {N} pieces", r.out), r
