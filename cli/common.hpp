@@ -192,24 +192,10 @@ class progress_line {
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now(), last_{};
 };
 
-// The signature file's path relative to the model root, when it lies inside it: it is ignored.
-inline std::optional<std::string> signature_inside(const std::filesystem::path& model, const std::filesystem::path& sig) {
-  std::error_code ec;
-  auto root = std::filesystem::weakly_canonical(model, ec);
-  if (ec) return std::nullopt;
-  auto s = std::filesystem::weakly_canonical(sig, ec);
-  if (ec) return std::nullopt;
-  auto rel = s.lexically_relative(root);
-  if (rel.empty() || *rel.begin() == ".." || rel == ".") return std::nullopt;
-  return rel.generic_string();
-}
+using drun::signature_inside;
 
 inline std::filesystem::path default_signature(const std::filesystem::path& model) {
-  std::error_code ec;
-  if (std::filesystem::is_directory(model, ec)) return model / "model.sig";
-  auto p = model;
-  p += ".sig";
-  return p;
+  return drun::default_signature_path(model);
 }
 
 inline std::string one_positional(const parsed_args& args, const char* what) {

@@ -109,6 +109,7 @@ int cmd_fetch(int argc, char** argv) {
     auto text = read_secret_file(*tf, "token file");
     if (!text) return fail("fetch", text.error());
     po.token = text->substr(0, text->find_first_of("\r\n"));
+    std::fill(text->begin(), text->end(), '\0');
   }
   for (const auto& name : args.all("peers-dns")) {
     auto addrs = drun::resolve_peers(name);
@@ -136,25 +137,32 @@ int cmd_fetch(int argc, char** argv) {
 
   // The bundle first: nothing is downloaded for a model whose signature does not check out.
   drun::result<std::string> text = std::string();
-  std::string bundle_name = sig.value_or("");
+  drun::result<drun::verified_manifest> vm = drun::error(drun::errc::not_found, "no bundle");
   if (artifact) {
-    // From the first peer that has it; verified against our own trust like any bundle.
-    text = drun::error(drun::errc::not_found, "no peer serves this artifact's bundle");
-    for (std::size_t k = 0; k < peer_count && !text; ++k) {
-      text = sources[k]->bundle(*artifact);
-      bundle_name = sources[k]->name();
-    }
+    // From the first peer whose copy verifies against our own trust and is this artifact's.
     if (peer_count == 0) throw usage_error{"--artifact needs --peer or --peers-dns"};
+    vm = drun::error(drun::errc::not_found, "no peer serves this artifact's bundle");
+    for (std::size_t k = 0; k < peer_count && !vm; ++k) {
+      auto got = sources[k]->bundle(*artifact);
+      if (!got) {
+        vm = std::move(got).error();
+        continue;
+      }
+      vm = drun::verify_bundle(*got, *trust);
+      if (vm && vm->artifact_id() != *artifact)
+        vm = drun::error(drun::errc::signature_invalid,
+                         fmt::format("{} sent the bundle of {}, not {}", sources[k]->name(), vm->artifact_id(), *artifact));
+      if (!vm) vm = std::move(vm).error().with_path(sources[k]->name());
+      else text = std::move(got);
+    }
   } else {
     bool remote = sig->rfind("http://", 0) == 0 || sig->rfind("https://", 0) == 0;
     text = remote ? drun::fetch_document(*sig, drun::max_bundle_size, so) : drun::read_bundle_file(*sig);
+    if (!text) return fail("fetch", text.error());
+    vm = drun::verify_bundle(*text, *trust);
+    if (!vm) vm = std::move(vm).error().with_path(*sig);
   }
-  if (!text) return fail("fetch", text.error());
-  auto vm = drun::verify_bundle(*text, *trust);
-  if (!vm) return fail("fetch", std::move(vm).error().with_path(bundle_name));
-  if (artifact && vm->artifact_id() != *artifact)
-    return fail("fetch", drun::error(drun::errc::signature_invalid,
-                                     fmt::format("{} sent the bundle of {}, not {}", bundle_name, vm->artifact_id(), *artifact)));
+  if (!vm) return fail("fetch", vm.error());
   auto key = drun::node_key::from_source(*args.get("key-source"));
   if (!key) return fail("fetch", key.error());
   auto st = drun::store::open(*args.get("store"), std::move(key).value());

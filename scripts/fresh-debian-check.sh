@@ -12,6 +12,8 @@ command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/nu
 rm -rf "$work"
 debootstrap --variant=minbase bookworm "$work" http://deb.debian.org/debian >/dev/null
 cp /etc/resolv.conf "$work/etc/resolv.conf"
+# debootstrap leaves /etc/hosts out; every installed Debian has one (localhost resolves).
+printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' > "$work/etc/hosts"
 mount -t proc proc "$work/proc"
 mount --rbind /dev "$work/dev"
 mount -t sysfs sys "$work/sys"

@@ -147,4 +147,23 @@ result<std::vector<model_file>> enumerate_model(const std::filesystem::path& mod
   return std::move(w.out);
 }
 
+std::filesystem::path default_signature_path(const std::filesystem::path& model) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(model, ec)) return model / "model.sig";
+  auto p = model;
+  p += ".sig";
+  return p;
+}
+
+std::optional<std::string> signature_inside(const std::filesystem::path& model, const std::filesystem::path& signature) {
+  std::error_code ec;
+  auto root = std::filesystem::weakly_canonical(model, ec);
+  if (ec) return std::nullopt;
+  auto s = std::filesystem::weakly_canonical(signature, ec);
+  if (ec) return std::nullopt;
+  auto rel = s.lexically_relative(root);
+  if (rel.empty() || *rel.begin() == ".." || rel == ".") return std::nullopt;
+  return rel.generic_string();
+}
+
 }  // namespace drun

@@ -10,6 +10,7 @@
 #include <drun/peer.hpp>
 #include <drun/piece.hpp>
 #include <drun/policy.hpp>
+#include <drun/safetensors.hpp>
 #include <drun/sign.hpp>
 #include <drun/source.hpp>
 #include <drun/store.hpp>

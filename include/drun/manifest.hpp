@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -52,6 +53,14 @@ struct model_file {
 // as ".". Errors: not_found, io_error, unsafe_entry (symlink, special file, unsafe name).
 DRUN_API result<std::vector<model_file>> enumerate_model(const std::filesystem::path& model,
                                                          const model_policy& policy);
+
+// Where a model's signature lives by default: MODEL/model.sig for a directory, MODEL.sig beside a
+// single file.
+DRUN_API std::filesystem::path default_signature_path(const std::filesystem::path& model);
+// The signature's path relative to the model root when it lies inside it (it must then be
+// ignored, never hashed), else nullopt.
+DRUN_API std::optional<std::string> signature_inside(const std::filesystem::path& model,
+                                                     const std::filesystem::path& signature);
 
 // Called from hashing threads with the bytes hashed so far and the total; must be thread safe
 // and cheap.

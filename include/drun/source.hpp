@@ -67,9 +67,11 @@ class DRUN_API source {
   // permission_denied, cancelled.
   virtual result<void> fetch(const piece_request& piece, std::span<std::byte> out, const std::atomic<bool>* cancel) = 0;
   // Peers say which pieces of an artifact they hold (one flag per piece); origins hold every
-  // piece and answer nullopt.
-  virtual result<std::optional<std::vector<bool>>> holdings(std::string_view artifact_id, std::size_t pieces) {
-    (void)artifact_id, (void)pieces;
+  // piece and answer nullopt. Errors: not_found (the peer does not have the artifact),
+  // permission_denied, io_error, cancelled.
+  virtual result<std::optional<std::vector<bool>>> holdings(std::string_view artifact_id, std::size_t pieces,
+                                                            const std::atomic<bool>* cancel) {
+    (void)artifact_id, (void)pieces, (void)cancel;
     return std::optional<std::vector<bool>>{};
   }
   // The artifact's bundle, for sources that can name an artifact by id (peers). Still to be

@@ -42,8 +42,9 @@ constexpr std::size_t max_jwks_keys = 256;   // bounds the work of a token witho
 constexpr int min_rsa_bits = 2048;
 constexpr int max_rsa_bits = 16384;          // bounds the work of one RSA verification
 constexpr auto max_ttl = std::chrono::hours(24);
-// NumericDate values outside [0, year 9999] are refused rather than converted with overflow.
-constexpr double max_numeric_date = 253402300799.0;
+// NumericDate values outside [0, year 2261] are refused: later ones would overflow the clock's
+// nanosecond time_point (and a skew added to them).
+constexpr double max_numeric_date = 9.2e9;
 
 error bad_token(std::string detail) { return error(errc::malformed_bundle, std::move(detail)); }
 error refused(std::string detail) { return error(errc::signature_invalid, std::move(detail)); }

@@ -35,6 +35,7 @@ struct source_slot {
   unsigned in_flight = 0;
   unsigned consecutive_errors = 0;
   std::vector<bool> have;              // peers: what they announced
+  std::vector<bool> refused;           // pieces it announced, then said it does not hold
   std::string last_error;              // why it was last refused or failed
   errc last_code = errc::io_error;
 };
@@ -126,14 +127,19 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
         std::lock_guard lock(mutex);
         if (!src[k].peer || !src[k].usable) continue;
       }
-      answers.emplace_back(k, sources[k]->holdings(m.artifact_id(), piece_count));
+      answers.emplace_back(k, sources[k]->holdings(m.artifact_id(), piece_count, options.cancel));
     }
     std::lock_guard lock(mutex);
     for (auto& [k, a] : answers) {
       if (a && *a) {
-        if (*a != src[k].have) last_progress = clock::now();
-        src[k].have = std::move(**a);
-        src[k].consecutive_errors = 0;
+        // Pieces a peer announced and then refused to send are not believed again: a peer that
+        // keeps announcing what it will not serve must not hold the fetch up.
+        auto& have = **a;
+        for (std::size_t i = 0; i < have.size() && i < src[k].refused.size(); ++i)
+          if (src[k].refused[i]) have[i] = false;
+        src[k].have = std::move(have);
+      } else if (!a && a.error().code() == errc::not_found) {
+        src[k].have.clear();  // it does not have the artifact (yet): it holds nothing
       } else if (!a) {
         report.sources[k].errors += 1;
         src[k].last_error = a.error().message();
@@ -330,8 +336,11 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
         if (src[k].peer) {
           // A peer that no longer holds the piece is fine; one that refuses us or keeps failing
           // is dropped, and its pieces go elsewhere.
-          if (code == errc::not_found && index < src[k].have.size()) src[k].have[index] = false;
-          else if (code == errc::permission_denied || ++src[k].consecutive_errors >= max_peer_errors)
+          if (code == errc::not_found && index < src[k].have.size()) {
+            src[k].have[index] = false;
+            if (src[k].refused.size() < src[k].have.size()) src[k].refused.resize(src[k].have.size());
+            src[k].refused[index] = true;
+          } else if (code == errc::permission_denied || ++src[k].consecutive_errors >= max_peer_errors)
             drop_source(k, false);
         }
       }

@@ -38,12 +38,13 @@ class peer_source final : public source {
     return {};
   }
 
-  result<std::optional<std::vector<bool>>> holdings(std::string_view artifact_id, std::size_t pieces) override {
+  result<std::optional<std::vector<bool>>> holdings(std::string_view artifact_id, std::size_t pieces,
+                                                    const std::atomic<bool>* cancel) override {
     auto id = peer::artifact_to_wire(artifact_id);
     if (!id) return error(errc::invalid_argument, "not an artifact id");
     std::vector<std::byte> answer;
     std::size_t expected = 4 + (pieces + 7) / 8;
-    auto r = request(frame::get_have, *id, expected, expected, {{}, &answer}, nullptr);
+    auto r = request(frame::get_have, *id, expected, expected, {{}, &answer}, cancel);
     if (!r) return std::move(r).error();
     peer::reader rd(answer);
     if (rd.u32() != pieces) return error(errc::io_error, fmt::format("{}: its piece count differs from the manifest", name_));
@@ -73,17 +74,28 @@ class peer_source final : public source {
   // exchange went wrong is closed, never reused.
   result<void> request(frame type, std::span<const std::byte> body, std::uint64_t min, std::uint64_t max,
                        answer_sink sink, const std::atomic<bool>* cancel) {
-    auto conn = take(cancel);
-    if (!conn) return std::move(conn).error();
-    auto& s = **conn;
-    auto deadline = [&] { return clock::now() + o_.io_timeout; };
     auto fail = [&](std::string why) { return error(errc::io_error, fmt::format("{}: {}", name_, why)); };
-    if (auto r = peer::write_frame(s, type, body, deadline(), cancel); !r) return fail(r.error().detail());
-    auto head = peer::read_frame(s, deadline(), cancel);
+    // A pooled connection the peer has since closed (its idle timeout) fails before any answer:
+    // that is not the peer failing, so the request goes once more on a fresh connection.
+    std::unique_ptr<peer::tls_stream> conn;
+    result<peer::frame_in> head = error(errc::io_error, "no answer");
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      bool pooled = false;
+      auto c = take(cancel, attempt == 0, pooled);
+      if (!c) return std::move(c).error();
+      conn = std::move(*c);
+      auto wrote = peer::write_frame(*conn, type, body, clock::now() + o_.io_timeout, cancel);
+      if (wrote) head = peer::read_frame(*conn, clock::now() + o_.io_timeout, cancel);
+      else head = std::move(wrote).error();
+      if (head || head.error().code() == errc::cancelled || !pooled) break;
+    }
     if (!head) return head.error().code() == errc::cancelled ? std::move(head).error() : fail(head.error().detail());
+    auto& s = *conn;
+    // One deadline for the whole answer, sized for a slow but honest link (64 KiB/s): a peer
+    // trickling bytes cannot hold a piece in flight forever.
     if (static_cast<frame>(head->type) == frame::error) {
       auto e = decode_error(head->body);
-      if (e.code() == errc::permission_denied || e.code() == errc::not_found) give(std::move(*conn));
+      if (e.code() == errc::permission_denied || e.code() == errc::not_found) give(std::move(conn));
       return e;
     }
     peer::reader rd(head->body);
@@ -92,9 +104,10 @@ class peer_source final : public source {
       return fail(fmt::format("protocol error: expected an answer, got frame type 0x{:02x}", head->type));
     if (*length < min || *length > max)
       return fail(fmt::format("protocol error: an answer of {} bytes where {} to {} were expected", *length, min, max));
+    const auto deadline = clock::now() + o_.io_timeout + std::chrono::seconds(*length >> 16);
     std::uint64_t got = 0;
     while (got < *length) {
-      auto d = peer::read_header(s, deadline(), cancel);
+      auto d = peer::read_header(s, deadline, cancel);
       if (!d) return d.error().code() == errc::cancelled ? std::move(d).error() : fail(d.error().detail());
       if (static_cast<frame>(d->type) != frame::data || d->length == 0 || d->length > *length - got)
         return fail("protocol error: a DATA frame that does not fit the answer");
@@ -105,11 +118,11 @@ class peer_source final : public source {
       } else {
         into = sink.fixed.subspan(static_cast<std::size_t>(got), d->length);
       }
-      if (auto r = s.read_exact(into, deadline(), cancel); !r)
+      if (auto r = s.read_exact(into, deadline, cancel); !r)
         return r.error().code() == errc::cancelled ? std::move(r).error() : fail(r.error().detail());
       got += d->length;
     }
-    give(std::move(*conn));
+    give(std::move(conn));
     return {};
   }
 
@@ -127,20 +140,21 @@ class peer_source final : public source {
       e = errc::permission_denied;
     else if (code == static_cast<std::uint16_t>(peer::wire_error::not_found))
       e = errc::not_found;
-    else if (code == static_cast<std::uint16_t>(peer::wire_error::unsupported_version))
-      e = errc::unsupported;
+
     const char* what = code == static_cast<std::uint16_t>(peer::wire_error::denied)            ? "denied access"
                        : code == static_cast<std::uint16_t>(peer::wire_error::unauthenticated) ? "refused the caller"
                                                                                                 : "answered";
-    return error(e, fmt::format("{} {}: {}", name_, what, msg));
+    return error(e, fmt::format("{} {}: {}", name_, what, msg));  // another protocol version: io_error (exit 3)
   }
 
-  result<std::unique_ptr<peer::tls_stream>> take(const std::atomic<bool>* cancel) {
-    {
+  result<std::unique_ptr<peer::tls_stream>> take(const std::atomic<bool>* cancel, bool allow_pooled, bool& pooled) {
+    pooled = false;
+    if (allow_pooled) {
       std::lock_guard lock(mutex_);
       if (!idle_.empty()) {
         auto c = std::move(idle_.back());
         idle_.pop_back();
+        pooled = true;
         return c;
       }
     }
@@ -153,8 +167,9 @@ class peer_source final : public source {
     if (auto r = s->connect(host_, deadline, cancel); !r) return error(r.error().code(), fmt::format("{}: {}", name_, r.error().detail()));
     peer::writer w;
     w.text(peer::protocol_magic).u16(peer::protocol_version).u16(static_cast<std::uint16_t>(o_.token.size())).text(o_.token);
-    if (auto r = peer::write_frame(*s, frame::hello, w.view(), deadline, cancel); !r)
-      return error(errc::io_error, fmt::format("{}: {}", name_, r.error().detail()));
+    auto sent = peer::write_frame(*s, frame::hello, w.view(), deadline, cancel);
+    w.wipe();  // it holds the token
+    if (!sent) return error(errc::io_error, fmt::format("{}: {}", name_, sent.error().detail()));
     auto answer = peer::read_frame(*s, clock::now() + o_.io_timeout, cancel);
     if (!answer) return error(errc::io_error, fmt::format("{}: {}", name_, answer.error().detail()));
     if (static_cast<frame>(answer->type) == frame::error) return decode_error(answer->body);

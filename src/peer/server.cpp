@@ -14,6 +14,7 @@
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <netdb.h>
@@ -55,6 +56,7 @@ struct peer_server::impl {
 
   std::mutex threads_mutex;
   std::condition_variable threads_cv;  // signalled when a connection thread ends
+  unsigned handshaking = 0;            // connections that have not finished their hello (threads_mutex)
 
   std::mutex memory_mutex;
   std::condition_variable memory_cv;
@@ -78,9 +80,10 @@ struct peer_server::impl {
   // a piece larger than the whole budget goes alone. Empty optional when stopping.
   std::optional<std::vector<std::byte>> take_buffer(std::uint64_t bytes) {
     std::unique_lock lock(memory_mutex);
-    while (!stopping.load() && memory_used > 0 && memory_used + bytes > o.memory_budget)
+    auto give_up = clock::now() + o.io_timeout;  // then the caller is answered "busy"
+    while (!stopping.load() && memory_used > 0 && memory_used + bytes > o.memory_budget && clock::now() < give_up)
       memory_cv.wait_for(lock, std::chrono::milliseconds(200));
-    if (stopping.load()) return std::nullopt;
+    if (stopping.load() || (memory_used > 0 && memory_used + bytes > o.memory_budget)) return std::nullopt;
     memory_used += bytes;
     std::vector<std::byte> buf;
     auto fit = std::find_if(pool.begin(), pool.end(), [&](const auto& b) { return b.capacity() >= bytes; });
@@ -97,6 +100,7 @@ struct peer_server::impl {
     buf.resize(bytes);
     return buf;
   }
+  // bytes: what take_buffer was asked for (a reused buffer's extra capacity counts as pooled).
   void give_buffer(std::vector<std::byte> buf, std::uint64_t bytes) {
     sodium_memzero(buf.data(), buf.size());
     std::lock_guard lock(memory_mutex);
@@ -131,16 +135,23 @@ result<void> send_error(peer::tls_stream& s, wire_error code, std::string_view m
   return peer::write_frame(s, frame::error, w.view(), deadline, stop);
 }
 
-// Sends an answer: BODY with the length, then DATA frames of at most 1 MiB.
+// Sends an answer: BODY with the length, then DATA frames of at most 1 MiB. One deadline covers
+// the whole answer, sized for a slow but honest reader (64 KiB/s): a client that reads slower
+// cannot hold a thread and a piece buffer for longer. The upload limit's waits are not its fault.
 result<void> send_answer(peer::tls_stream& s, std::span<const std::byte> bytes, std::chrono::milliseconds io_timeout,
                          const std::atomic<bool>* stop, const std::function<void(std::size_t)>& pace) {
+  auto deadline = clock::now() + io_timeout + std::chrono::seconds(bytes.size() >> 16);
   peer::writer w;
   w.u64(bytes.size());
-  if (auto r = peer::write_frame(s, frame::body, w.view(), clock::now() + io_timeout, stop); !r) return r;
+  if (auto r = peer::write_frame(s, frame::body, w.view(), deadline, stop); !r) return r;
   for (std::size_t off = 0; off < bytes.size(); off += peer::max_data_frame) {
     auto chunk = bytes.subspan(off, std::min(peer::max_data_frame, bytes.size() - off));
-    if (pace) pace(chunk.size());
-    if (auto r = peer::write_frame(s, frame::data, chunk, clock::now() + io_timeout, stop); !r) return r;
+    if (pace) {
+      auto before = clock::now();
+      pace(chunk.size());
+      deadline += clock::now() - before;
+    }
+    if (auto r = peer::write_frame(s, frame::data, chunk, deadline, stop); !r) return r;
   }
   return {};
 }
@@ -228,7 +239,12 @@ bool peer_server::impl::handle(peer::tls_stream& s, const peer_identity& who, co
         .has_value();
   std::uint64_t length = a.piece_length[*piece_index];
   auto taken = take_buffer(length);
-  if (!taken) return false;
+  if (!taken) {
+    if (stopping.load()) return false;
+    n.busy++;
+    return send_error(s, wire_error::busy, "the server's piece buffers are all in use; try again", io(), &stopping)
+        .has_value();
+  }
   auto& buf = *taken;
   auto read = st->read_piece(id, *piece_index, buf);
   bool keep = true;
@@ -255,6 +271,18 @@ void peer_server::impl::serve(detail::unique_fd fd) {
   if (!ssl) return;
   peer::tls_stream s(std::move(fd), std::move(ssl));
   auto hs_deadline = clock::now() + o.handshake_timeout;
+  // This connection holds a handshake slot until its WELCOME is sent, or it ends.
+  bool in_handshake = true;
+  auto handshake_over = [&] {
+    if (!in_handshake) return;
+    in_handshake = false;
+    std::lock_guard lock(threads_mutex);
+    handshaking--;
+  };
+  struct on_exit {
+    std::function<void()> f;
+    ~on_exit() { f(); }
+  } release_slot{handshake_over};
   auto refuse = [&](wire_error code, const std::string& why) {
     n.handshake_failures++;
     (void)send_error(s, code, why, clock::now() + o.io_timeout, &stopping);
@@ -264,12 +292,24 @@ void peer_server::impl::serve(detail::unique_fd fd) {
     return;
   }
   peer_identity who = s.identity();
-  auto hello = peer::read_frame(s, hs_deadline, &stopping);
-  if (!hello) {
-    if (hello.error().code() == errc::malformed_bundle) return refuse(wire_error::bad_request, hello.error().detail());
+  // The first frame must be a HELLO: its type is checked before its body is read (or allocated).
+  auto head = peer::read_header(s, hs_deadline, &stopping);
+  if (!head) {
+    if (head.error().code() == errc::malformed_bundle) return refuse(wire_error::bad_request, head.error().detail());
     n.handshake_failures++;
     return;
   }
+  if (static_cast<frame>(head->type) != frame::hello) return refuse(wire_error::bad_request, "expected a HELLO frame");
+  peer::frame_in hello_frame{head->type, std::vector<std::byte>(head->length)};
+  auto* hello = &hello_frame;
+  if (auto r = s.read_exact(hello->body, hs_deadline, &stopping); !r) {
+    n.handshake_failures++;
+    return;
+  }
+  struct wipe_hello {  // the body holds the token
+    std::vector<std::byte>& b;
+    ~wipe_hello() { sodium_memzero(b.data(), b.size()); }
+  } wipe{hello->body};
   peer::reader rd(hello->body);
   auto magic = rd.bytes(4);
   auto version = rd.u16();
@@ -301,17 +341,30 @@ void peer_server::impl::serve(detail::unique_fd fd) {
   peer::writer w;
   w.u16(peer::protocol_version).u16(0);
   if (!peer::write_frame(s, frame::welcome, w.view(), clock::now() + o.io_timeout, &stopping)) return;
+  handshake_over();
 
   // Requests, each slowed to the per-connection rate.
   auto gap = std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(1.0 / std::max(o.max_requests_per_second, 0.001)));
   auto next = clock::now();
   while (!stopping.load()) {
-    auto f = peer::read_frame(s, clock::now() + o.idle_timeout, &stopping);
-    if (!f) {
-      if (f.error().code() == errc::malformed_bundle) {
+    // One deadline for the whole request: a caller trickling a frame gets no more than an idle one.
+    auto deadline = clock::now() + o.idle_timeout;
+    auto h = peer::read_header(s, deadline, &stopping);
+    auto t = h ? static_cast<frame>(h->type) : frame::error;
+    if (h && t != frame::get_bundle && t != frame::get_have && t != frame::get_piece)
+      h = error(errc::malformed_bundle, fmt::format("frame type 0x{:02x} is not a request", h->type));
+    if (!h) {
+      if (h.error().code() == errc::malformed_bundle) {
         n.protocol_errors++;
-        (void)send_error(s, wire_error::bad_request, f.error().detail(), clock::now() + o.io_timeout, &stopping);
+        (void)send_error(s, wire_error::bad_request, h.error().detail(), clock::now() + o.io_timeout, &stopping);
       }
+      return;
+    }
+    auto f = std::optional<peer::frame_in>(peer::frame_in{h->type, std::vector<std::byte>(h->length)});
+    if (!s.read_exact(f->body, deadline, &stopping)) return;
+    // A token is good until it expires, also on a connection opened before.
+    if (who.token && std::chrono::system_clock::now() > who.token->expires + std::chrono::seconds(60)) {
+      (void)send_error(s, wire_error::unauthenticated, "the token has expired", clock::now() + o.io_timeout, &stopping);
       return;
     }
     n.requests++;
@@ -332,18 +385,31 @@ void peer_server::impl::accept_loop() {
     n.connections++;
     {
       std::lock_guard lock(threads_mutex);
-      if (n.active.load() >= o.max_connections) {
+      // Connections still in their handshake get a quarter of the slots: callers with no
+      // certificate cannot crowd out the authenticated ones.
+      if (n.active.load() >= o.max_connections || handshaking >= std::max(4u, o.max_connections / 4)) {
         n.busy++;
         continue;  // closed at once: a connection beyond the limit costs no thread
       }
       n.active++;
+      handshaking++;
     }
-    std::thread([this, c = std::move(conn)]() mutable {
-      serve(std::move(c));
+    try {
+      std::thread([this, c = std::move(conn)]() mutable {
+        try {
+          serve(std::move(c));
+        } catch (...) {  // out of memory, say: this connection ends, the server and its host live on
+        }
+        std::lock_guard lock(threads_mutex);
+        n.active--;
+        threads_cv.notify_all();
+      }).detach();
+    } catch (const std::system_error&) {  // no thread to be had
       std::lock_guard lock(threads_mutex);
       n.active--;
-      threads_cv.notify_all();
-    }).detach();
+      handshaking--;
+      n.busy++;
+    }
   }
 }
 

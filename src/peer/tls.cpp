@@ -126,8 +126,12 @@ result<ssl_ctx_ptr> server_context(const std::string& cert, const std::string& k
       return tls_error(errc::key_error, "cannot load the client CA", client_ca);
     if (auto* names = SSL_load_client_CA_file(client_ca.c_str())) SSL_CTX_set_client_CA_list(c->get(), names);
   }
-  SSL_CTX_set_verify(c->get(), SSL_VERIFY_PEER | (require_client_certificate ? SSL_VERIFY_FAIL_IF_NO_PEER_CERT : 0),
-                     nullptr);
+  // Without a client CA (token-only callers) no certificate is asked for: one that could not be
+  // verified would only fail the handshake of a caller whose token is good.
+  if (client_ca.empty()) SSL_CTX_set_verify(c->get(), SSL_VERIFY_NONE, nullptr);
+  else
+    SSL_CTX_set_verify(c->get(), SSL_VERIFY_PEER | (require_client_certificate ? SSL_VERIFY_FAIL_IF_NO_PEER_CERT : 0),
+                       nullptr);
   // No session tickets: every connection authenticates afresh, and no ticket keys to manage.
   SSL_CTX_set_num_tickets(c->get(), 0);
   SSL_CTX_set_session_cache_mode(c->get(), SSL_SESS_CACHE_OFF);
@@ -197,10 +201,10 @@ result<void> tls_stream::connect(const std::string& host, clock::time_point dead
   in_addr a4{};
   X509_VERIFY_PARAM* param = SSL_get0_param(ssl_.get());
   if (::inet_pton(AF_INET, host.c_str(), &a4) == 1 || ::inet_pton(AF_INET6, host.c_str(), &a6) == 1) {
-    X509_VERIFY_PARAM_set1_ip_asc(param, host.c_str());
-  } else {
-    SSL_set_tlsext_host_name(ssl_.get(), host.c_str());
-    SSL_set1_host(ssl_.get(), host.c_str());
+    if (X509_VERIFY_PARAM_set1_ip_asc(param, host.c_str()) != 1)
+      return error(errc::invalid_argument, fmt::format("cannot check the certificate against {}", host));
+  } else if (SSL_set_tlsext_host_name(ssl_.get(), host.c_str()) != 1 || SSL_set1_host(ssl_.get(), host.c_str()) != 1) {
+    return error(errc::invalid_argument, fmt::format("cannot check the certificate against {}", host));
   }
   auto r = drive([&] { return SSL_connect(ssl_.get()); }, deadline, stop, "TLS handshake");
   if (!r) return std::move(r).error();

@@ -4,6 +4,7 @@
 #include "detail/encoding.hpp"
 
 #include <fmt/format.h>
+#include <sodium.h>
 
 #include <array>
 
@@ -78,6 +79,8 @@ writer& writer::bytes(std::span<const std::byte> b) {
   buf_.insert(buf_.end(), b.begin(), b.end());
   return *this;
 }
+void writer::wipe() noexcept { sodium_memzero(buf_.data(), buf_.size()); }
+
 writer& writer::text(std::string_view t) { return bytes(std::as_bytes(std::span(t.data(), t.size()))); }
 
 std::optional<std::span<const std::byte>> reader::bytes(std::size_t n) {

@@ -74,6 +74,7 @@ class writer {
   writer& bytes(std::span<const std::byte> b);
   writer& text(std::string_view t);
   std::span<const std::byte> view() const noexcept { return buf_; }
+  void wipe() noexcept;  // zeroes what was written (it may hold a token)
 
  private:
   std::vector<std::byte> buf_;

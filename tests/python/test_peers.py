@@ -187,7 +187,8 @@ def test_token_only_callers(swarm, drun, tmp_path):
 class LyingPeer:
     """A peer that speaks the protocol correctly and serves every piece with one byte flipped."""
 
-    def __init__(self, pki, model, sig, manifest):
+    def __init__(self, pki, model, sig, manifest, refuse=False):
+        self.refuse = refuse  # announce every piece, then answer "not found" to every request
         cert, key = pki.issue("liar")
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -247,6 +248,10 @@ class LyingPeer:
                     self.answer(s, struct.pack(">I", count) + b"\xff" * ((count + 7) // 8))
                 elif t == 0x02:
                     self.answer(s, self.sig.read_bytes())
+                elif t == 0x04 and self.refuse:
+                    self.served += 1
+                    msg = b"piece is not stored here (yet)"
+                    self.send(s, 0x84, struct.pack(">H", 5) + msg)
                 elif t == 0x04:
                     fi, pi = struct.unpack(">II", body[32:40])
                     name, _, b, e = self.ranges[pi]
@@ -410,3 +415,20 @@ def test_peers_from_dns_every_address_of_a_name(swarm, tmp_path):
     r = swarm.fetch(extra=["--peers-dns", f"localhost:{seed.port}", "--out", tmp_path / "out"]).ok()
     assert same_tree(swarm.model, tmp_path / "out")
     assert re.search(rf"peer 127\.0\.0\.1:{seed.port}: {N} pieces", r.out), r
+
+
+def test_a_peer_that_announces_pieces_it_never_serves_does_not_stall_the_fetch(swarm, drun, tmp_path):
+    """It lists every piece, then answers "not found" to each request: each piece is asked of it
+    once, then taken from the origin."""
+    liar = LyingPeer(swarm.pki, swarm.model, swarm.sig, manifest_json(drun, swarm.sig), refuse=True)
+    nginx = Nginx(tmp_path, swarm.model)
+    try:
+        t0 = time.time()
+        r = swarm.fetch(liar.addr, origin=nginx.url(), extra=["--out", tmp_path / "out"]).ok()
+        assert time.time() - t0 < 20, "the fetch waited on the peer"
+        assert same_tree(swarm.model, tmp_path / "out")
+        assert re.search(rf"{re.escape(nginx.url().rstrip('/'))}: {N} pieces", r.out), r
+        assert liar.served <= N  # never asked twice for the same piece
+    finally:
+        liar.stop()
+        nginx.stop()
