@@ -134,3 +134,7 @@ rm -rf "$work/pstore" "$work/dl" "$work/seed"
 echo "curl -o over HTTPS from nginx (TLS 1.3, nothing verified)  : ${t_curl_tls} s  ($(awk -v t="$t_curl_tls" 'BEGIN { printf "%.0f", 2048 / t }') MiB/s)"
 echo "drun fetch --peer (mTLS + verify + seal)                   : ${t_peer} s  ($(awk -v t="$t_peer" 'BEGIN { printf "%.0f", 2048 / t }') MiB/s, $(ratio "$t_curl_tls" "$t_peer")x curl's throughput)"
 echo "drun fetch --peer peak RSS                                 : $((peer_kib / 1024)) MiB"
+
+echo
+echo "== loading a 1 GiB .safetensors file into numpy arrays (best of 3, page cache warm)"
+PYTHONPATH="$build/bindings/python" /usr/bin/python3 "$root/benchmarks/bench_safetensors.py" "$build" "$work" 1024

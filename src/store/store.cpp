@@ -990,30 +990,44 @@ result<void> artifact_reader::read(std::size_t file, std::uint64_t offset, std::
   if (offset > f.size || out.size() > f.size - offset)
     return error(errc::invalid_argument, "read past the end of the file").with_path(f.name);
   store_lock g(impl_->s->dir, LOCK_SH);
-  std::vector<std::byte> scratch;
-  std::uint64_t end = offset + out.size();
-  for (std::size_t k = f.first_piece; k < f.first_piece + f.pieces && offset < end; ++k) {
+  // The pieces the range touches, decrypted in parallel (a model loader reads gigabytes at once).
+  struct segment {
+    std::size_t piece;
+    std::uint64_t from, to;
+  };
+  std::vector<segment> segments;
+  const std::uint64_t begin = offset, end = offset + out.size();
+  for (std::size_t k = f.first_piece; k < f.first_piece + f.pieces; ++k) {
     auto r = impl_->piece_ranges[k];
-    if (r.end <= offset) continue;
-    std::uint64_t from = std::max(offset, r.begin), to = std::min(end, r.end);
-    auto dst = out.subspan(from - (end - out.size()), to - from);
-    if (from == r.begin && to == r.end) {
-      // The whole piece is wanted: decrypt straight into the caller's buffer.
-      if (auto res = impl_->s->open_piece(impl_->id, k, dst); !res) {
-        sodium_memzero(out.data(), out.size());
-        return res;
-      }
-    } else {
-      scratch.resize(r.size());
-      if (auto res = impl_->s->open_piece(impl_->id, k, scratch); !res) {
-        sodium_memzero(out.data(), out.size());
-        return res;
-      }
-      std::copy_n(scratch.begin() + static_cast<std::ptrdiff_t>(from - r.begin), dst.size(), dst.begin());
-    }
-    offset = to;
+    if (r.end <= begin || r.begin >= end) continue;
+    segments.push_back({k, std::max(begin, r.begin), std::min(end, r.end)});
   }
-  sodium_memzero(scratch.data(), scratch.size());
+  unsigned workers = detail::worker_count(0, segments.size());
+  std::vector<std::vector<std::byte>> scratch(workers);
+  std::mutex failure_mutex;
+  std::optional<error> failure;
+  detail::parallel_for(segments.size(), workers, [&](std::size_t i, unsigned w) {
+    const auto& seg = segments[i];
+    auto r = impl_->piece_ranges[seg.piece];
+    auto dst = out.subspan(seg.from - begin, seg.to - seg.from);
+    result<void> res;
+    if (seg.from == r.begin && seg.to == r.end) {
+      res = impl_->s->open_piece(impl_->id, seg.piece, dst);  // the whole piece: straight into out
+    } else {
+      scratch[w].resize(r.size());
+      res = impl_->s->open_piece(impl_->id, seg.piece, scratch[w]);
+      if (res) std::copy_n(scratch[w].begin() + static_cast<std::ptrdiff_t>(seg.from - r.begin), dst.size(), dst.begin());
+    }
+    if (res) return true;
+    std::lock_guard lock(failure_mutex);
+    if (!failure) failure = std::move(res).error();
+    return false;
+  });
+  for (auto& sc : scratch) sodium_memzero(sc.data(), sc.size());
+  if (failure) {
+    sodium_memzero(out.data(), out.size());
+    return std::move(*failure);
+  }
   return {};
 }
 

@@ -89,8 +89,8 @@ def tensor(array, dtype=None):
     import numpy as np
     names = {"|b1": "BOOL", "|u1": "U8", "|i1": "I8", "<u2": "U16", "<i2": "I16", "<f2": "F16", "<u4": "U32",
              "<i4": "I32", "<f4": "F32", "<u8": "U64", "<i8": "I64", "<f8": "F64"}
-    a = np.ascontiguousarray(array)
-    a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    a = np.asarray(array)  # (not ascontiguousarray: it turns a 0-d array into shape [1])
+    a = a.astype(a.dtype.newbyteorder("<"), order="C", copy=False)
     return dtype or names[a.dtype.str], list(a.shape), a.tobytes()
 
 

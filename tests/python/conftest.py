@@ -2,7 +2,9 @@
 
 Run with Debian's interpreter:  DRUN_BIN=/path/to/drun /usr/bin/python3 -m pytest -q tests/python
 Tests that run the drun binary skip (with a message) when DRUN_BIN is unset or not executable;
-the oms_ref self-tests (test_interop.py -k oms_ref) need no drun.
+the oms_ref self-tests (test_interop.py -k oms_ref) need no drun. The Python binding's tests
+(test_binding.py, test_examples.py) also need PYTHONPATH=BUILD/bindings/python; they skip without it,
+or fail when DRUN_REQUIRE_BINDING=1 (binding_kit.require_binding).
 """
 
 import base64

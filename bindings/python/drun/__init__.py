@@ -39,7 +39,7 @@ from ._errors import (  # noqa: F401
 __all__ = [
     "AuthorizationError", "ConfigError", "Error", "PeerServer", "SourceError", "Store", "StoreError",
     "VerificationError", "VerifiedManifest", "fetch", "issue_token", "jwks_for", "keygen", "load_safetensors",
-    "sign", "verify",
+    "metadata", "sign", "verify",
 ]
 
 # safetensors dtypes as numpy spells them. numpy has no bfloat16: BF16 tensors come back as uint16

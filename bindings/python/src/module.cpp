@@ -39,9 +39,14 @@ const char* code_name(drun::errc c) {
   return "unknown";
 }
 
-// Which exception class an error becomes. I/O failures are the source's in a fetch and the
-// store's elsewhere: the caller says which.
-enum class io_kind { source, store, config };
+// Which exception class an error becomes depends on what the failing call was doing; the caller
+// says which:
+//   source: network and origin/peer failures             -> SourceError
+//   store:  the store's disk, pieces not (yet) stored     -> StoreError
+//   input:  files the caller named (a model, a bundle): missing -> ConfigError, unreadable ->
+//           StoreError, not matching the signature -> VerificationError
+//   config: configuration files (keys, policies, JWKS): anything wrong with them -> ConfigError
+enum class io_kind { source, store, input, config };
 
 [[noreturn]] void raise(const drun::error& e, io_kind io = io_kind::store) {
   const char* cls = "Error";
@@ -49,9 +54,9 @@ enum class io_kind { source, store, config };
     case drun::errc::invalid_argument:
     case drun::errc::key_error:
     case drun::errc::unsafe_entry: cls = "ConfigError"; break;
-    case drun::errc::io_error:
+    case drun::errc::io_error: cls = io == io_kind::source ? "SourceError" : "StoreError"; break;
     case drun::errc::not_found:
-      cls = io == io_kind::source ? "SourceError" : io == io_kind::config ? "ConfigError" : "StoreError";
+      cls = io == io_kind::source ? "SourceError" : io == io_kind::store ? "StoreError" : "ConfigError";
       break;
     case drun::errc::permission_denied: cls = "AuthorizationError"; break;
     case drun::errc::malformed_bundle:
@@ -62,6 +67,8 @@ enum class io_kind { source, store, config };
     case drun::errc::digest_mismatch: cls = "VerificationError"; break;
     case drun::errc::cancelled: cls = "Error"; break;
   }
+  if (io == io_kind::config && e.code() != drun::errc::permission_denied) cls = "ConfigError";
+  if (io == io_kind::store && e.code() == drun::errc::model_mismatch) cls = "StoreError";  // a piece not stored
   py::object type = py::module_::import("drun._errors").attr(cls);
   py::object range = py::none();
   if (auto r = e.range()) range = py::make_tuple(r->first, r->second);
@@ -210,15 +217,15 @@ class py_store {
     auto trust = trust_from(public_key, ca_bundle);
     std::string sig = signature.value_or(drun::default_signature_path(model).string());
     py::gil_scoped_release release;
-    auto text = take_nogil(drun::read_bundle_file(sig));
-    auto vm = take_nogil(drun::verify_bundle(text, trust));
-    take_nogil(drun::import_model(*s_, vm, text, model, threads));
+    auto text = take_nogil(drun::read_bundle_file(sig), io_kind::input);
+    auto vm = take_nogil(drun::verify_bundle(text, trust), io_kind::input);
+    take_nogil(drun::import_model(*s_, vm, text, model, threads), io_kind::input);
     return vm.artifact_id();
   }
 
   // Decrypts [offset, offset + len(buffer)) of a file into any writable buffer, without a copy.
   void read(const std::string& artifact, const std::string& file, std::uint64_t offset, py::buffer buffer) {
-    py::buffer_info info = buffer.request(true);
+    py::buffer_info info = buffer.request();
     if (info.readonly) raise(drun::error(drun::errc::invalid_argument, "the buffer is read-only"));
     if (!PyBuffer_IsContiguous(info.view(), 'C')) raise(drun::error(drun::errc::invalid_argument, "the buffer is not contiguous"));
     std::span<std::byte> out(static_cast<std::byte*>(info.ptr), static_cast<std::size_t>(info.size * info.itemsize));
@@ -321,7 +328,8 @@ class py_store {
     const auto& files = reader.files();
     for (std::size_t i = 0; i < files.size(); ++i)
       if (files[i].name == file) return i;
-    throw pending_error{drun::error(drun::errc::not_found, "the artifact has no such file").with_path(file), io_kind::store};
+    throw pending_error{drun::error(drun::errc::not_found, "the artifact has no such file").with_path(file),
+                        io_kind::input};
   }
 
  private:
@@ -350,9 +358,10 @@ class py_peer_server {
     o.client_ca_file = client_ca;
     o.audience = audience;
     o.require_client_certificate = !allow_token_only;
-    if (policy) o.policy = std::make_shared<const drun::access_policy>(take(drun::access_policy::load(*policy)));
-    if (jwks) o.token_keys = std::make_shared<const drun::jwks>(take(drun::jwks::load(*jwks)));
-    server_.emplace(take(drun::peer_server::start(*store_, std::move(o))));
+    if (policy)
+      o.policy = std::make_shared<const drun::access_policy>(take(drun::access_policy::load(*policy), io_kind::config));
+    if (jwks) o.token_keys = std::make_shared<const drun::jwks>(take(drun::jwks::load(*jwks), io_kind::config));
+    server_.emplace(take(drun::peer_server::start(*store_, std::move(o)), io_kind::config));
   }
   std::uint16_t port() const { return server_ ? server_->port() : 0; }
   py::dict stats() const {
@@ -420,9 +429,8 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
       text = py_store::take_nogil(std::move(got), io_kind::source);
     } else {
       bool remote = signature->rfind("http://", 0) == 0 || signature->rfind("https://", 0) == 0;
-      text = py_store::take_nogil(remote ? drun::fetch_document(*signature, drun::max_bundle_size, so)
-                                         : drun::read_bundle_file(*signature),
-                                  io_kind::source);
+      text = remote ? py_store::take_nogil(drun::fetch_document(*signature, drun::max_bundle_size, so), io_kind::source)
+                    : py_store::take_nogil(drun::read_bundle_file(*signature), io_kind::input);
     }
     auto verified = drun::verify_bundle(text, trust);
     if (!verified) throw py_store::pending_error{std::move(verified).error().with_path(name), io_kind::source};
@@ -486,7 +494,7 @@ PYBIND11_MODULE(_drun, m) {
         if (auto rel = drun::signature_inside(model, sig)) o.policy.ignore_paths.push_back(*rel);
         auto k = take(drun::private_key::load(key), io_kind::config);
         py::gil_scoped_release release;
-        auto man = py_store::take_nogil(drun::build_manifest(model, o));
+        auto man = py_store::take_nogil(drun::build_manifest(model, o), io_kind::input);
         auto bundle = py_store::take_nogil(drun::sign_manifest(man, k));
         py_store::take_nogil(drun::write_file_atomically(sig, bundle));
         return sig;
@@ -518,9 +526,9 @@ PYBIND11_MODULE(_drun, m) {
         o.threads = threads;
         if (auto rel = drun::signature_inside(model, sig)) o.ignore_paths.push_back(*rel);
         py::gil_scoped_release release;
-        auto text = py_store::take_nogil(drun::read_bundle_file(sig));
-        auto vm = py_store::take_nogil(drun::verify_bundle(text, trust));
-        py_store::take_nogil(drun::verify_model(vm, model, o));
+        auto text = py_store::take_nogil(drun::read_bundle_file(sig), io_kind::input);
+        auto vm = py_store::take_nogil(drun::verify_bundle(text, trust), io_kind::input);
+        py_store::take_nogil(drun::verify_model(vm, model, o), io_kind::input);
         return py_verified_manifest(std::move(vm));
       },
       py::arg("model"), py::kw_only(), py::arg("signature") = py::none(), py::arg("public_key") = py::none(),
