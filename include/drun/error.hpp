@@ -50,6 +50,10 @@ class DRUN_API error {
   const std::string& operation() const noexcept { return operation_; }
   std::optional<std::pair<std::uint64_t, std::uint64_t>> range() const noexcept { return range_; }
   int sys_errno() const noexcept { return errno_; }
+  // Where a fetch's failure came from: the source (origin URL or peer) last tried, and the piece.
+  // Context for programs (the message already says it in words).
+  const std::string& source() const noexcept { return source_; }
+  std::optional<std::size_t> piece() const noexcept { return piece_; }
 
   error& with_path(std::string path) & { path_ = std::move(path); return *this; }
   error&& with_path(std::string path) && { path_ = std::move(path); return std::move(*this); }
@@ -59,6 +63,8 @@ class DRUN_API error {
   error&& with_operation(std::string op) && { operation_ = std::move(op); return std::move(*this); }
   error& with_errno(int e) & { errno_ = e; return *this; }
   error&& with_errno(int e) && { errno_ = e; return std::move(*this); }
+  error&& with_source(std::string source) && { source_ = std::move(source); return std::move(*this); }
+  error&& with_piece(std::size_t piece) && { piece_ = piece; return std::move(*this); }
   // Re-labels the failure (verify turns a symlink found while walking into a model mismatch).
   error&& with_code(errc code) && { code_ = code; return std::move(*this); }
 
@@ -71,6 +77,8 @@ class DRUN_API error {
   std::string operation_;
   std::optional<std::pair<std::uint64_t, std::uint64_t>> range_;
   int errno_ = 0;
+  std::string source_;
+  std::optional<std::size_t> piece_;
 };
 
 // Holds a T or an error. Accessing the wrong alternative is a programming error (asserts).

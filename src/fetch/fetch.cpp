@@ -324,7 +324,8 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
         sl.last = error(errc::digest_mismatch, fmt::format("{} digest mismatch in what {} sent",
                                                            to_string(m.hash_type()), sources[k]->name()))
                       .with_path(name)
-                      .with_range(mp.range->begin, mp.range->end);
+                      .with_range(mp.range->begin, mp.range->end)
+                      .with_source(sources[k]->name());
         if (src[k].peer) drop_source(k, true);
         charge_piece = true;
       } else {
@@ -332,7 +333,7 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
         auto code = got.error().code();
         src[k].last_error = got.error().message();
         src[k].last_code = code;
-        sl.last = std::move(got).error();
+        sl.last = std::move(got).error().with_source(sources[k]->name());
         if (src[k].peer) {
           // A peer that no longer holds the piece is fine; one that refuses us or keeps failing
           // is dropped, and its pieces go elsewhere.
@@ -382,7 +383,9 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
                                        : fmt::format("piece {}: {}", index,
                                                      worst->last ? worst->last->message() : "no source delivered it"))
         .with_path(m.files()[mp.file].name)
-        .with_range(mp.range->begin, mp.range->end);
+        .with_range(mp.range->begin, mp.range->end)
+        .with_source(worst->last ? worst->last->source() : std::string())
+        .with_piece(index);
   }
   return report;
 }

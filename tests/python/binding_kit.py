@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import flip_byte  # noqa: F401 (re-exported for the binding tests)
+
 REPO = Path(__file__).resolve().parents[2]
 STUB = REPO / "bindings" / "python" / "drun" / "__init__.pyi"
 EXAMPLES = REPO / "examples"
@@ -72,12 +74,6 @@ def needles_of(data, count=8, width=32):
     return [bytes(data[o:o + width]) for o in range(0, len(data) - width + 1, step)][:count]
 
 
-def flip_byte(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -591,6 +591,8 @@ def test_fetch_of_tampered_bytes_raises_verification_error_and_stores_them_nowhe
     e = info.value
     assert (e.code, e.path, e.range) == ("digest_mismatch", "w.bin", (2 * P, 3 * P)), (e.code, e.path, e.range, str(e))
     assert origin.url().rstrip("/") in str(e), "the message names the source that sent the bad bytes"
+    assert e.source == origin.url().rstrip("/"), e.source  # and so do the attributes
+    assert isinstance(e.piece, int) and e.piece >= 0, e.piece
     assert not (tmp_path / "out").exists()
     assert store.files(art)[2]["stored_pieces"] == 4 and store.verify() == []
 

@@ -2,6 +2,10 @@
 #pragma once
 
 #include <drun/error.hpp>
+#include <drun/keys.hpp>
+#include <drun/manifest.hpp>
+#include <drun/sign.hpp>
+#include <drun/verify.hpp>
 
 #include <doctest/doctest.h>
 
@@ -57,6 +61,21 @@ template <class T>
 const error& error_of(const result<T>& r) {
   REQUIRE_FALSE(r.has_value());
   return r.error();
+}
+
+// Signs the model in `dir` with a fresh Ed25519 key at `piece_size`, and verifies the bundle
+// back: the verified manifest, with the bundle text in *bundle.
+inline verified_manifest sign_and_verify(const std::filesystem::path& dir, std::uint64_t piece_size, std::string* bundle) {
+  manifest_options opts;
+  opts.piece_size = piece_size;
+  auto m = build_manifest(dir, opts);
+  REQUIRE(m);
+  auto k = private_key::generate(key_type::ed25519);
+  REQUIRE(k);
+  *bundle = std::move(sign_manifest(*m, *k)).value();
+  auto v = verify_bundle(*bundle, trust_store::from_public_key(k->public_key()));
+  REQUIRE(v);
+  return std::move(v).value();
 }
 
 }  // namespace drun::test

@@ -48,16 +48,8 @@ struct stored_model {
   std::optional<store> s;
   explicit stored_model(const std::vector<std::pair<std::string, std::string>>& files) {
     for (const auto& [name, content] : files) write_file(d / ("m/" + name), content);
-    manifest_options opts;
-    opts.piece_size = 4096;  // small pieces: headers and tensors straddle piece boundaries
-    auto m = build_manifest(d / "m", opts);
-    REQUIRE(m);
-    auto k = private_key::generate(key_type::ed25519);
-    REQUIRE(k);
-    bundle = std::move(sign_manifest(*m, *k)).value();
-    auto v = verify_bundle(bundle, trust_store::from_public_key(k->public_key()));
-    REQUIRE(v);
-    vm.emplace(std::move(v).value());
+    // Small pieces: headers and tensors straddle piece boundaries.
+    vm.emplace(test::sign_and_verify(d / "m", 4096, &bundle));
     auto opened = store::open(d / "store", store_key());
     REQUIRE(opened);
     s.emplace(std::move(opened).value());

@@ -30,16 +30,7 @@ struct signed_model {
   explicit signed_model(std::string_view extra = "") {
     write_file(d / "m/big.bin", big);
     write_file(d / "m/sub/small.txt", std::string("small file") + std::string(extra));
-    manifest_options opts;
-    opts.piece_size = 65536;
-    auto m = build_manifest(d / "m", opts);
-    REQUIRE(m);
-    auto k = private_key::generate(key_type::ed25519);
-    REQUIRE(k);
-    bundle = std::move(sign_manifest(*m, *k)).value();
-    auto v = verify_bundle(bundle, trust_store::from_public_key(k->public_key()));
-    REQUIRE(v);
-    vm.emplace(std::move(v).value());
+    vm.emplace(test::sign_and_verify(d / "m", 65536, &bundle));
   }
   std::filesystem::path model() const { return d / "m"; }
 };

@@ -5,6 +5,7 @@ class Error(Exception):
     path: Optional[str]
     range: Optional[Tuple[int, int]]
     source: Optional[str]
+    piece: Optional[int]
     def __init__(self, message: str, code: str = ..., path: Optional[str] = ...,
                  range: Optional[Tuple[int, int]] = ..., source: Optional[str] = ...) -> None: ...
 class VerificationError(Error): ...

@@ -5,7 +5,8 @@ from typing import Optional, Tuple
 
 class Error(Exception):
     """A drun failure. ``code`` is drun's error code name (``"digest_mismatch"``, ...); ``path``,
-    ``range`` (begin, end) and ``source`` say what failed where they apply."""
+    ``range`` (begin, end), ``piece`` (its index in the manifest) and ``source`` (the origin URL
+    or peer last tried) say what failed where they apply."""
 
     def __init__(self, message: str, code: str = "", path: Optional[str] = None,
                  range: Optional[Tuple[int, int]] = None, source: Optional[str] = None) -> None:
@@ -14,6 +15,7 @@ class Error(Exception):
         self.path = path
         self.range = range
         self.source = source
+        self.piece: Optional[int] = None
 
 
 class VerificationError(Error):

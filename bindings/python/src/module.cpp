@@ -73,7 +73,9 @@ enum class io_kind { source, store, input, config };
   py::object range = py::none();
   if (auto r = e.range()) range = py::make_tuple(r->first, r->second);
   py::object path = e.path().empty() ? py::object(py::none()) : py::object(py::str(e.path()));
-  py::object exc = type(e.message(), code_name(e.code()), path, range);
+  py::object source = e.source().empty() ? py::object(py::none()) : py::object(py::str(e.source()));
+  py::object exc = type(e.message(), code_name(e.code()), path, range, source);
+  if (auto piece = e.piece()) exc.attr("piece") = *piece;
   PyErr_SetObject(type.ptr(), exc.ptr());
   throw py::error_already_set();
 }
