@@ -237,8 +237,15 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
           continue;
         }
       }
+      // Nothing to start: a worker that would idle asks the peers again sooner (a tenth of the
+      // refresh period), so pieces that appear are picked up quickly.
+      bool idle_refresh = any_peer && any_pending && !refreshing && now - last_refresh >= options.peer_refresh / 10;
+      if (idle_refresh) {
+        last_refresh = now - options.peer_refresh;  // due: the next pass refreshes
+        continue;
+      }
       if (!any_pending || waiting_for_peer) {
-        changed.wait_for(lock, options.peer_refresh);
+        changed.wait_for(lock, options.peer_refresh / 10);
         continue;
       }
       // Pieces that no usable source holds: wait for peers to get them, for a while.
