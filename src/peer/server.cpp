@@ -300,22 +300,21 @@ void peer_server::impl::serve(detail::unique_fd fd) {
     return;
   }
   if (static_cast<frame>(head->type) != frame::hello) return refuse(wire_error::bad_request, "expected a HELLO frame");
-  peer::frame_in hello_frame{head->type, std::vector<std::byte>(head->length)};
-  auto* hello = &hello_frame;
-  if (auto r = s.read_exact(hello->body, hs_deadline, &stopping); !r) {
+  std::vector<std::byte> hello(head->length);
+  if (auto r = s.read_exact(hello, hs_deadline, &stopping); !r) {
     n.handshake_failures++;
     return;
   }
   struct wipe_hello {  // the body holds the token
     std::vector<std::byte>& b;
     ~wipe_hello() { sodium_memzero(b.data(), b.size()); }
-  } wipe{hello->body};
-  peer::reader rd(hello->body);
+  } wipe{hello};
+  peer::reader rd(hello);
   auto magic = rd.bytes(4);
   auto version = rd.u16();
   auto token_len = rd.u16();
   std::span<const std::byte> token;
-  bool well_formed = static_cast<frame>(hello->type) == frame::hello && magic && version && token_len;
+  bool well_formed = magic && version && token_len;
   if (well_formed) {
     auto t = rd.bytes(*token_len);
     well_formed = t.has_value() && rd.done() && std::memcmp(magic->data(), peer::protocol_magic.data(), 4) == 0;
