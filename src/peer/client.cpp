@@ -7,7 +7,6 @@
 #include <fmt/format.h>
 #include <sodium.h>
 
-#include <cstring>
 #include <mutex>
 #include <netdb.h>
 #include <sys/socket.h>

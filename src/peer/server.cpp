@@ -190,9 +190,7 @@ bool peer_server::impl::handle(peer::tls_stream& s, const peer_identity& who, co
     (void)send_error(s, wire_error::bad_request, why, io(), &stopping);
     return false;
   };
-  auto type = static_cast<frame>(f.type);
-  if (type != frame::get_bundle && type != frame::get_have && type != frame::get_piece)
-    return bad(fmt::format("frame type 0x{:02x} is not a request", f.type));
+  auto type = static_cast<frame>(f.type);  // a request: serve() refused anything else unread
   peer::reader rd(f.body);
   auto raw_id = rd.bytes(32);
   std::optional<std::uint32_t> file_index, piece_index;
@@ -359,8 +357,8 @@ void peer_server::impl::serve(detail::unique_fd fd) {
       }
       return;
     }
-    auto f = std::optional<peer::frame_in>(peer::frame_in{h->type, std::vector<std::byte>(h->length)});
-    if (!s.read_exact(f->body, deadline, &stopping)) return;
+    peer::frame_in f{h->type, std::vector<std::byte>(h->length)};
+    if (!s.read_exact(f.body, deadline, &stopping)) return;
     // A token is good until it expires, also on a connection opened before.
     if (who.token && std::chrono::system_clock::now() > who.token->expires + std::chrono::seconds(60)) {
       (void)send_error(s, wire_error::unauthenticated, "the token has expired", clock::now() + o.io_timeout, &stopping);
@@ -370,7 +368,7 @@ void peer_server::impl::serve(detail::unique_fd fd) {
     auto now = clock::now();
     if (next > now) std::this_thread::sleep_until(next);
     next = std::max(now, next) + gap;
-    if (!handle(s, who, *f)) return;
+    if (!handle(s, who, f)) return;
   }
 }
 
