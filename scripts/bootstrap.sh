@@ -20,6 +20,8 @@ packages=(
   python3-torch                    # load_safetensors(framework="torch") and the TorchServe example
   time                             # /usr/bin/time: peak memory in the benchmark
   curl aria2                       # the baselines of the fetch benchmark
+  libibverbs-dev                   # RDMA: headers only at build time (libibverbs is dlopen()ed)
+  iperf3 perftest                  # the baselines of drun-bench tcp (iperf3) and rdma (ib_write_bw)
 )
 
 missing=()

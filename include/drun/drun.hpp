@@ -5,6 +5,7 @@
 #include <drun/fetch.hpp>
 #include <drun/hash.hpp>
 #include <drun/keys.hpp>
+#include <drun/log.hpp>
 #include <drun/manifest.hpp>
 #include <drun/node_key.hpp>
 #include <drun/peer.hpp>
@@ -15,5 +16,6 @@
 #include <drun/source.hpp>
 #include <drun/store.hpp>
 #include <drun/token.hpp>
+#include <drun/transport.hpp>
 #include <drun/trust.hpp>
 #include <drun/verify.hpp>

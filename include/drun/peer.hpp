@@ -12,6 +12,7 @@
 #include <drun/source.hpp>
 #include <drun/store.hpp>
 #include <drun/token.hpp>
+#include <drun/transport.hpp>
 
 #include <chrono>
 #include <cstdint>
@@ -39,6 +40,9 @@ struct peer_server_options {
   std::chrono::milliseconds handshake_timeout{10000};  // TLS handshake and hello
   std::chrono::milliseconds idle_timeout{60000};       // between requests
   std::chrono::milliseconds io_timeout{30000};         // to receive a request or send a response
+  // Offered to callers that ask for it, after their hello; without a usable device the server
+  // says so once (log.hpp) and serves everyone over TCP+TLS. See the WARNING in transport.hpp.
+  rdma_options rdma;
 };
 
 struct peer_server_stats {
@@ -51,6 +55,8 @@ struct peer_server_stats {
   std::uint64_t protocol_errors = 0;    // malformed frames, bad lengths, unknown types after the hello
   std::uint64_t pieces_served = 0;
   std::uint64_t bytes_served = 0;
+  std::uint64_t rdma_connections = 0;   // connections whose pieces moved over RDMA
+  std::uint64_t pieces_served_rdma = 0; // of pieces_served
 };
 
 // Serves a store's committed pieces (and bundles) on its own threads until stopped or destroyed.
@@ -83,6 +89,10 @@ struct peer_client_options {
   unsigned connections = 4;         // per peer: pieces in flight to one peer
   std::chrono::milliseconds connect_timeout{5000};
   std::chrono::milliseconds io_timeout{30000};  // a response with no bytes for this long fails
+  // Asked for on every connection to a peer that offers it. When RDMA cannot be had (no device
+  // here, the peer refuses, or it fails: a QP error, a completion error, a timeout), that peer's
+  // pieces continue over TCP+TLS, and the reason is logged once per peer (log.hpp).
+  rdma_options rdma;
 };
 
 // A peer as a source: "HOST:PORT" ("[v6]:PORT"). The peer's certificate must chain to ca_file

@@ -1,8 +1,13 @@
 // Peers as a source: a small pool of TLS connections per peer, one request in flight on each.
+// A connection to a peer that offers RDMA sets it up after the hello and takes piece bytes that
+// way; the first RDMA failure turns RDMA off for the peer, and the piece is asked for again over
+// TCP+TLS.
 #include <drun/peer.hpp>
 
+#include "detail/log.hpp"
 #include "peer/tls.hpp"
 #include "peer/wire.hpp"
+#include "transport/rdma.hpp"
 
 #include <fmt/format.h>
 #include <sodium.h>
@@ -17,11 +22,19 @@ namespace {
 using peer::clock;
 using peer::frame;
 
+struct connection {
+  std::unique_ptr<peer::tls_stream> tls;
+  std::unique_ptr<transport::data_path> tcp;
+  std::unique_ptr<rdma::endpoint> rdma;
+};
+
 class peer_source final : public source {
  public:
-  peer_source(std::string host, std::string port, peer_client_options o, peer::ssl_ctx_ptr ctx)
+  peer_source(std::string host, std::string port, peer_client_options o, peer::ssl_ctx_ptr ctx,
+              std::shared_ptr<rdma::device> dev)
       : name_(fmt::format("peer {}:{}", host.find(':') != std::string::npos ? "[" + host + "]" : host, port)),
-        host_(std::move(host)), port_(std::move(port)), o_(std::move(o)), ctx_(std::move(ctx)) {}
+        host_(std::move(host)), port_(std::move(port)), o_(std::move(o)), ctx_(std::move(ctx)),
+        rdma_device_(std::move(dev)), rdma_off_(!rdma_device_) {}
   ~peer_source() override { sodium_memzero(o_.token.data(), o_.token.size()); }
 
   const std::string& name() const noexcept override { return name_; }
@@ -69,29 +82,38 @@ class peer_source final : public source {
     std::vector<std::byte>* grow = nullptr;
   };
 
-  // Sends one request and reads its answer (min..max bytes) into sink. A connection whose
-  // exchange went wrong is closed, never reused.
+  // Sends one request and reads its answer (min..max bytes) into sink. A piece whose bytes fail
+  // over RDMA is asked for once more, over TCP+TLS.
   result<void> request(frame type, std::span<const std::byte> body, std::uint64_t min, std::uint64_t max,
                        answer_sink sink, const std::atomic<bool>* cancel) {
+    std::string rdma_failure;
+    auto r = exchange(type, body, min, max, sink, cancel, rdma_failure);
+    if (!r && !rdma_failure.empty()) {
+      stop_rdma(rdma_failure);
+      r = exchange(type, body, min, max, sink, cancel, rdma_failure);
+    }
+    return r;
+  }
+
+  // One request and its answer. A connection whose exchange went wrong is closed, never reused.
+  result<void> exchange(frame type, std::span<const std::byte> body, std::uint64_t min, std::uint64_t max,
+                        answer_sink sink, const std::atomic<bool>* cancel, std::string& rdma_failure) {
     auto fail = [&](std::string why) { return error(errc::io_error, fmt::format("{}: {}", name_, why)); };
     // A pooled connection the peer has since closed (its idle timeout) fails before any answer:
     // that is not the peer failing, so the request goes once more on a fresh connection.
-    std::unique_ptr<peer::tls_stream> conn;
+    connection conn;
     result<peer::frame_in> head = error(errc::io_error, "no answer");
     for (int attempt = 0; attempt < 2; ++attempt) {
       bool pooled = false;
       auto c = take(cancel, attempt == 0, pooled);
       if (!c) return std::move(c).error();
       conn = std::move(*c);
-      auto wrote = peer::write_frame(*conn, type, body, clock::now() + o_.io_timeout, cancel);
-      if (wrote) head = peer::read_frame(*conn, clock::now() + o_.io_timeout, cancel);
+      auto wrote = peer::write_frame(*conn.tls, type, body, clock::now() + o_.io_timeout, cancel);
+      if (wrote) head = peer::read_frame(*conn.tls, clock::now() + o_.io_timeout, cancel);
       else head = std::move(wrote).error();
       if (head || head.error().code() == errc::cancelled || !pooled) break;
     }
     if (!head) return head.error().code() == errc::cancelled ? std::move(head).error() : fail(head.error().detail());
-    auto& s = *conn;
-    // One deadline for the whole answer, sized for a slow but honest link (64 KiB/s): a peer
-    // trickling bytes cannot hold a piece in flight forever.
     if (static_cast<frame>(head->type) == frame::error) {
       auto e = decode_error(head->body);
       if (e.code() == errc::permission_denied || e.code() == errc::not_found) give(std::move(conn));
@@ -103,25 +125,62 @@ class peer_source final : public source {
       return fail(fmt::format("protocol error: expected an answer, got frame type 0x{:02x}", head->type));
     if (*length < min || *length > max)
       return fail(fmt::format("protocol error: an answer of {} bytes where {} to {} were expected", *length, min, max));
+    // One deadline for the whole answer, sized for a slow but honest link (64 KiB/s): a peer
+    // trickling bytes cannot hold a piece in flight forever.
     const auto deadline = clock::now() + o_.io_timeout + std::chrono::seconds(*length >> 16);
-    std::uint64_t got = 0;
-    while (got < *length) {
-      auto d = peer::read_header(s, deadline, cancel);
-      if (!d) return d.error().code() == errc::cancelled ? std::move(d).error() : fail(d.error().detail());
-      if (static_cast<frame>(d->type) != frame::data || d->length == 0 || d->length > *length - got)
-        return fail("protocol error: a DATA frame that does not fit the answer");
-      std::span<std::byte> into;
-      if (sink.grow) {
-        sink.grow->resize(static_cast<std::size_t>(got) + d->length);
-        into = std::span(*sink.grow).subspan(static_cast<std::size_t>(got));
-      } else {
-        into = sink.fixed.subspan(static_cast<std::size_t>(got), d->length);
-      }
-      if (auto r = s.read_exact(into, deadline, cancel); !r)
-        return r.error().code() == errc::cancelled ? std::move(r).error() : fail(r.error().detail());
-      got += d->length;
+    std::span<std::byte> into = sink.fixed;
+    if (sink.grow) {
+      sink.grow->resize(static_cast<std::size_t>(*length));  // at most max, which the caller bounded
+      into = *sink.grow;
+    }
+    // Pieces come over RDMA when this connection has it; bundles and holdings always over TLS.
+    bool via_rdma = type == frame::get_piece && conn.rdma;
+    transport::data_path& path = via_rdma ? static_cast<transport::data_path&>(*conn.rdma) : *conn.tcp;
+    if (auto r = path.receive(into, deadline, cancel); !r) {
+      if (r.error().code() == errc::cancelled) return std::move(r).error();
+      if (via_rdma) rdma_failure = r.error().detail();
+      return fail(r.error().detail());
     }
     give(std::move(conn));
+    return {};
+  }
+
+  // Ends RDMA for this peer, once: its remaining pieces come over TCP+TLS.
+  void stop_rdma(const std::string& why) {
+    if (rdma_off_.exchange(true)) return;
+    detail::log(log_level::warning, fmt::format("RDMA to {} ended ({}); its pieces continue over TCP+TLS", name_, why));
+  }
+
+  // After the hello: RDMA_SETUP with our QPs and slots, and RDMA_READY with the peer's. Anything
+  // short of that leaves the connection on TCP+TLS (and RDMA off for this peer); only a failure
+  // of the control channel itself fails the connection.
+  result<void> setup_rdma(connection& c, clock::time_point deadline, const std::atomic<bool>* cancel) {
+    auto ep = rdma::endpoint::receiver(rdma_device_, o_.rdma, c.tls->fd());
+    if (!ep) {
+      stop_rdma(ep.error().detail());
+      return {};
+    }
+    auto body = rdma::encode((*ep)->address(), true);
+    if (auto r = peer::write_frame(*c.tls, frame::rdma_setup, body, deadline, cancel); !r) return r;
+    auto answer = peer::read_frame(*c.tls, deadline, cancel);
+    if (!answer) return std::move(answer).error();
+    if (static_cast<frame>(answer->type) == frame::error) {
+      auto e = decode_error(answer->body);
+      peer::reader rd(answer->body);
+      if (rd.u16() != static_cast<std::uint16_t>(peer::wire_error::rdma_unavailable)) return e;
+      stop_rdma(e.detail());
+      return {};
+    }
+    if (static_cast<frame>(answer->type) != frame::rdma_ready)
+      return error(errc::io_error, fmt::format("protocol error: expected RDMA_READY, got frame type 0x{:02x}", answer->type));
+    auto remote = rdma::decode(answer->body, false);
+    if (!remote) return error(errc::io_error, "protocol error: " + remote.error().detail());
+    if (auto r = (*ep)->connect(*remote); !r) {
+      // Our QPs are half set up and the peer's are waiting: this connection cannot go on.
+      stop_rdma(r.error().detail());
+      return error(errc::io_error, r.error().detail());
+    }
+    c.rdma = std::move(*ep);
     return {};
   }
 
@@ -146,13 +205,15 @@ class peer_source final : public source {
     return error(e, fmt::format("{} {}: {}", name_, what, msg));  // another protocol version: io_error (exit 3)
   }
 
-  result<std::unique_ptr<peer::tls_stream>> take(const std::atomic<bool>* cancel, bool allow_pooled, bool& pooled) {
+  result<connection> take(const std::atomic<bool>* cancel, bool allow_pooled, bool& pooled) {
     pooled = false;
     if (allow_pooled) {
       std::lock_guard lock(mutex_);
-      if (!idle_.empty()) {
+      // A connection set up for RDMA before RDMA ended for this peer is not used again.
+      while (!idle_.empty()) {
         auto c = std::move(idle_.back());
         idle_.pop_back();
+        if (c.rdma && rdma_off_.load()) continue;
         pooled = true;
         return c;
       }
@@ -162,7 +223,10 @@ class peer_source final : public source {
     if (!fd) return error(errc::io_error, fmt::format("{}: {}", name_, fd.error().detail()));
     peer::ssl_ptr ssl(SSL_new(ctx_.get()));
     if (!ssl) return error(errc::io_error, "cannot create a TLS session");
-    auto s = std::make_unique<peer::tls_stream>(std::move(*fd), std::move(ssl));
+    connection c;
+    c.tls = std::make_unique<peer::tls_stream>(std::move(*fd), std::move(ssl));
+    c.tcp = transport::make_tcp_transport(*c.tls);
+    auto* s = c.tls.get();
     if (auto r = s->connect(host_, deadline, cancel); !r) return error(r.error().code(), fmt::format("{}: {}", name_, r.error().detail()));
     peer::writer w;
     w.text(peer::protocol_magic).u16(peer::protocol_version).u16(static_cast<std::uint16_t>(o_.token.size())).text(o_.token);
@@ -173,11 +237,16 @@ class peer_source final : public source {
     if (!answer) return error(errc::io_error, fmt::format("{}: {}", name_, answer.error().detail()));
     if (static_cast<frame>(answer->type) == frame::error) return decode_error(answer->body);
     peer::reader rd(answer->body);
-    if (static_cast<frame>(answer->type) != frame::welcome || rd.u16() != peer::protocol_version)
+    auto features = std::optional<std::uint16_t>();
+    if (static_cast<frame>(answer->type) != frame::welcome || rd.u16() != peer::protocol_version ||
+        !(features = rd.u16()) || !rd.done())
       return error(errc::io_error, fmt::format("{}: protocol error in the handshake", name_));
-    return s;
+    if ((*features & peer::feature_rdma) && !rdma_off_.load())
+      if (auto r = setup_rdma(c, clock::now() + o_.io_timeout, cancel); !r)
+        return error(r.error().code(), fmt::format("{}: {}", name_, r.error().detail()));
+    return c;
   }
-  void give(std::unique_ptr<peer::tls_stream> c) {
+  void give(connection c) {
     std::lock_guard lock(mutex_);
     if (idle_.size() < o_.connections) idle_.push_back(std::move(c));
   }
@@ -185,8 +254,10 @@ class peer_source final : public source {
   std::string name_, host_, port_;
   peer_client_options o_;
   peer::ssl_ctx_ptr ctx_;
+  std::shared_ptr<rdma::device> rdma_device_;  // null: RDMA not asked for, or not available here
+  std::atomic<bool> rdma_off_;
   std::mutex mutex_;
-  std::vector<std::unique_ptr<peer::tls_stream>> idle_;
+  std::vector<connection> idle_;
 };
 
 }  // namespace
@@ -197,7 +268,20 @@ result<std::unique_ptr<source>> make_peer_source(std::string_view host_port, con
   if (options.token.size() > max_token_size) return error(errc::invalid_argument, "the token is too long");
   auto ctx = peer::client_context(options.ca_file, options.cert_file, options.key_file);
   if (!ctx) return std::move(ctx).error();
-  return std::unique_ptr<source>(new peer_source(hp->first, hp->second, options, std::move(*ctx)));
+  std::shared_ptr<rdma::device> dev;
+  if (options.rdma.enabled) {
+    if (auto c = rdma::check(options.rdma); !c) return std::move(c).error();
+    auto d = rdma::open_device(options.rdma);
+    if (d) {
+      dev = std::move(*d);
+    } else {
+      // Once per process, however many peers: the host has no RDMA, not the peer.
+      if (rdma::first_unavailable_notice())
+        detail::log(log_level::warning,
+                    fmt::format("RDMA is not available ({}): peers are fetched from over TCP+TLS", d.error().detail()));
+    }
+  }
+  return std::unique_ptr<source>(new peer_source(hp->first, hp->second, options, std::move(*ctx), std::move(dev)));
 }
 
 result<std::vector<std::string>> resolve_peers(std::string_view name_port) {

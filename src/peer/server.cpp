@@ -3,8 +3,10 @@
 // server-wide budget, so slow or hostile callers cannot exhaust threads or memory.
 #include <drun/peer.hpp>
 
+#include "detail/log.hpp"
 #include "peer/tls.hpp"
 #include "peer/wire.hpp"
+#include "transport/rdma.hpp"
 
 #include <fmt/format.h>
 #include <sodium.h>
@@ -38,7 +40,14 @@ struct artifact_info {
 
 struct counters {
   std::atomic<std::uint64_t> connections{0}, active{0}, handshake_failures{0}, busy{0}, requests{0}, denied{0},
-      protocol_errors{0}, pieces_served{0}, bytes_served{0};
+      protocol_errors{0}, pieces_served{0}, bytes_served{0}, rdma_connections{0}, pieces_served_rdma{0};
+};
+
+// One connection's data paths: TCP+TLS always, RDMA once the caller set it up.
+struct connection {
+  peer::tls_stream& tls;
+  std::unique_ptr<transport::data_path> tcp;
+  std::unique_ptr<rdma::endpoint> rdma;
 };
 
 }  // namespace
@@ -48,6 +57,7 @@ struct peer_server::impl {
   peer_server_options o;
   peer::ssl_ctx_ptr ctx;
   std::shared_ptr<const access_policy> policy;
+  std::shared_ptr<rdma::device> rdma_device;  // null: RDMA not offered
   detail::unique_fd listener;
   std::uint16_t port = 0;
   std::atomic<bool> stopping{false};
@@ -72,7 +82,8 @@ struct peer_server::impl {
 
   void accept_loop();
   void serve(detail::unique_fd fd);
-  bool handle(peer::tls_stream& s, const peer_identity& who, const peer::frame_in& f);
+  bool handle(connection& c, const peer_identity& who, const peer::frame_in& f);
+  bool setup_rdma(connection& c, const peer::frame_in& f);
   result<std::shared_ptr<const artifact_info>> artifact(const std::string& id);
 
   // Piece buffers come from a pool bounded by the memory budget: a buffer in use and the idle
@@ -135,25 +146,18 @@ result<void> send_error(peer::tls_stream& s, wire_error code, std::string_view m
   return peer::write_frame(s, frame::error, w.view(), deadline, stop);
 }
 
-// Sends an answer: BODY with the length, then DATA frames of at most 1 MiB. One deadline covers
-// the whole answer, sized for a slow but honest reader (64 KiB/s): a client that reads slower
-// cannot hold a thread and a piece buffer for longer. The upload limit's waits are not its fault.
-result<void> send_answer(peer::tls_stream& s, std::span<const std::byte> bytes, std::chrono::milliseconds io_timeout,
-                         const std::atomic<bool>* stop, const std::function<void(std::size_t)>& pace) {
+// Sends an answer: BODY with the length on the control channel, then the bytes over the data
+// path (DATA frames, or RDMA writes). One deadline covers the whole answer, sized for a slow but
+// honest reader (64 KiB/s): a client that reads slower cannot hold a thread and a piece buffer
+// for longer. The upload limit's waits are not its fault.
+result<void> send_answer(peer::tls_stream& s, transport::data_path& path, std::span<const std::byte> bytes,
+                         std::chrono::milliseconds io_timeout, const std::atomic<bool>* stop,
+                         const transport::pace_fn& pace) {
   auto deadline = clock::now() + io_timeout + std::chrono::seconds(bytes.size() >> 16);
   peer::writer w;
   w.u64(bytes.size());
   if (auto r = peer::write_frame(s, frame::body, w.view(), deadline, stop); !r) return r;
-  for (std::size_t off = 0; off < bytes.size(); off += peer::max_data_frame) {
-    auto chunk = bytes.subspan(off, std::min(peer::max_data_frame, bytes.size() - off));
-    if (pace) {
-      auto before = clock::now();
-      pace(chunk.size());
-      deadline += clock::now() - before;
-    }
-    if (auto r = peer::write_frame(s, frame::data, chunk, deadline, stop); !r) return r;
-  }
-  return {};
+  return path.send(bytes, deadline, stop, pace);
 }
 
 }  // namespace
@@ -182,8 +186,37 @@ result<std::shared_ptr<const artifact_info>> peer_server::impl::artifact(const s
   return std::shared_ptr<const artifact_info>(info);
 }
 
+// RDMA_SETUP: the caller's QPs and landing slots. Answered RDMA_READY with ours, or ERROR
+// rdma_unavailable (the connection stays on TCP+TLS). Returns false when the connection must close.
+bool peer_server::impl::setup_rdma(connection& c, const peer::frame_in& f) {
+  auto io = clock::now() + o.io_timeout;
+  auto unavailable = [&](std::string why) {
+    return send_error(c.tls, wire_error::rdma_unavailable, why, io, &stopping).has_value();
+  };
+  if (!rdma_device) return unavailable("this server offers no RDMA");
+  if (c.rdma) {
+    n.protocol_errors++;
+    (void)send_error(c.tls, wire_error::bad_request, "RDMA is already set up on this connection", io, &stopping);
+    return false;
+  }
+  auto remote = rdma::decode(f.body, true);
+  if (!remote) {
+    n.protocol_errors++;
+    (void)send_error(c.tls, wire_error::bad_request, remote.error().detail(), io, &stopping);
+    return false;
+  }
+  auto ep = rdma::endpoint::sender(rdma_device, o.rdma, *remote, c.tls.fd());
+  if (!ep) return unavailable(ep.error().detail());
+  auto body = rdma::encode((*ep)->address(), false);
+  if (!peer::write_frame(c.tls, frame::rdma_ready, body, io, &stopping)) return false;
+  c.rdma = std::move(*ep);
+  n.rdma_connections++;
+  return true;
+}
+
 // One request. Returns false when the connection must close.
-bool peer_server::impl::handle(peer::tls_stream& s, const peer_identity& who, const peer::frame_in& f) {
+bool peer_server::impl::handle(connection& c, const peer_identity& who, const peer::frame_in& f) {
+  auto& s = c.tls;
   auto io = [&] { return clock::now() + o.io_timeout; };
   auto bad = [&](std::string why) {
     n.protocol_errors++;
@@ -191,6 +224,7 @@ bool peer_server::impl::handle(peer::tls_stream& s, const peer_identity& who, co
     return false;
   };
   auto type = static_cast<frame>(f.type);  // a request: serve() refused anything else unread
+  if (type == frame::rdma_setup) return setup_rdma(c, f);
   peer::reader rd(f.body);
   auto raw_id = rd.bytes(32);
   std::optional<std::uint32_t> file_index, piece_index;
@@ -217,7 +251,7 @@ bool peer_server::impl::handle(peer::tls_stream& s, const peer_identity& who, co
   const artifact_info& a = **info;
   auto pace = [this](std::size_t bytes) { pace_upload(bytes); };
   if (type == frame::get_bundle)
-    return send_answer(s, std::as_bytes(std::span(a.bundle.data(), a.bundle.size())), o.io_timeout, &stopping, {})
+    return send_answer(s, *c.tcp, std::as_bytes(std::span(a.bundle.data(), a.bundle.size())), o.io_timeout, &stopping, {})
         .has_value();
   if (type == frame::get_have) {
     auto stored = st->stored_pieces(id);
@@ -228,7 +262,7 @@ bool peer_server::impl::handle(peer::tls_stream& s, const peer_identity& who, co
       if ((*stored)[i]) bits[i / 8] |= static_cast<std::byte>(0x80u >> (i % 8));
     peer::writer w;
     w.u32(static_cast<std::uint32_t>(count)).bytes(bits);
-    return send_answer(s, w.view(), o.io_timeout, &stopping, {}).has_value();
+    return send_answer(s, *c.tcp, w.view(), o.io_timeout, &stopping, {}).has_value();
   }
   if (*piece_index >= a.piece_length.size() || a.piece_file[*piece_index] != *file_index)
     return send_error(s, wire_error::not_found, fmt::format("artifact {} has no piece {} in file {}", id, *piece_index,
@@ -254,10 +288,13 @@ bool peer_server::impl::handle(peer::tls_stream& s, const peer_identity& who, co
                       io(), &stopping)
                .has_value();
   } else {
-    keep = send_answer(s, buf, o.io_timeout, &stopping, pace).has_value();
+    // Pieces take RDMA when the caller set it up; a failure there ends the connection, and the
+    // caller asks again over TCP+TLS.
+    keep = send_answer(s, c.rdma ? *c.rdma : *c.tcp, buf, o.io_timeout, &stopping, pace).has_value();
     if (keep) {
       n.pieces_served++;
       n.bytes_served += length;
+      if (c.rdma) n.pieces_served_rdma++;
     }
   }
   give_buffer(std::move(buf), length);
@@ -336,9 +373,10 @@ void peer_server::impl::serve(detail::unique_fd fd) {
   }
   if (!who.has_certificate && !who.token) return refuse(wire_error::unauthenticated, "no certificate and no token");
   peer::writer w;
-  w.u16(peer::protocol_version).u16(0);
+  w.u16(peer::protocol_version).u16(rdma_device ? peer::feature_rdma : 0);
   if (!peer::write_frame(s, frame::welcome, w.view(), clock::now() + o.io_timeout, &stopping)) return;
   handshake_over();
+  connection conn{s, transport::make_tcp_transport(s), nullptr};
 
   // Requests, each slowed to the per-connection rate.
   auto gap = std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(1.0 / std::max(o.max_requests_per_second, 0.001)));
@@ -348,7 +386,7 @@ void peer_server::impl::serve(detail::unique_fd fd) {
     auto deadline = clock::now() + o.idle_timeout;
     auto h = peer::read_header(s, deadline, &stopping);
     auto t = h ? static_cast<frame>(h->type) : frame::error;
-    if (h && t != frame::get_bundle && t != frame::get_have && t != frame::get_piece)
+    if (h && t != frame::get_bundle && t != frame::get_have && t != frame::get_piece && t != frame::rdma_setup)
       h = error(errc::malformed_bundle, fmt::format("frame type 0x{:02x} is not a request", h->type));
     if (!h) {
       if (h.error().code() == errc::malformed_bundle) {
@@ -368,7 +406,7 @@ void peer_server::impl::serve(detail::unique_fd fd) {
     auto now = clock::now();
     if (next > now) std::this_thread::sleep_until(next);
     next = std::max(now, next) + gap;
-    if (!handle(s, who, f)) return;
+    if (!handle(conn, who, f)) return;
   }
 }
 
@@ -425,6 +463,13 @@ result<peer_server> peer_server::start(store& s, peer_server_options options) {
   p->policy = options.policy ? options.policy
                              : std::make_shared<const access_policy>(access_policy::authenticated_callers());
   p->o = std::move(options);
+  if (p->o.rdma.enabled) {
+    if (auto c = rdma::check(p->o.rdma); !c) return std::move(c).error();
+    auto dev = rdma::open_device(p->o.rdma);
+    if (dev) p->rdma_device = std::move(*dev);
+    else detail::log(log_level::warning, fmt::format("RDMA is not available ({}): peers are served over TCP+TLS",
+                                                     dev.error().detail()));
+  }
 
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
@@ -467,7 +512,7 @@ peer_server_stats peer_server::stats() const noexcept {
   const auto& n = impl_->n;
   return {n.connections.load(), n.active.load(),          n.handshake_failures.load(), n.busy.load(),
           n.requests.load(),    n.denied.load(),          n.protocol_errors.load(),    n.pieces_served.load(),
-          n.bytes_served.load()};
+          n.bytes_served.load(), n.rdma_connections.load(),   n.pieces_served_rdma.load()};
 }
 
 void peer_server::stop() noexcept {

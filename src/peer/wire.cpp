@@ -2,6 +2,7 @@
 #include "peer/wire.hpp"
 
 #include "detail/encoding.hpp"
+#include "transport/rdma.hpp"
 
 #include <fmt/format.h>
 #include <sodium.h>
@@ -20,6 +21,8 @@ std::size_t max_body(std::uint8_t type) noexcept {
     case frame::body: return 8;
     case frame::data: return max_data_frame;
     case frame::error: return 2 + max_error_message;
+    case frame::rdma_setup: return rdma::max_encoded_size(true);
+    case frame::rdma_ready: return rdma::max_encoded_size(false);
   }
   return 0;
 }

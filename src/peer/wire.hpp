@@ -23,11 +23,16 @@ enum class frame : std::uint8_t {
   get_bundle = 0x02,
   get_have = 0x03,
   get_piece = 0x04,
+  rdma_setup = 0x05,
   welcome = 0x81,
   body = 0x82,
   data = 0x83,
   error = 0x84,
+  rdma_ready = 0x85,
 };
+
+// WELCOME's features (a bit set; version 1 servers sent 0).
+inline constexpr std::uint16_t feature_rdma = 1;
 
 enum class wire_error : std::uint16_t {
   bad_request = 1,
@@ -37,6 +42,7 @@ enum class wire_error : std::uint16_t {
   not_found = 5,
   busy = 6,
   internal = 7,
+  rdma_unavailable = 8,
 };
 
 inline constexpr std::size_t max_data_frame = std::size_t{1} << 20;
