@@ -108,6 +108,43 @@ inline unsigned parse_threads(const parsed_args& args) {
   return static_cast<unsigned>(v);
 }
 
+// RDMA for peers: --rdma [--rdma-device DEV] [--rdma-port N] [--rdma-gid-index N] [--rdma-qps N].
+inline std::vector<option_spec> with_rdma_options(std::vector<option_spec> specs) {
+  for (const char* name : {"rdma-device", "rdma-port", "rdma-gid-index", "rdma-qps"}) specs.push_back({name, true});
+  specs.push_back({"rdma", false});
+  return specs;
+}
+
+// Says, every time RDMA is asked for, what it gives up: the fabric sees the bytes.
+inline drun::rdma_options rdma_from_args(const parsed_args& args, const char* command) {
+  drun::rdma_options o;
+  o.enabled = args.has("rdma");
+  for (const char* name : {"rdma-device", "rdma-port", "rdma-gid-index", "rdma-qps"})
+    if (!o.enabled && args.has(name)) throw usage_error{fmt::format("--{} needs --rdma", name)};
+  if (!o.enabled) return o;
+  if (auto d = args.get("rdma-device")) o.device = *d;
+  if (auto p = args.get("rdma-port")) {
+    auto v = parse_size(*p, "--rdma-port");
+    if (v < 1 || v > 255) throw usage_error{"--rdma-port must be between 1 and 255"};
+    o.port = static_cast<unsigned>(v);
+  }
+  if (auto g = args.get("rdma-gid-index")) {
+    auto v = parse_size(*g, "--rdma-gid-index");
+    if (v > 255) throw usage_error{"--rdma-gid-index must be between 0 and 255"};
+    o.gid_index = static_cast<int>(v);
+  }
+  if (auto q = args.get("rdma-qps")) {
+    auto v = parse_size(*q, "--rdma-qps");
+    if (v < 1 || v > 16) throw usage_error{"--rdma-qps must be between 1 and 16"};
+    o.queue_pairs = static_cast<unsigned>(v);
+  }
+  fmt::print(stderr,
+             "drun {}: WARNING: --rdma: piece bytes cross the RDMA fabric unencrypted (each is still verified on "
+             "arrival); use it only inside a fabric you trust\n",
+             command);
+  return o;
+}
+
 inline int exit_status(drun::errc c) {
   switch (c) {
     case drun::errc::invalid_argument:

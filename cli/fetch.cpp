@@ -7,7 +7,7 @@
 namespace drun::cli {
 
 int cmd_fetch(int argc, char** argv) {
-  auto args = parse_args(argc, argv, 2,
+  auto args = parse_args(argc, argv, 2, with_rdma_options(
                          {{"signature", true}, {"public-key", true}, {"ca-bundle", true}, {"certificate-time", true},
                           {"origin", true, true}, {"store", true}, {"key-source", true}, {"out", true},
                           {"connections", true}, {"ca-cert", true}, {"tls-min", true}, {"insecure", false},
@@ -15,7 +15,7 @@ int cmd_fetch(int argc, char** argv) {
                           {"limit-rate", true}, {"stall-timeout", true}, {"s3-endpoint", true},
                           {"proxy-auth-file", true}, {"proxy-auth-env", true}, {"peer", true, true},
                           {"peers-dns", true, true}, {"tls-cert", true}, {"tls-key", true}, {"token-file", true},
-                          {"artifact", true}, {"swarm-self", true}});
+                          {"artifact", true}, {"swarm-self", true}}));
   if (!args.positional.empty()) throw usage_error{"fetch takes no positional arguments"};
   auto sig = args.get("signature");
   auto origins = args.all("origin");
@@ -102,6 +102,7 @@ int cmd_fetch(int argc, char** argv) {
   // Peers first in the list: the session prefers them and falls back to the origins.
   std::vector<std::unique_ptr<drun::source>> sources;
   drun::peer_client_options po;
+  po.rdma = rdma_from_args(args, "fetch");
   po.ca_file = so.ca_file;
   po.cert_file = args.get("tls-cert").value_or("");
   po.key_file = args.get("tls-key").value_or("");

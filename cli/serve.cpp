@@ -8,15 +8,16 @@
 namespace drun::cli {
 
 int cmd_serve(int argc, char** argv) {
-  auto args = parse_args(argc, argv, 2,
+  auto args = parse_args(argc, argv, 2, with_rdma_options(
                          {{"store", true}, {"key-source", true}, {"listen", true}, {"tls-cert", true}, {"tls-key", true},
                           {"client-ca", true}, {"policy", true}, {"jwks", true}, {"audience", true},
                           {"allow-token-only", false}, {"max-connections", true}, {"limit-rate", true},
-                          {"requests-per-second", true}, {"idle-timeout", true}});
+                          {"requests-per-second", true}, {"idle-timeout", true}}));
   if (!args.positional.empty()) throw usage_error{"serve takes no positional arguments"};
   for (const char* required : {"store", "key-source", "listen", "tls-cert", "tls-key"})
     if (!args.has(required)) throw usage_error{fmt::format("--{} is required", required)};
   drun::peer_server_options o;
+  o.rdma = rdma_from_args(args, "serve");
   o.listen = *args.get("listen");
   o.cert_file = *args.get("tls-cert");
   o.key_file = *args.get("tls-key");
@@ -66,9 +67,9 @@ int cmd_serve(int argc, char** argv) {
   server->stop();
   auto s = server->stats();
   fmt::print("stopped: {} connections, {} requests, {} pieces ({:.1f} MiB) served, {} denied, {} handshakes refused, "
-             "{} protocol errors, {} busy\n",
+             "{} protocol errors, {} busy; {} pieces over RDMA on {} connections\n",
              s.connections, s.requests, s.pieces_served, static_cast<double>(s.bytes_served) / 1048576.0, s.denied,
-             s.handshake_failures, s.protocol_errors, s.busy);
+             s.handshake_failures, s.protocol_errors, s.busy, s.pieces_served_rdma, s.rdma_connections);
   return exit_ok;
 }
 

@@ -20,6 +20,8 @@
 #include <map>
 #include <mutex>
 #include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <thread>
@@ -417,6 +419,10 @@ void peer_server::impl::accept_loop() {
     int fd = ::accept4(listener.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) continue;
     detail::unique_fd conn(fd);
+    // Answers are a small BODY frame and then the bytes: without this, Nagle holds the tail of an
+    // answer until the caller's delayed ACK (tens of milliseconds per piece).
+    int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     n.connections++;
     {
       std::lock_guard lock(threads_mutex);

@@ -233,6 +233,10 @@ result<void> tls_stream::write_all(std::span<const std::byte> in, clock::time_po
   return {};
 }
 
+std::string tls_stream::protocol() const {
+  return fmt::format("{} {}", SSL_get_version(ssl_.get()), SSL_get_cipher_name(ssl_.get()));
+}
+
 peer_identity tls_stream::identity() const {
   peer_identity id;
   X509* cert = SSL_get0_peer_certificate(ssl_.get());

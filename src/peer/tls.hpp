@@ -49,6 +49,8 @@ class tls_stream {
 
   // Who the other end's certificate says it is (has_certificate false when it sent none).
   peer_identity identity() const;
+  // "TLSv1.3 TLS_AES_256_GCM_SHA384": what the handshake agreed on.
+  std::string protocol() const;
   int fd() const noexcept { return fd_.get(); }
 
  private:
