@@ -26,6 +26,21 @@ best_fresh() {  # best_fresh DIR_TO_CLEAR command...: best of 3 wall times, DIR 
   echo "$best"
 }
 
+# make_pki DIR: a throwaway CA and certificates "server" and "client" for 127.0.0.1 (keys 0600).
+make_pki() {
+  local pki=$1
+  [ -f "$pki/client.pem" ] && return 0
+  mkdir -p "$pki"
+  mk() { openssl "$@" >/dev/null 2>&1; }
+  mk req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=bench-ca -keyout "$pki/ca.key" -out "$pki/ca.pem"
+  for n in server client; do
+    mk req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$n" -keyout "$pki/$n.key" -out "$pki/$n.csr"
+    echo "subjectAltName=IP:127.0.0.1" > "$pki/$n.cnf"
+    mk x509 -req -in "$pki/$n.csr" -CA "$pki/ca.pem" -CAkey "$pki/ca.key" -CAcreateserial -days 30 -extfile "$pki/$n.cnf" -out "$pki/$n.pem"
+    chmod 600 "$pki/$n.key"
+  done
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # start_nginx DIR ROOT PORT [TLS_PORT CERT KEY]: nginx in the foreground serving ROOT; sets nginx_pid.

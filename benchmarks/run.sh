@@ -79,17 +79,7 @@ echo
 echo "== fetching the 2 GiB model from nginx on loopback (best of 3; nothing verified by curl or aria2c)"
 # A test PKI for HTTPS and the peers: a CA, a server certificate for 127.0.0.1, a client one.
 pki=$work/pki
-if [ ! -f "$pki/client.pem" ]; then
-  mkdir -p "$pki"
-  mk() { openssl "$@" >/dev/null 2>&1; }
-  mk req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=bench-ca -keyout "$pki/ca.key" -out "$pki/ca.pem"
-  for n in server client; do
-    mk req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$n" -keyout "$pki/$n.key" -out "$pki/$n.csr"
-    echo "subjectAltName=IP:127.0.0.1" > "$pki/$n.cnf"
-    mk x509 -req -in "$pki/$n.csr" -CA "$pki/ca.pem" -CAkey "$pki/ca.key" -CAcreateserial -days 30 -extfile "$pki/$n.cnf" -out "$pki/$n.pem"
-    chmod 600 "$pki/$n.key"
-  done
-fi
+make_pki "$pki"
 port=$(free_port)
 tls_port=$(free_port)
 start_nginx "$work/nginx" "$work/model" "$port" "$tls_port" "$pki/server.pem" "$pki/server.key"
