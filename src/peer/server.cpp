@@ -45,11 +45,18 @@ struct counters {
       protocol_errors{0}, pieces_served{0}, bytes_served{0}, rdma_connections{0}, pieces_served_rdma{0};
 };
 
-// One connection's data paths: TCP+TLS always, RDMA once the caller set it up.
+// One connection's data paths: TCP+TLS always, RDMA once the caller set it up. Its registered
+// bytes count against the server's RDMA budget until the connection ends.
 struct connection {
   peer::tls_stream& tls;
   std::unique_ptr<transport::data_path> tcp;
   std::unique_ptr<rdma::endpoint> rdma;
+  std::atomic<std::uint64_t>* rdma_budget_used = nullptr;
+  std::uint64_t rdma_bytes = 0;
+  ~connection() {
+    rdma.reset();
+    if (rdma_budget_used) *rdma_budget_used -= rdma_bytes;
+  }
 };
 
 }  // namespace
@@ -60,6 +67,8 @@ struct peer_server::impl {
   peer::ssl_ctx_ptr ctx;
   std::shared_ptr<const access_policy> policy;
   std::shared_ptr<rdma::device> rdma_device;  // null: RDMA not offered
+  // Registered (pinned) staging memory of all RDMA connections, bounded by memory_budget.
+  std::atomic<std::uint64_t> rdma_registered{0};
   detail::unique_fd listener;
   std::uint16_t port = 0;
   std::atomic<bool> stopping{false};
@@ -207,8 +216,18 @@ bool peer_server::impl::setup_rdma(connection& c, const peer::frame_in& f) {
     (void)send_error(c.tls, wire_error::bad_request, remote.error().detail(), io, &stopping);
     return false;
   }
+  std::uint64_t bytes = rdma::endpoint::sender_bytes(*remote);
+  if (rdma_registered.fetch_add(bytes) + bytes > o.memory_budget) {
+    rdma_registered -= bytes;
+    return unavailable("the server's RDMA memory is all in use");
+  }
   auto ep = rdma::endpoint::sender(rdma_device, o.rdma, *remote, c.tls.fd());
-  if (!ep) return unavailable(ep.error().detail());
+  if (!ep) {
+    rdma_registered -= bytes;
+    return unavailable(ep.error().detail());
+  }
+  c.rdma_budget_used = &rdma_registered;
+  c.rdma_bytes = bytes;
   auto body = rdma::encode((*ep)->address(), false);
   if (!peer::write_frame(c.tls, frame::rdma_ready, body, io, &stopping)) return false;
   c.rdma = std::move(*ep);

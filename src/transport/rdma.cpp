@@ -219,6 +219,16 @@ result<std::unique_ptr<endpoint>> endpoint::receiver(std::shared_ptr<device> dev
   return e;
 }
 
+namespace {
+std::size_t staging_slices(std::size_t slot_size, std::size_t slot_count) {
+  return std::clamp<std::size_t>(max_staging_bytes / slot_size, 1, std::min(slot_count, max_staging_slots));
+}
+}  // namespace
+
+std::size_t endpoint::sender_bytes(const endpoint_address& remote) noexcept {
+  return staging_slices(remote.slot_size, remote.slot_count) * remote.slot_size;
+}
+
 result<std::unique_ptr<endpoint>> endpoint::sender(std::shared_ptr<device> dev, const rdma_options& o,
                                                    const endpoint_address& remote, int watch_fd) {
   if (auto c = check(o); !c) return std::move(c).error();
@@ -228,7 +238,7 @@ result<std::unique_ptr<endpoint>> endpoint::sender(std::shared_ptr<device> dev, 
   e->remote_addr_ = remote.slots_addr;
   e->remote_rkey_ = remote.rkey;
   std::size_t qps = remote.qps.size();
-  e->staging_ = std::clamp<std::size_t>(max_staging_bytes / e->slot_size_, 1, std::min(e->slot_count_, max_staging_slots));
+  e->staging_ = staging_slices(e->slot_size_, e->slot_count_);
   // A staging slot is reused once the write that last used it completed; one of every
   // (staging - 1) / qps + 1 consecutive writes on a QP is signalled, so one always will.
   e->signal_every_ = std::clamp<std::size_t>(o.signal_every, 1, 1 + (e->staging_ - 1) / qps);

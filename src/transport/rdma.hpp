@@ -92,6 +92,9 @@ class endpoint final : public transport::data_path {
                        const std::atomic<bool>* stop) override;
 
   bool broken() const noexcept { return broken_.has_value(); }
+  std::size_t registered_bytes() const noexcept { return region_ ? region_->size() : 0; }
+  // What a sender for this receiver address would register (the peer server budgets it).
+  static std::size_t sender_bytes(const endpoint_address& remote) noexcept;
 
  private:
   enum class role { sender, receiver };

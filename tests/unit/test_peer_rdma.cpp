@@ -14,6 +14,7 @@
 #include "transport/rdma.hpp"
 
 #include <algorithm>
+#include <functional>
 #include <mutex>
 #include <thread>
 
@@ -90,7 +91,7 @@ struct swarm {
   std::optional<store> server_store, client_store;
   std::optional<peer_server> server;
 
-  explicit swarm(bool server_rdma = true) {
+  explicit swarm(bool server_rdma = true, const std::function<void(peer_server_options&)>& tweak = {}) {
     test::write_file(d / "m/weights.bin", model);
     vm.emplace(test::sign_and_verify(d / "m", 65536, &bundle));
     server_store.emplace(std::move(store::open(d / "s1", key_of('a'))).value());
@@ -102,6 +103,7 @@ struct swarm {
     o.client_ca_file = certs.file("ca.pem");
     o.rdma = fake_rdma();
     o.rdma.enabled = server_rdma;
+    if (tweak) tweak(o);
     auto s = peer_server::start(*server_store, o);
     REQUIRE(s);
     server.emplace(std::move(*s));
@@ -276,6 +278,18 @@ TEST_CASE("peer rdma: a server that cannot set up RDMA answers rdma_unavailable;
   s.check_copy();
   CHECK(s.server->stats().rdma_connections == 0);
   CHECK_MESSAGE(log.count("cannot bring QP 0 to RTR") == 1, log.all());
+}
+
+TEST_CASE("peer rdma: registered memory counts against the server's budget") {
+  // Each connection's staging ring (8 slices of 16 KiB here) is pinned memory: past the budget,
+  // callers are told so and stay on TCP+TLS.
+  captured_log log;
+  swarm s(true, [](peer_server_options& o) { o.memory_budget = 100 << 10; });
+  auto r = s.fetch_all();
+  REQUIRE(r);
+  s.check_copy();
+  CHECK(s.server->stats().rdma_connections == 0);
+  CHECK_MESSAGE(log.count("the server's RDMA memory is all in use") == 1, log.all());
 }
 
 TEST_CASE("peer rdma: a malformed or repeated RDMA_SETUP is a protocol error") {
