@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # drun's peer transports next to what a user would measure instead, in one run:
-#   drun-bench tcp (mutual TLS 1.3, the peer data path) vs iperf3 (plain TCP, no TLS), and, where an
+#   drun-bench tcp (mutual TLS 1.3, the peer data path) vs iperf3 (plain TCP, no TLS) and curl over
+#   HTTPS from nginx (needs 1 GiB in WORK_DIR), and, where an
 #   RDMA device exists, drun-bench rdma vs perftest's ib_write_bw on the same device.
 #   benchmarks/transport.sh [BUILD_DIR] [WORK_DIR]      (RDMA_DEVICE=mlx5_0 RDMA_GID_INDEX=3 to choose)
 set -euo pipefail
@@ -41,13 +42,35 @@ iperf_mb() {  # plain TCP over loopback, one stream, the same bytes in all (writ
   wait "$pid" 2>/dev/null || true
 }
 
+# TLS 1.3 the way a user moves a file today: curl from nginx over HTTPS, 1 GiB from the page cache.
+curl_tls_mb() {
+  mkdir -p "$work/tls-doc"
+  [ -f "$work/tls-doc/blob" ] || head -c $((1 << 30)) /dev/urandom > "$work/tls-doc/blob"
+  cat "$work/tls-doc/blob" > /dev/null
+  local port tls_port
+  port=$(free_port)
+  tls_port=$(free_port)
+  start_nginx "$work/tls-nginx" "$work/tls-doc" "$port" "$tls_port" "$work/pki/server.pem" "$work/pki/server.key"
+  local best=0
+  for _ in 1 2 3; do
+    local v
+    v=$(curl -s --cacert "$work/pki/ca.pem" --tlsv1.3 -o /dev/null -w '%{speed_download}' "https://127.0.0.1:$tls_port/blob")
+    best=$(awk -v a="$best" -v b="$v" 'BEGIN { print (b > a) ? b : a }')
+  done
+  kill "$nginx_pid" 2>/dev/null || true
+  wait "$nginx_pid" 2>/dev/null || true
+  awk -v b="$best" 'BEGIN { printf "%.1f", b / 1048576 }'
+}
+
 echo
-echo "== TCP+TLS: drun-bench tcp (mTLS 1.3, one request per message) vs iperf3 (plain TCP), loopback, MB/sec (2^20)"
-printf " %-10s %-14s %-14s %s\n" "#bytes" "drun tcp+tls" "iperf3 tcp" "ratio"
+echo "== TCP+TLS on loopback, MB/sec (2^20): drun-bench tcp (mTLS 1.3, one request per message) vs"
+echo "   iperf3 (plain TCP, no encryption) and curl from nginx over HTTPS (TLS 1.3, one 1 GiB file)"
+curl_mb=$(curl_tls_mb)
+printf " %-10s %-14s %-14s %-8s %-16s %s\n" "#bytes" "drun tcp+tls" "iperf3 tcp" "ratio" "curl https" "ratio"
 for size in 65536 1048576 4194304; do
   d=$(drun_bench tcp "$size")
   i=$(iperf_mb "$size")
-  printf " %-10s %-14.1f %-14.1f %sx\n" "$size" "$d" "$i" "$(ratio "$d" "$i")"
+  printf " %-10s %-14.1f %-14.1f %-8s %-16s %sx\n" "$size" "$d" "$i" "$(ratio "$d" "$i")x" "$curl_mb" "$(ratio "$d" "$curl_mb")"
 done
 
 echo

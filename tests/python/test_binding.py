@@ -623,7 +623,8 @@ def test_peer_server_serves_a_seeded_store_over_mutual_tls(tmp_path, seed, small
     with drun.PeerServer(seed, cert=str(cert), key=str(key), client_ca=str(pki.ca)) as srv:
         assert isinstance(srv, drun.PeerServer) and srv.port > 0
         assert srv.stats() == {"connections": 0, "active": 0, "handshake_failures": 0, "busy": 0, "requests": 0,
-                               "denied": 0, "protocol_errors": 0, "pieces_served": 0, "bytes_served": 0}
+                               "denied": 0, "protocol_errors": 0, "pieces_served": 0, "bytes_served": 0,
+                               "rdma_connections": 0, "pieces_served_rdma": 0}
         got = drun.fetch(store=leecher(tmp_path, "l1"), artifact=art, public_key=str(publisher.pub),
                          peers=[f"127.0.0.1:{srv.port}"], tls_cert=str(ccert), tls_key=str(ckey), ca_cert=str(pki.ca),
                          out=str(tmp_path / "out"))
@@ -642,6 +643,29 @@ def test_peer_server_serves_a_seeded_store_over_mutual_tls(tmp_path, seed, small
                        peers=[f"127.0.0.1:{srv.port}"], tls_cert=str(ccert), tls_key=str(ckey), ca_cert=str(pki.ca))
         srv.stop()
         srv.stop()  # idempotent
+
+
+def test_rdma_is_asked_for_with_rdma_true_and_falls_back_where_there_is_none(tmp_path, seed, small, publisher, pki,
+                                                                              capfd):
+    root, sig, art, files = small
+    st = drun.rdma_status()
+    assert set(st) == {"available", "reason", "library", "devices"} and isinstance(st["devices"], list), st
+    assert st["available"] or st["reason"], st  # never unavailable without a reason
+    cert, key = pki.issue("seed")
+    ccert, ckey = pki.issue("loader")
+    with drun.PeerServer(seed, cert=str(cert), key=str(key), client_ca=str(pki.ca), rdma=True) as srv:
+        got = drun.fetch(store=leecher(tmp_path, "l"), artifact=art, public_key=str(publisher.pub),
+                         peers=[f"127.0.0.1:{srv.port}"], tls_cert=str(ccert), tls_key=str(ckey), ca_cert=str(pki.ca),
+                         out=str(tmp_path / "out"), rdma=True)
+        assert got == art and tree_digests(tmp_path / "out") == tree_digests(root)
+        stats = srv.stats()
+    err = capfd.readouterr().err
+    if st["available"]:
+        assert stats["pieces_served_rdma"] == stats["pieces_served"] == 7, stats
+    else:
+        assert stats["rdma_connections"] == 0 and stats["pieces_served"] == 7, stats
+        assert f"RDMA is not available ({st['reason']}): peers are served over TCP+TLS" in err, err
+        assert err.count("peers are fetched from over TCP+TLS") <= 1, err  # once per process
 
 
 def test_peer_refuses_a_client_certificate_from_another_ca(tmp_path, seed, small, publisher, pki):

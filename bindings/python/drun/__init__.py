@@ -23,6 +23,7 @@ from ._drun import (  # noqa: F401
     issue_token,
     jwks_for,
     keygen,
+    rdma_status,
     sign,
     verify,
 )
@@ -39,7 +40,7 @@ from ._errors import (  # noqa: F401
 __all__ = [
     "AuthorizationError", "ConfigError", "Error", "PeerServer", "SourceError", "Store", "StoreError",
     "VerificationError", "VerifiedManifest", "fetch", "issue_token", "jwks_for", "keygen", "load_safetensors",
-    "metadata", "sign", "verify",
+    "metadata", "rdma_status", "sign", "verify",
 ]
 
 # safetensors dtypes as numpy spells them. numpy has no bfloat16: BF16 tensors come back as uint16

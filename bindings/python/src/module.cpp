@@ -351,9 +351,10 @@ class py_peer_server {
  public:
   py_peer_server(py_store& store, const std::string& listen, const std::string& cert, const std::string& key,
                  const std::string& client_ca, std::optional<std::string> policy, std::optional<std::string> jwks,
-                 const std::string& audience, bool allow_token_only)
+                 const std::string& audience, bool allow_token_only, bool rdma)
       : store_(store.shared()) {
     drun::peer_server_options o;
+    o.rdma.enabled = rdma;
     o.listen = listen;
     o.cert_file = cert;
     o.key_file = key;
@@ -378,6 +379,8 @@ class py_peer_server {
     d["protocol_errors"] = s.protocol_errors;
     d["pieces_served"] = s.pieces_served;
     d["bytes_served"] = s.bytes_served;
+    d["rdma_connections"] = s.rdma_connections;
+    d["pieces_served_rdma"] = s.pieces_served_rdma;
     return d;
   }
   void stop() {
@@ -396,7 +399,8 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
                      std::vector<std::string> origins, std::vector<std::string> peers, py::object progress,
                      std::optional<std::string> out, unsigned connections, std::optional<std::string> ca_cert,
                      std::optional<std::string> tls_cert, std::optional<std::string> tls_key,
-                     std::optional<std::string> token, std::uint64_t limit_rate, std::vector<std::string> headers) {
+                     std::optional<std::string> token, std::uint64_t limit_rate, std::vector<std::string> headers,
+                     bool rdma) {
   if (signature.has_value() == artifact.has_value())
     raise(drun::error(drun::errc::invalid_argument, "give signature= (a URL or file), or artifact= with peers="));
   if (origins.empty() && peers.empty()) raise(drun::error(drun::errc::invalid_argument, "give origins= and/or peers="));
@@ -409,6 +413,7 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
   po.cert_file = tls_cert.value_or("");
   po.key_file = tls_key.value_or("");
   po.token = token.value_or("");
+  po.rdma.enabled = rdma;
   std::vector<std::unique_ptr<drun::source>> sources;
   for (const auto& p : peers) sources.push_back(take(drun::make_peer_source(p, po), io_kind::source));
   std::size_t peer_count = sources.size();
@@ -556,14 +561,15 @@ PYBIND11_MODULE(_drun, m) {
         py::arg("origins") = std::vector<std::string>{}, py::arg("peers") = std::vector<std::string>{},
         py::arg("progress") = py::none(), py::arg("out") = py::none(), py::arg("connections") = 0,
         py::arg("ca_cert") = py::none(), py::arg("tls_cert") = py::none(), py::arg("tls_key") = py::none(),
-        py::arg("token") = py::none(), py::arg("limit_rate") = 0, py::arg("headers") = std::vector<std::string>{});
+        py::arg("token") = py::none(), py::arg("limit_rate") = 0, py::arg("headers") = std::vector<std::string>{},
+        py::arg("rdma") = false);
 
   py::class_<py_peer_server>(m, "PeerServer")
       .def(py::init<py_store&, const std::string&, const std::string&, const std::string&, const std::string&,
-                    std::optional<std::string>, std::optional<std::string>, const std::string&, bool>(),
+                    std::optional<std::string>, std::optional<std::string>, const std::string&, bool, bool>(),
            py::arg("store"), py::kw_only(), py::arg("listen") = "127.0.0.1:0", py::arg("cert"), py::arg("key"),
            py::arg("client_ca") = "", py::arg("policy") = py::none(), py::arg("jwks") = py::none(),
-           py::arg("audience") = "drun", py::arg("allow_token_only") = false)
+           py::arg("audience") = "drun", py::arg("allow_token_only") = false, py::arg("rdma") = false)
       .def_property_readonly("port", &py_peer_server::port)
       .def("stats", &py_peer_server::stats)
       .def("stop", &py_peer_server::stop)
@@ -584,6 +590,15 @@ PYBIND11_MODULE(_drun, m) {
       },
       py::arg("key"), py::kw_only(), py::arg("subject"), py::arg("audience"), py::arg("artifacts"),
       py::arg("ttl_seconds") = 900.0);
+  m.def("rdma_status", [] {
+    auto st = drun::rdma_probe();
+    py::dict d;
+    d["available"] = st.available;
+    d["reason"] = st.reason;
+    d["library"] = st.library;
+    d["devices"] = st.devices;
+    return d;
+  });
   m.def(
       "jwks_for", [](const std::string& public_key) { return take(drun::jwks_for(take(drun::public_key::load(public_key), io_kind::config))); },
       py::arg("public_key"));
