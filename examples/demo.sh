@@ -2,7 +2,9 @@
 # The demo: make a sample model (several files, one of 80 MiB), make a publisher key, sign,
 # verify with the CLI and in-process with the library, import it into an encrypted store and
 # export it back bit-identical, fetch it from an nginx origin into another store, fetch it from an
-# embedded seed peer over mutual TLS into a third, then flip one byte and show the refusal.
+# embedded seed peer over mutual TLS into a third, fetch it again with --rdma (TCP+TLS where there
+# is no RDMA device), measure the peer data path with drun-bench tcp, then flip one byte and show
+# the refusal.
 #   examples/demo.sh BUILD_DIR
 set -euo pipefail
 build=$(cd "${1:?usage: demo.sh BUILD_DIR}" && pwd)
@@ -93,6 +95,29 @@ show "$build/examples/embedded_peer" store peer-store file:node.key "$artifact" 
 show "$drun" cache export "$artifact" peer-model --store peer-store --key-source file:node.key
 diff -r sample-model peer-model --exclude model.sig
 echo "peer-model/ is bit-identical to sample-model/"
+
+step "peers with --rdma: RDMA where this host has a device, TCP+TLS (said once) where it has none"
+"$drun" serve --store store --key-source file:node.key --listen 127.0.0.1:0 --tls-cert pki/node.pem \
+  --tls-key pki/node.key --client-ca pki/ca.pem --rdma > serve.out 2> serve.err &
+serve_pid=$!
+for _ in $(seq 100); do grep -q "on port" serve.out 2>/dev/null && break; sleep 0.1; done
+port=$(sed -n 's/.* on port \([0-9]*\).*/\1/p' serve.out)
+show "$drun" fetch --artifact "$artifact" --public-key publisher.key.pub --peer "127.0.0.1:$port" --ca-cert pki/ca.pem \
+  --tls-cert pki/node.pem --tls-key pki/node.key --store rdma-store --key-source file:node.key --rdma
+kill "$serve_pid"
+wait "$serve_pid" || true
+sed 's/^/serve: /' serve.err serve.out
+
+if [ -x "$build/benchmarks/drun-bench" ]; then
+  step "drun-bench tcp: the peer data path in ib_write_bw's report format (4 MiB messages, loopback)"
+  bench_port=$((20000 + RANDOM % 20000))
+  "$build/benchmarks/drun-bench" tcp --server --port "$bench_port" --cert pki/node.pem --key pki/node.key \
+    --ca pki/ca.pem 2>/dev/null &
+  sleep 0.3
+  show "$build/benchmarks/drun-bench" tcp --client 127.0.0.1 --port "$bench_port" --size 4M --iters 200 \
+    --cert pki/node.pem --key pki/node.key --ca pki/ca.pem
+  wait
+fi
 
 step "flip one byte at offset 50000000 of the first shard, and verify again"
 shard=sample-model/model-00001-of-00002.safetensors
