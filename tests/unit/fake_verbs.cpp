@@ -98,6 +98,14 @@ mr_state* find_key(fabric& fb, std::uint32_t key, bool remote, ibv_pd* pd, std::
   return nullptr;
 }
 
+// Keeps a new object in its map and returns the raw pointer the verbs hand out.
+template <class T, class Map>
+T* keep(Map& map, std::unique_ptr<T> object) {
+  auto* raw = object.get();
+  map.emplace(raw, std::move(object));
+  return raw;
+}
+
 ibv_device** get_device_list(int* count) {
   auto& fb = f();
   std::lock_guard lock(fb.m);
@@ -114,9 +122,7 @@ ibv_context* open_device(ibv_device* d) {
   std::lock_guard lock(fb.m);
   auto c = std::make_unique<ibv_context>();
   c->device = d;
-  auto* raw = c.get();
-  fb.ctxs.emplace(raw, std::move(c));
-  return raw;
+  return keep(fb.ctxs, std::move(c));
 }
 int close_device(ibv_context* c) {
   auto& fb = f();
@@ -151,10 +157,8 @@ ibv_pd* alloc_pd(ibv_context* c) {
   std::lock_guard lock(fb.m);
   auto p = std::make_unique<ibv_pd>();
   p->context = c;
-  auto* raw = p.get();
-  fb.pds.emplace(raw, std::move(p));
   fb.n.alloc_pd++;
-  return raw;
+  return keep(fb.pds, std::move(p));
 }
 int dealloc_pd(ibv_pd* pd) {
   auto& fb = f();
