@@ -178,6 +178,7 @@ result<std::unique_ptr<device::region>> device::take_region(std::size_t bytes, i
       if (it->bytes == bytes && it->access == access) {
         auto c = *it;
         cache_.erase(it);
+        cached_bytes_ -= c.bytes;
         std::memset(c.mem, 0, c.bytes);  // nothing of the last connection's pieces is handed on
         return std::make_unique<region>(shared_from_this(), c);
       }
@@ -204,9 +205,11 @@ result<std::unique_ptr<device::region>> device::take_region(std::size_t bytes, i
 
 void device::give_back(const cached& c) noexcept {
   std::lock_guard lock(mutex_);
-  // A few regions stay registered for the next connections; beyond that, memory goes back.
-  if (cache_.size() < 16) {
+  // A few regions (64 MiB at most: it is pinned memory) stay registered for the next
+  // connections; beyond that, memory goes back.
+  if (cache_.size() < 16 && cached_bytes_ + c.bytes <= (std::size_t{64} << 20)) {
     cache_.push_back(c);
+    cached_bytes_ += c.bytes;
     return;
   }
   release(c);

@@ -118,6 +118,7 @@ class device : public std::enable_shared_from_this<device> {
 
   mutable std::mutex mutex_;
   std::vector<cached> cache_;
+  std::size_t cached_bytes_ = 0;
   std::uint64_t registrations_ = 0;
 };
 

@@ -29,14 +29,14 @@ from peerkit import PKI, Serve, seeded_store, signed_model
 MiB = 1 << 20
 
 # frame types
-HELLO, GET_BUNDLE, GET_HAVE, GET_PIECE = 0x01, 0x02, 0x03, 0x04
-WELCOME, BODY, DATA, ERROR = 0x81, 0x82, 0x83, 0x84
+HELLO, GET_BUNDLE, GET_HAVE, GET_PIECE, RDMA_SETUP = 0x01, 0x02, 0x03, 0x04, 0x05
+WELCOME, BODY, DATA, ERROR, RDMA_READY = 0x81, 0x82, 0x83, 0x84, 0x85
 # error codes
-BAD_REQUEST, UNSUPPORTED_VERSION, UNAUTHENTICATED, DENIED, NOT_FOUND, BUSY, INTERNAL = range(1, 8)
+BAD_REQUEST, UNSUPPORTED_VERSION, UNAUTHENTICATED, DENIED, NOT_FOUND, BUSY, INTERNAL, RDMA_UNAVAILABLE = range(1, 9)
 
 # what the client accepts from a server (the protocol's bounds; a bundle is well under 16 MiB here)
 MAX_ANSWER = 64 * MiB + 16 * MiB
-MAX_BODY = {WELCOME: 4, BODY: 8, DATA: MiB, ERROR: 2 + 1024}
+MAX_BODY = {WELCOME: 4, BODY: 8, DATA: MiB, ERROR: 2 + 1024, RDMA_READY: 148}
 
 # the readiness probe of peerkit.Serve: one bare TCP connection, refused as a handshake
 PROBE_REFUSALS = 1
@@ -135,15 +135,15 @@ class Client:
     def hello(self, version=1, token=b"", magic=b"DRUN"):
         self.send_frame(HELLO, magic + struct.pack(">HH", version, len(token)) + token)
 
-    def welcome(self, version=1, token=b""):
-        """HELLO, then expect WELCOME (version 1, reserved 0)."""
+    def welcome(self, version=1, token=b"", features=0):
+        """HELLO, then expect WELCOME (version 1, these features: 0 unless RDMA is offered)."""
         self.hello(version, token)
         ftype, body = self.read_frame()
         if ftype == ERROR:
             raise PeerError(*parse_error(body))
         assert ftype == WELCOME, f"expected WELCOME, got frame 0x{ftype:02x} {body!r}"
         assert len(body) == 4, body
-        assert struct.unpack(">HH", body) == (1, 0), body
+        assert struct.unpack(">HH", body) == (1, features), body
         return self
 
     def read_answer(self):
@@ -533,6 +533,27 @@ def test_not_found_keeps_the_connection(world):
     st = stop(srv)
     assert st["protocol_errors"] == 0 and st["denied"] == 0, st
     assert st["pieces"] == 6 + 3 + 2, st
+
+
+def test_rdma_setup_to_a_server_without_rdma_is_refused_and_the_connection_goes_on(world, monkeypatch):
+    """A server that offers no RDMA (none asked, or none on this host) answers RDMA_SETUP with
+    rdma_unavailable, whatever its body, and keeps serving the connection over TCP+TLS."""
+    w = world
+    monkeypatch.setenv("DRUN_IBVERBS_LIBRARY", "/nonexistent/libibverbs.so.1")
+    for extra in ((), ("--rdma",)):
+        srv = serve(w, *extra)
+        with client(w, srv) as c:
+            c.welcome(features=0)  # no device here: not offered even with --rdma
+            for body in (b"", b"\x00" * 168, os.urandom(40)):
+                c.send_frame(RDMA_SETUP, body)
+                assert "offers no RDMA" in c.expect_error(RDMA_UNAVAILABLE)
+                check_piece(w, c, 1)
+            c.send_frame(RDMA_SETUP, b"\x00" * 169)  # over the frame's bound: refused from its header
+            c.expect_error(BAD_REQUEST)
+            c.expect_closed()
+        assert_serves(w, srv)
+        st = stop(srv)
+        assert st["protocol_errors"] == 1 and st["pieces"] == 3 + 2, st
 
 
 # ------------------------------------------------------------------------------------------------
