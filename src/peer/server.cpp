@@ -311,7 +311,12 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
   } else {
     // Pieces take RDMA when the caller set it up; a failure there ends the connection, and the
     // caller asks again over TCP+TLS.
-    keep = send_answer(s, c.rdma ? *c.rdma : *c.tcp, buf, o.io_timeout, &stopping, pace).has_value();
+    auto sent = send_answer(s, c.rdma ? *c.rdma : *c.tcp, buf, o.io_timeout, &stopping, pace);
+    keep = sent.has_value();
+    if (!sent && c.rdma && c.rdma->broken())
+      detail::log(log_level::warning, fmt::format("RDMA with {} failed ({}); the connection is closed and the caller "
+                                                  "continues over TCP+TLS",
+                                                  who.display(), sent.error().detail()));
     if (keep) {
       n.pieces_served++;
       n.bytes_served += length;

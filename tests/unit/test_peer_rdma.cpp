@@ -168,6 +168,8 @@ TEST_CASE("peer rdma: a completion error mid-fetch: the peer's remaining pieces 
   CHECK_MESSAGE(log.count("RDMA to peer " + s.address() + " ended") == 1, log.all());
   // The cause as the client saw it: its own completion error, or the server's QP gone to error.
   CHECK_MESSAGE(log.count("ended (RDMA on fake0: ") == 1, log.all());
+  // The server says so too, naming the caller.
+  CHECK_MESSAGE(log.count("RDMA with CN=node failed (RDMA on fake0: remote access error)") >= 1, log.all());
   CHECK(log.count("its pieces continue over TCP+TLS") == 1);
 }
 
