@@ -63,6 +63,28 @@ const error& error_of(const result<T>& r) {
   return r.error();
 }
 
+inline void sh(const std::string& cmd) {
+  REQUIRE_MESSAGE(std::system((cmd + " >/dev/null 2>&1").c_str()) == 0, cmd);
+}
+
+// A throwaway CA (ca.pem) and one certificate for 127.0.0.1 and localhost (node.pem, node.key;
+// server and client alike), made with openssl as tests/python/peerkit.py makes them.
+struct test_pki {
+  temp_dir d;
+  test_pki() {
+    auto p = d.path().string();
+    sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=ca -keyout " + p +
+       "/ca.key -out " + p + "/ca.pem");
+    sh("openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=node -keyout " + p +
+       "/node.key -out " + p + "/node.csr");
+    write_file(d / "ext.cnf", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n");
+    sh("openssl x509 -req -in " + p + "/node.csr -CA " + p + "/ca.pem -CAkey " + p +
+       "/ca.key -CAcreateserial -days 2 -extfile " + p + "/ext.cnf -out " + p + "/node.pem");
+    std::filesystem::permissions(d / "node.key", std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  }
+  std::string file(const char* name) const { return (d / name).string(); }
+};
+
 // Signs the model in `dir` with a fresh Ed25519 key at `piece_size`, and verifies the bundle
 // back: the verified manifest, with the bundle text in *bundle.
 inline verified_manifest sign_and_verify(const std::filesystem::path& dir, std::uint64_t piece_size, std::string* bundle) {

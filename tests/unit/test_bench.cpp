@@ -13,27 +13,10 @@ using namespace drun;
 
 namespace {
 
-void sh(const std::string& cmd) { REQUIRE_MESSAGE(std::system((cmd + " >/dev/null 2>&1").c_str()) == 0, cmd); }
-
-struct bench_pki {
-  test::temp_dir d;
-  bench_pki() {
-    auto p = d.path().string();
-    sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=ca -keyout " + p +
-       "/ca.key -out " + p + "/ca.pem");
-    sh("openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=bench -keyout " + p +
-       "/n.key -out " + p + "/n.csr");
-    test::write_file(d / "ext.cnf", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n");
-    sh("openssl x509 -req -in " + p + "/n.csr -CA " + p + "/ca.pem -CAkey " + p + "/ca.key -CAcreateserial -days 2 -extfile " +
-       p + "/ext.cnf -out " + p + "/n.pem");
-    std::filesystem::permissions(d / "n.key", std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
-  }
-};
-
 // Runs a server on a thread and a client against it; the client's report.
 bench::report run_pair(bench::options o) {
-  bench_pki pki;
-  o.cert = (pki.d / "n.pem").string(), o.key = (pki.d / "n.key").string(), o.ca = (pki.d / "ca.pem").string();
+  test::test_pki pki;
+  o.cert = pki.file("node.pem"), o.key = pki.file("node.key"), o.ca = pki.file("ca.pem");
   o.bind = "127.0.0.1";
   o.port = "0";
   std::promise<std::uint16_t> listening;

@@ -24,25 +24,6 @@ using namespace std::chrono_literals;
 
 namespace {
 
-void sh(const std::string& cmd) { REQUIRE_MESSAGE(std::system((cmd + " >/dev/null 2>&1").c_str()) == 0, cmd); }
-
-// A CA and one certificate for 127.0.0.1 (server and client alike), as peerkit.py makes them.
-struct pki {
-  test::temp_dir d;
-  pki() {
-    auto p = d.path().string();
-    sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=ca -keyout " + p +
-       "/ca.key -out " + p + "/ca.pem");
-    sh("openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=node -keyout " + p +
-       "/node.key -out " + p + "/node.csr");
-    test::write_file(d / "ext.cnf", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n");
-    sh("openssl x509 -req -in " + p + "/node.csr -CA " + p + "/ca.pem -CAkey " + p + "/ca.key -CAcreateserial -days 2 -extfile " +
-       p + "/ext.cnf -out " + p + "/node.pem");
-    std::filesystem::permissions(d / "node.key", std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
-  }
-  std::string file(const char* name) const { return (d / name).string(); }
-};
-
 node_key key_of(char c) { return std::move(node_key::from_text(std::string(64, c))).value(); }
 
 // Messages from the library, captured for the test's scope.
@@ -83,7 +64,7 @@ rdma_options fake_rdma() {
 // A seeded server store and an empty client store, and a fetch between them.
 struct swarm {
   test::fake_verbs_scope fake;
-  pki certs;
+  test::test_pki certs;
   test::temp_dir d;
   std::string model = test::pattern(40 * 65536 + 1234, 3);
   std::string bundle;
