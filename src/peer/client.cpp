@@ -242,8 +242,12 @@ class peer_source final : public source {
         !(features = rd.u16()) || !rd.done())
       return error(errc::io_error, fmt::format("{}: protocol error in the handshake", name_));
     if ((*features & peer::feature_rdma) && !rdma_off_.load())
-      if (auto r = setup_rdma(c, clock::now() + o_.io_timeout, cancel); !r)
+      if (auto r = setup_rdma(c, clock::now() + o_.io_timeout, cancel); !r) {
+        // RDMA failed half-way (the peer's side is set up, ours is not): this connection cannot
+        // go on, but RDMA is now off for the peer, so a fresh one is plain TCP+TLS.
+        if (r.error().code() != errc::cancelled && rdma_off_.load()) return take(cancel, false, pooled);
         return error(r.error().code(), fmt::format("{}: {}", name_, r.error().detail()));
+      }
     return c;
   }
   void give(connection c) {

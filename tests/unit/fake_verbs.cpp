@@ -153,7 +153,7 @@ int modify_qp(ibv_qp* qp, ibv_qp_attr* a, int mask) {
   auto& fb = f();
   std::lock_guard lock(fb.m);
   return fb.o.modify(qp, *a, mask, [&](const fakes::qp_state&, const ibv_qp_attr& attr) {
-    if (fb.knobs.fail_rtr) return EINVAL;
+    if (fb.knobs.fail_rtr || turn(fb.knobs.fail_rtr_after)) return EINVAL;
     if (fb.knobs.ethernet && !attr.ah_attr.is_global) return EINVAL;  // RoCE needs a GRH
     return 0;
   });

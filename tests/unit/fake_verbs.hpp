@@ -21,6 +21,7 @@ struct fake_knobs {
   int fail_reg_mr = 0;          // the next N registrations fail (ENOMEM)
   int fail_create_qp = 0;       // the next N QP creations fail
   bool fail_rtr = false;        // modify_qp to RTR fails
+  long fail_rtr_after = -1;     // after N more RTR transitions, one fails
   long fail_write_after = -1;   // after N more RDMA writes, one completes with write_error
   ibv_wc_status write_error = IBV_WC_REM_ACCESS_ERR;
   long drop_after = -1;         // after N more writes, writes vanish: no data, no completion

@@ -263,6 +263,20 @@ TEST_CASE("peer rdma: a server that cannot set up RDMA answers rdma_unavailable;
   CHECK_MESSAGE(log.count("cannot bring QP 0 to RTR") == 1, log.all());
 }
 
+TEST_CASE("peer rdma: the client failing to connect its QPs: a fresh TCP+TLS connection, no error charged") {
+  // The server brings its two QPs to RTR first; the client's first RTR (the third) fails, after
+  // the server has already set up its side of this connection.
+  captured_log log;
+  swarm s;
+  set_knobs([](test::fake_knobs& k) { k.fail_rtr_after = 2; });
+  auto r = s.fetch_all();
+  REQUIRE_MESSAGE(r, (r ? "" : r.error().message()));
+  s.check_copy();
+  CHECK(r->sources.at(0).errors == 0);
+  CHECK(s.server->stats().pieces_served_rdma == 0);
+  CHECK_MESSAGE(log.count("ended (RDMA on fake0: cannot bring QP 0 to RTR") == 1, log.all());
+}
+
 TEST_CASE("peer rdma: registered memory counts against the server's budget") {
   // Each connection's staging ring (8 slices of 16 KiB here) is pinned memory: past the budget,
   // callers are told so and stay on TCP+TLS.
