@@ -8,7 +8,6 @@
 
 #include <fmt/format.h>
 
-#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -107,7 +106,7 @@ void must(result<void> r, const char* what) {
 
 clock::time_point soon() { return clock::now() + std::chrono::seconds(60); }
 
-std::shared_ptr<rdma::device> device_or_exit(const options& o) {
+std::shared_ptr<rdma::device> device_or_fail(const options& o) {
   if (!o.rdma.enabled) return nullptr;
   auto d = rdma::open_device(o.rdma);
   if (!d) die("RDMA is not available here: " + d.error().detail(), exit_usage);
@@ -125,31 +124,17 @@ void fill_pattern(std::vector<std::byte>& b) {
 }  // namespace
 
 void run_server(const options& o) {
-  auto dev = device_or_exit(o);
+  auto dev = device_or_fail(o);
   auto ctx = must(peer::server_context(o.cert, o.key, o.ca, true), "TLS");
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE;
-  addrinfo* res = nullptr;
-  if (int rc = ::getaddrinfo(o.bind.c_str(), o.port.c_str(), &hints, &res); rc != 0)
-    die(fmt::format("cannot listen on {}:{}: {}", o.bind, o.port, ::gai_strerror(rc)));
-  detail::unique_fd lfd(::socket(res->ai_family, res->ai_socktype | SOCK_CLOEXEC, res->ai_protocol));
-  int one = 1;
-  bool ok = lfd.get() >= 0 && ::setsockopt(lfd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0 &&
-            ::bind(lfd.get(), res->ai_addr, res->ai_addrlen) == 0 && ::listen(lfd.get(), 4) == 0;
-  ::freeaddrinfo(res);
-  if (!ok) die(fmt::format("cannot listen on {}:{}: {}", o.bind, o.port, std::strerror(errno)));
-  sockaddr_storage bound{};
-  socklen_t bound_len = sizeof bound;
-  ::getsockname(lfd.get(), reinterpret_cast<sockaddr*>(&bound), &bound_len);
-  auto port = ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
-                                                : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  auto l = must(peer::tcp_listen(o.bind, o.port, 4), "listen");
+  auto port = l.port;
   if (o.on_listening) o.on_listening(port);
   else fmt::print(stderr, "drun-bench {}: waiting for a client on port {}\n", o.transport, port);
   // One run per start, as ib_write_bw's server does.
-  int fd = ::accept4(lfd.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  pollfd ready{l.fd.get(), POLLIN, 0};
+  int fd = ::poll(&ready, 1, -1) == 1 ? ::accept4(l.fd.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC) : -1;
   if (fd < 0) die(fmt::format("accept: {}", std::strerror(errno)));
+  int one = 1;
   ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // as the peer server does
   peer::tls_stream s(detail::unique_fd(fd), peer::ssl_ptr(SSL_new(ctx.get())));
   must(s.accept(soon(), nullptr), "TLS handshake");
@@ -188,7 +173,7 @@ void run_server(const options& o) {
 }
 
 report run_client(const options& o) {
-  auto dev = device_or_exit(o);
+  auto dev = device_or_fail(o);
   auto ctx = must(peer::client_context(o.ca, o.cert, o.key), "TLS");
   auto fd = must(peer::tcp_connect(o.host, o.port, clock::now() + std::chrono::seconds(10)), "connect");
   peer::tls_stream s(std::move(fd), peer::ssl_ptr(SSL_new(ctx.get())));

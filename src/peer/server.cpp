@@ -19,7 +19,6 @@
 #include <functional>
 #include <map>
 #include <mutex>
-#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -501,25 +500,10 @@ result<peer_server> peer_server::start(store& s, peer_server_options options) {
                                                      dev.error().detail()));
   }
 
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE;
-  addrinfo* res = nullptr;
-  if (int rc = ::getaddrinfo(hp->first.c_str(), hp->second.c_str(), &hints, &res); rc != 0)
-    return error(errc::invalid_argument, fmt::format("cannot listen on {}: {}", p->o.listen, ::gai_strerror(rc)));
-  std::unique_ptr<addrinfo, void (*)(addrinfo*)> guard(res, ::freeaddrinfo);
-  detail::unique_fd fd(::socket(res->ai_family, res->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, res->ai_protocol));
-  int one = 1;
-  if (fd.get() < 0 || ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
-      ::bind(fd.get(), res->ai_addr, res->ai_addrlen) != 0 || ::listen(fd.get(), 512) != 0)
-    return error(errc::io_error, fmt::format("cannot listen on {}: {}", p->o.listen, std::strerror(errno)));
-  sockaddr_storage addr{};
-  socklen_t len = sizeof addr;
-  ::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &len);
-  p->port = ntohs(addr.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port
-                                             : reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
-  p->listener = std::move(fd);
+  auto l = peer::tcp_listen(hp->first, hp->second, 512);
+  if (!l) return std::move(l).error();
+  p->port = l->port;
+  p->listener = std::move(l->fd);
   p->acceptor = std::thread([raw = p.get()] { raw->accept_loop(); });
   return peer_server(std::move(p));
 }

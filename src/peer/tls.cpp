@@ -258,6 +258,31 @@ peer_identity tls_stream::identity() const {
   return id;
 }
 
+result<listener> tcp_listen(const std::string& host, const std::string& port, int backlog) {
+  auto where = host.find(':') != std::string::npos ? fmt::format("[{}]:{}", host, port) : fmt::format("{}:{}", host, port);
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  addrinfo* res = nullptr;
+  if (int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &res); rc != 0)
+    return error(errc::invalid_argument, fmt::format("cannot listen on {}: {}", where, ::gai_strerror(rc)));
+  std::unique_ptr<addrinfo, void (*)(addrinfo*)> guard(res, ::freeaddrinfo);
+  detail::unique_fd fd(::socket(res->ai_family, res->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, res->ai_protocol));
+  int one = 1;
+  if (fd.get() < 0 || ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+      ::bind(fd.get(), res->ai_addr, res->ai_addrlen) != 0 || ::listen(fd.get(), backlog) != 0)
+    return error(errc::io_error, fmt::format("cannot listen on {}: {}", where, std::strerror(errno)));
+  sockaddr_storage addr{};
+  socklen_t len = sizeof addr;
+  ::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &len);
+  listener l;
+  l.port = ntohs(addr.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port
+                                            : reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
+  l.fd = std::move(fd);
+  return l;
+}
+
 result<detail::unique_fd> tcp_connect(const std::string& host, const std::string& port, clock::time_point deadline) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;

@@ -65,6 +65,14 @@ class tls_stream {
 // A connected non-blocking TCP socket to host:port, or the error naming it.
 result<detail::unique_fd> tcp_connect(const std::string& host, const std::string& port, clock::time_point deadline);
 
+// A non-blocking socket listening on host:port (port "0" picks a free one), and the port it got.
+// Errors: invalid_argument (the address does not resolve), io_error (cannot bind or listen).
+struct listener {
+  detail::unique_fd fd;
+  std::uint16_t port = 0;
+};
+result<listener> tcp_listen(const std::string& host, const std::string& port, int backlog);
+
 // Splits "HOST:PORT" or "[V6]:PORT". Errors: invalid_argument.
 result<std::pair<std::string, std::string>> split_host_port(std::string_view host_port);
 
