@@ -290,15 +290,18 @@ def test_a_lying_peer_is_banned_and_the_fetch_completes_from_others(swarm, drun,
         liar.stop()
 
 
-def test_a_peer_killed_mid_transfer_is_replaced_by_the_origin(swarm, drun, tmp_path):
+def fetch_while_the_seed_is_killed(swarm, tmp_path, serve_extra=(), fetch_extra=()):
+    """A fetch from a slowed seed and an nginx origin; the seed is SIGKILLed mid-transfer. The
+    fetch must complete, with pieces from both. Returns its stderr."""
     nginx = Nginx(tmp_path, swarm.model)
-    seed = swarm.serve(extra=["--limit-rate", "1M"])
+    seed = swarm.serve(extra=["--limit-rate", "1M", *serve_extra])
     try:
         p = subprocess.Popen([os.environ["DRUN_BIN"], "fetch", "--signature", str(swarm.sig), "--public-key",
                               str(swarm.pub), "--store", str(tmp_path / "leech"), "--key-source", swarm.ks,
                               "--ca-cert", str(swarm.pki.ca), "--tls-cert", str(swarm.client_cert), "--tls-key",
                               str(swarm.client_key), "--peer", seed.addr, "--origin", nginx.url(), "--out",
-                              str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              str(tmp_path / "out"), *fetch_extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
         time.sleep(1.2)
         seed.kill()
         out, err = p.communicate(timeout=120)
@@ -307,8 +310,13 @@ def test_a_peer_killed_mid_transfer_is_replaced_by_the_origin(swarm, drun, tmp_p
         # Some pieces came from the seed before it died, the rest from the origin.
         assert re.search(rf"{re.escape(nginx.url().rstrip('/'))}: [1-9]\d* pieces", out), out
         assert re.search(rf"peer {re.escape(seed.addr)}: [1-9]\d* pieces", out), out
+        return err
     finally:
         nginx.stop()
+
+
+def test_a_peer_killed_mid_transfer_is_replaced_by_the_origin(swarm, tmp_path):
+    fetch_while_the_seed_is_killed(swarm, tmp_path)
 
 
 def test_leechers_started_together_trade_pieces(swarm, drun, drun_bin, tmp_path):

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from peerkit import PKI, Serve, free_port
-from test_peers import N, same_tree, swarm  # noqa: F401  (swarm is a fixture)
+from test_peers import N, fetch_while_the_seed_is_killed, same_tree, swarm  # noqa: F401  (swarm: a fixture)
 
 NO_LIBRARY = "/nonexistent/libibverbs.so.1"
 REPORT_HEADER = " #bytes     #iterations    BW peak[{u}]    BW average[{u}]   MsgRate[Mpps]"
@@ -189,29 +189,11 @@ def test_two_processes_move_every_piece_over_rdma(swarm, fake_ibverbs, tmp_path)
 
 
 def test_a_seed_killed_during_rdma_transfers_is_replaced_by_the_origin(swarm, fake_ibverbs, tmp_path):
-    from test_fetch import Nginx
-    nginx = Nginx(tmp_path, swarm.model)
-    seed = swarm.serve(extra=["--rdma", "--limit-rate", "1M"])
-    try:
-        p = subprocess.Popen([os.environ["DRUN_BIN"], "fetch", "--signature", str(swarm.sig), "--public-key",
-                              str(swarm.pub), "--store", str(tmp_path / "leech"), "--key-source", swarm.ks,
-                              "--ca-cert", str(swarm.pki.ca), "--tls-cert", str(swarm.client_cert), "--tls-key",
-                              str(swarm.client_key), "--peer", seed.addr, "--origin", nginx.url(), "--out",
-                              str(tmp_path / "out"), "--rdma"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-        time.sleep(1.2)
-        seed.kill()
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-        assert same_tree(swarm.model, tmp_path / "out")
-        assert re.search(rf"peer {re.escape(seed.addr)}: [1-9]\d* pieces", out), out
-        assert re.search(rf"{re.escape(nginx.url().rstrip('/'))}: [1-9]\d* pieces", out), out
-        # Almost always the kill lands while slices are on the way (the serve is slowed to 1 MiB/s):
-        # the fetch then says RDMA ended for that peer, and why.
-        for line in re.findall(r"RDMA to peer .* ended \((.*)\); its pieces continue over TCP\+TLS", err):
-            assert "control channel closed" in line or "no completion" in line or "retry" in line, line
-    finally:
-        nginx.stop()
+    err = fetch_while_the_seed_is_killed(swarm, tmp_path, serve_extra=["--rdma"], fetch_extra=["--rdma"])
+    # Almost always the kill lands while slices are on the way (the serve is slowed to 1 MiB/s):
+    # the fetch then says RDMA ended for that peer, and why.
+    for line in re.findall(r"RDMA to peer .* ended \((.*)\); its pieces continue over TCP\+TLS", err):
+        assert "control channel closed" in line or "no completion" in line or "retry" in line, line
 
 
 def test_drun_bench_rdma_between_two_processes(drun_bench, fake_ibverbs, tmp_path):
