@@ -54,8 +54,7 @@ int cache_keygen(int argc, char** argv) {
 
 int cache_import(int argc, char** argv) {
   auto args = parse_args(argc, argv, 3,
-                         with_store({{"signature", true}, {"public-key", true}, {"ca-bundle", true},
-                                     {"certificate-time", true}, {"threads", true}}));
+                         with_store(with_trust_options({{"signature", true}, {"threads", true}})));
   std::filesystem::path model = one_positional(args, "model PATH");
   std::filesystem::path sig = args.get("signature").value_or(default_signature(model).string());
   unsigned threads = parse_threads(args);

@@ -241,10 +241,33 @@ inline std::string one_positional(const parsed_args& args, const char* what) {
   return args.positional[0];
 }
 
-// The trust store named by --public-key PEM or --ca-bundle PEM [--certificate-time now|not-before].
+// The options that name a trust store, for every command that verifies a bundle.
+inline std::vector<option_spec> with_trust_options(std::vector<option_spec> specs) {
+  for (const char* n : {"public-key", "ca-bundle", "certificate-time", "trusted-root", "identity", "identity-provider"})
+    specs.push_back({n, true});
+  return specs;
+}
+
+// The trust store named by --public-key PEM, --ca-bundle PEM [--certificate-time now|not-before],
+// or --trusted-root JSON --identity ID --identity-provider URL (Sigstore keyless).
 inline drun::result<drun::trust_store> trust_from_args(const parsed_args& args) {
-  if (args.has("public-key") == args.has("ca-bundle"))
-    throw usage_error{"give exactly one of --public-key PEM and --ca-bundle PEM"};
+  int given = args.has("public-key") + args.has("ca-bundle") + args.has("trusted-root");
+  if (given != 1)
+    throw usage_error{"give exactly one of --public-key PEM, --ca-bundle PEM and --trusted-root JSON (with --identity "
+                      "and --identity-provider)"};
+  if (args.has("trusted-root")) {
+    // A keyless bundle says who signed it; accepting "whoever" would accept anyone with an e-mail.
+    if (!args.has("identity") || !args.has("identity-provider"))
+      throw usage_error{"--trusted-root needs --identity (the signer's e-mail or URI) and --identity-provider (its "
+                        "OIDC issuer URL): keyless verification never accepts any identity"};
+    if (args.has("certificate-time"))
+      throw usage_error{"--certificate-time is for --ca-bundle: keyless bundles are checked at their verified signing "
+                        "time"};
+    return drun::trust_store::from_sigstore(*args.get("trusted-root"),
+                                            {*args.get("identity"), *args.get("identity-provider")});
+  }
+  if (args.has("identity") || args.has("identity-provider"))
+    throw usage_error{"--identity and --identity-provider go with --trusted-root"};
   auto policy = drun::certificate_time_policy::now;
   if (auto t = args.get("certificate-time")) {
     if (*t == "not-before") policy = drun::certificate_time_policy::leaf_not_before;

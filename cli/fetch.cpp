@@ -7,15 +7,14 @@
 namespace drun::cli {
 
 int cmd_fetch(int argc, char** argv) {
-  auto args = parse_args(argc, argv, 2, with_rdma_options(
-                         {{"signature", true}, {"public-key", true}, {"ca-bundle", true}, {"certificate-time", true},
-                          {"origin", true, true}, {"store", true}, {"key-source", true}, {"out", true},
+  auto args = parse_args(argc, argv, 2, with_rdma_options(with_trust_options(
+                         {{"signature", true}, {"origin", true, true}, {"store", true}, {"key-source", true}, {"out", true},
                           {"connections", true}, {"ca-cert", true}, {"tls-min", true}, {"insecure", false},
                           {"proxy", true}, {"attempts", true}, {"header-file", true}, {"bearer-env", true},
                           {"limit-rate", true}, {"stall-timeout", true}, {"s3-endpoint", true},
                           {"proxy-auth-file", true}, {"proxy-auth-env", true}, {"peer", true, true},
                           {"peers-dns", true, true}, {"tls-cert", true}, {"tls-key", true}, {"token-file", true},
-                          {"artifact", true}, {"swarm-self", true}}));
+                          {"artifact", true}, {"swarm-self", true}})));
   if (!args.positional.empty()) throw usage_error{"fetch takes no positional arguments"};
   auto sig = args.get("signature");
   auto origins = args.all("origin");

@@ -94,8 +94,8 @@ int cmd_sign(int argc, char** argv) {
 
 int cmd_verify(int argc, char** argv) {
   auto args = parse_args(argc, argv, 2,
-                         {{"signature", true}, {"public-key", true}, {"ca-bundle", true}, {"ignore", true, true},
-                          {"ignore-unsigned-files", false}, {"threads", true}, {"certificate-time", true}});
+                         with_trust_options({{"signature", true}, {"ignore", true, true},
+                                             {"ignore-unsigned-files", false}, {"threads", true}}));
   std::filesystem::path model = one_positional(args, "model PATH");
   std::filesystem::path sig = args.get("signature").value_or(default_signature(model).string());
   auto trust = trust_from_args(args);
@@ -115,7 +115,8 @@ int cmd_verify(int argc, char** argv) {
   if (auto r = drun::verify_model(*vm, model, opts); !r) return fail("verify", r.error());
   fmt::print("verified {}: {} files, {} pieces match {} (signed by {}{})\n", model.string(), vm->files().size(),
              vm->pieces().size(), sig.string(), vm->signer().method,
-             vm->signer().method == "key" ? "" : ": " + vm->signer().subject);
+             vm->signer().method == "key" ? "" : ": " + vm->signer().subject +
+                 (vm->signer().issuer.empty() ? "" : " via " + vm->signer().issuer));
   return exit_ok;
 }
 
@@ -140,7 +141,7 @@ int cmd_manifest(int argc, char** argv) {
                                {"hash_type", drun::to_string(s->hash_type)},
                                {"shard_size", s->shard_size},
                                {"signer", {{"method", s->signer.method}, {"key_hint", s->signer.key_hint},
-                                           {"subject", s->signer.subject}}},
+                                           {"subject", s->signer.subject}, {"issuer", s->signer.issuer}}},
                                {"ignore_paths", s->ignore_paths},
                                {"piece_count", s->piece_count},
                                {"files", files}};
@@ -151,6 +152,9 @@ int cmd_manifest(int argc, char** argv) {
   fmt::print("artifact id:   {}\nsubject:       {}\n", s->artifact_id, s->subject_name);
   if (s->signer.method == "key")
     fmt::print("signer:        key{}\n", s->signer.key_hint.empty() ? "" : " with hint " + s->signer.key_hint);
+  else if (s->signer.method == "sigstore")
+    fmt::print("signer:        keyless (Sigstore) {} via {} (unverified)\n", s->signer.subject.empty() ? "?" : s->signer.subject,
+               s->signer.issuer.empty() ? "?" : s->signer.issuer);
   else
     fmt::print("signer:        certificate {}\n", s->signer.subject);
   fmt::print("serialization: {}, {}{}\n", drun::to_string(s->method), drun::to_string(s->hash_type),
@@ -168,10 +172,11 @@ void print_usage(std::FILE* to) {
              "  sign     PATH --key KEY [--cert LEAF.pem [--chain CHAIN.pem]] [--signature OUT]\n"
              "           [--method shards|files] [--hash sha256|blake2b] [--piece-size BYTES]\n"
              "           [--ignore REL]... [--allow-symlinks] [--threads N]\n"
-             "  verify   PATH [--signature SIG] (--public-key PEM | --ca-bundle PEM [--certificate-time now|not-before])\n"
-             "           [--ignore REL]... [--ignore-unsigned-files] [--threads N]\n"
+             "  verify   PATH [--signature SIG] TRUST [--ignore REL]... [--ignore-unsigned-files] [--threads N]\n"
+             "           TRUST: --public-key PEM | --ca-bundle PEM [--certificate-time now|not-before]\n"
+             "                | --trusted-root JSON --identity ID --identity-provider URL   (Sigstore keyless)\n"
              "  manifest SIG [--json]      what a bundle covers (NOT verified)\n\n"
-             "  fetch    (--signature URL|FILE | --artifact ID) (--public-key PEM | --ca-bundle PEM)\n"
+             "  fetch    (--signature URL|FILE | --artifact ID) TRUST\n"
              "           [--origin URL]... [--peer HOST:PORT]... [--peers-dns NAME:PORT]\n"
              "           --store DIR --key-source SPEC [--out DIR] [--connections N] [--ca-cert PEM]\n"
              "           [--tls-cert PEM --tls-key PEM] [--token-file FILE] [--swarm-self ADDR:PORT]\n"
@@ -188,7 +193,7 @@ void print_usage(std::FILE* to) {
              "  token jwks --public-key PEM      prints the JWKS that verifies those tokens\n"
              "  token verify --jwks FILE --audience A [--clock-skew 60s] < TOKEN\n"
              "  cache keygen --out FILE    a new node key for an encrypted store\n"
-             "  cache import PATH [--signature SIG] (--public-key PEM | --ca-bundle PEM) [--threads N]\n"
+             "  cache import PATH [--signature SIG] TRUST [--threads N]\n"
              "  cache export ARTIFACT DEST | ls [--json] | show ARTIFACT [--json] | verify [ARTIFACT]\n"
              "  cache gc [--ttl SECONDS] [--high BYTES --low BYTES] | rm ARTIFACT... | pin | unpin ARTIFACT\n"
              "  cache rotate-key --new-key-source SPEC\n"

@@ -23,6 +23,20 @@ packages=(
   libibverbs-dev                   # RDMA: headers only at build time (libibverbs is dlopen()ed)
   iperf3 perftest                  # the baselines of drun-bench tcp (iperf3) and rdma (ib_write_bw)
 )
+# sigstore-js, the independent verifier of the keyless tests, runs on Node.js. A Node.js from
+# elsewhere (its own npm included) is used as it is; otherwise Debian's.
+if ! command -v npm >/dev/null 2>&1; then packages+=(nodejs npm); fi
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+# Test-only npm packages (sigstore-js, @sigstore/tuf's seeds), pinned by the lock file, into
+# tests/sigstore-js/node_modules. Reinstalled when the lock file is newer than the install.
+install_sigstore_js() {
+  local dir="$root/tests/sigstore-js"
+  if [ ! -f "$dir/node_modules/.package-lock.json" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
+    echo "bootstrap: npm ci in tests/sigstore-js" >&2
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  fi
+}
 
 missing=()
 for p in "${packages[@]}"; do
@@ -32,6 +46,7 @@ for p in "${packages[@]}"; do
 done
 
 if [ ${#missing[@]} -eq 0 ]; then
+  install_sigstore_js
   exit 0
 fi
 
@@ -44,3 +59,4 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+install_sigstore_js

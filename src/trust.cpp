@@ -55,6 +55,7 @@ detail::x509_ptr parse_der(const std::string& der) {
 
 struct trust_store::impl {
   std::optional<public_key> key;
+  std::shared_ptr<const detail::trust_access::sigstore_trust> sigstore;  // immutable, shared by moves
   detail::x509_store_ptr roots;
   certificate_time_policy policy = certificate_time_policy::now;
 };
@@ -83,13 +84,42 @@ result<trust_store> trust_store::from_ca_bundle(const std::filesystem::path& pem
   return trust_store(std::move(p));
 }
 
+result<trust_store> trust_store::from_sigstore(const std::filesystem::path& trusted_root_json, keyless_identity who) {
+  auto text = detail::read_file(trusted_root_json, max_pem_file);
+  if (!text) return std::move(text).error().with_path(trusted_root_json.string());
+  auto t = from_sigstore_json(*text, std::move(who));
+  if (!t) return std::move(t).error().with_path(trusted_root_json.string());
+  return t;
+}
+
+result<trust_store> trust_store::from_sigstore_json(std::string_view trusted_root_json, keyless_identity who) {
+  // "Any identity" is never a default: a keyless bundle can be made by anyone with an e-mail.
+  if (who.identity.empty() || who.issuer.empty())
+    return error(errc::invalid_argument, "keyless verification needs both an identity (the certificate's SAN) and an "
+                                         "identity provider (its OIDC issuer)");
+  auto root = detail::sigstore::parse_trusted_root(trusted_root_json);
+  if (!root) return std::move(root).error();
+  auto p = std::make_unique<impl>();
+  p->sigstore = std::make_shared<const detail::trust_access::sigstore_trust>(detail::trust_access::sigstore_trust{
+      std::move(*root), detail::sigstore::identity_policy{std::move(who.identity), std::move(who.issuer)}});
+  return trust_store(std::move(p));
+}
+
+const detail::trust_access::sigstore_trust* detail::trust_access::sigstore(const trust_store& t) {
+  return t.impl_->sigstore.get();
+}
+
 const std::optional<public_key>& detail::trust_access::key(const trust_store& t) { return t.impl_->key; }
 
 result<std::pair<public_key, std::string>> detail::trust_access::verify_chain(
     const trust_store& t, const std::vector<std::string>& der_chain) {
   if (!t.impl_->roots)
     return error(errc::untrusted_certificate,
-                 "bundle is signed with a certificate; verify it against CA roots (--ca-bundle), not a public key");
+                 t.impl_->sigstore ? "bundle is signed with a certificate chain and no transparency log entry (the OMS "
+                                     "certificate method); verify it against CA roots (--ca-bundle), not a Sigstore "
+                                     "trusted root"
+                                   : "bundle is signed with a certificate; verify it against CA roots (--ca-bundle), not "
+                                     "a public key");
   if (der_chain.empty() || der_chain.size() > max_chain_length)
     return error(errc::malformed_bundle, fmt::format("certificate chain has {} certificates (1 to {} expected)",
                                                      der_chain.size(), max_chain_length));

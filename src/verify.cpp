@@ -8,6 +8,7 @@
 #include "detail/json.hpp"
 #include "key_data.hpp"
 #include "manifest_data.hpp"
+#include "sigstore/certificate.hpp"
 #include "trust_data.hpp"
 
 #include <fmt/format.h>
@@ -23,11 +24,25 @@ using vt = json::value_t;
 
 error bad_bundle(std::string detail) { return error(errc::malformed_bundle, std::move(detail)); }
 
-// Sigstore bundle media types drun reads: v0.3 in both spellings, and v0.2 (same shape here).
+// Sigstore bundle media types drun reads: v0.3 in both spellings, v0.2 and v0.1 (keyless
+// bundles of older clients; same envelope, the leaf in x509CertificateChain).
 bool known_media_type(std::string_view t) {
   return t == "application/vnd.dev.sigstore.bundle.v0.3+json" ||
          t == "application/vnd.dev.sigstore.bundle+json;version=0.3" ||
-         t == "application/vnd.dev.sigstore.bundle+json;version=0.2";
+         t == "application/vnd.dev.sigstore.bundle+json;version=0.2" ||
+         t == "application/vnd.dev.sigstore.bundle+json;version=0.1";
+}
+
+// A keyless bundle's leaf names its signer; read for display before anything is verified.
+void describe_keyless_signer(const std::string& leaf_der, signer_info& s) {
+  const auto* p = reinterpret_cast<const unsigned char*>(leaf_der.data());
+  detail::x509_ptr leaf(d2i_X509(nullptr, &p, static_cast<long>(leaf_der.size())));
+  detail::openssl_errors();
+  if (!leaf) return;
+  if (auto who = detail::sigstore::identity_of(leaf.get())) {
+    s.subject = who->names.front();
+    s.issuer = who->issuer;
+  }
 }
 
 // A bundle's parts, parsed but not yet authenticated.
@@ -36,6 +51,7 @@ struct parsed_bundle {
   std::string signature;             // decoded signature bytes
   signer_info signer;
   std::vector<std::string> chain;    // DER certificates, leaf first (certificate method)
+  json material;                     // verificationMaterial, for keyless verification
 };
 
 result<std::string> decode_base64_field(const json& obj, std::string_view key, std::string_view where) {
@@ -82,6 +98,10 @@ result<parsed_bundle> parse_bundle(std::string_view text) {
 
   auto material = detail::require_field(*doc, "verificationMaterial", vt::object, "bundle");
   if (!material) return std::move(material).error();
+  // Keyless: the v0.3 `certificate`, or (v0.1/v0.2) a chain with transparency log entries. The
+  // OMS certificate method writes a chain and an empty tlogEntries.
+  const json* tlog = detail::optional_field(**material, "tlogEntries");
+  bool logged = tlog && tlog->is_array() && !tlog->empty();
   if (const json* pk = detail::optional_field(**material, "publicKey")) {
     if (!pk->is_object()) return bad_bundle("verificationMaterial.publicKey is not an object");
     b.signer.method = "key";
@@ -102,13 +122,24 @@ result<parsed_bundle> parse_bundle(std::string_view text) {
       b.chain.push_back(std::move(*der));
     }
     if (b.chain.empty()) return bad_bundle("x509CertificateChain has no certificates");
-    b.signer.method = "certificate";
-    b.signer.subject = detail::trust_access::subject_of(b.chain[0]);
-  } else if (detail::optional_field(**material, "certificate")) {
-    return error(errc::unsupported, "Sigstore keyless bundles (Fulcio certificate + Rekor) are not supported yet");
+    if (logged) {
+      b.signer.method = "sigstore";
+      describe_keyless_signer(b.chain[0], b.signer);
+    } else {
+      b.signer.method = "certificate";
+      b.signer.subject = detail::trust_access::subject_of(b.chain[0]);
+    }
+  } else if (const json* cert = detail::optional_field(**material, "certificate")) {
+    if (!cert->is_object()) return bad_bundle("verificationMaterial.certificate is not an object");
+    auto der = decode_base64_field(*cert, "rawBytes", "verificationMaterial.certificate");
+    if (!der) return std::move(der).error();
+    b.chain.push_back(std::move(*der));
+    b.signer.method = "sigstore";
+    describe_keyless_signer(b.chain[0], b.signer);
   } else {
-    return bad_bundle("verificationMaterial has no publicKey or x509CertificateChain");
+    return bad_bundle("verificationMaterial has no publicKey, x509CertificateChain or certificate");
   }
+  b.material = **material;
   return b;
 }
 
@@ -202,6 +233,34 @@ result<verified_manifest> verify_bundle(std::string_view bundle_json, const trus
   if (!b) return std::move(b).error();
 
   std::optional<public_key> key;
+  const auto* keyless = detail::trust_access::sigstore(trust);
+  if (b->signer.method == "sigstore") {
+    if (!keyless)
+      return error(errc::untrusted_certificate,
+                   "bundle is signed keyless (a Sigstore Fulcio certificate with transparency log entries); verify it "
+                   "with a Sigstore trusted root and an identity policy (--trusted-root, --identity, "
+                   "--identity-provider)");
+    auto material = detail::sigstore::parse_keyless_material(b->material);
+    if (!material) return std::move(material).error();
+    auto signer = detail::sigstore::verify_keyless(*material, in_toto_payload_type, b->payload, b->signature,
+                                                   keyless->root, keyless->policy);
+    if (!signer) return std::move(signer).error();
+    std::string pae = pre_authentication_encoding(in_toto_payload_type, as_bytes(b->payload));
+    if (!detail::key_access::verify(signer->key, as_bytes(pae), as_bytes(b->signature)))
+      return detail::sigstore::step_failed(
+          "DSSE signature", error(errc::signature_invalid, "the envelope's signature does not verify with the signing "
+                                                           "certificate's key: the payload or signature was modified"));
+    auto data = detail::parse_statement(b->payload);
+    if (!data) return std::move(data).error();
+    b->signer.subject = std::move(signer->identity);
+    b->signer.issuer = std::move(signer->issuer);
+    return detail::verified_access::make(hash(hash_algorithm::sha256, as_bytes(b->payload)).hex(),
+                                         std::move(*data), std::move(b->signer));
+  }
+  if (keyless)
+    return error(errc::signature_invalid,
+                 fmt::format("bundle is signed with a {}, not keyless; verify it with {}, not a Sigstore trusted root",
+                             b->signer.method, b->signer.method == "key" ? "the publisher's public key" : "CA roots"));
   if (b->signer.method == "key") {
     const auto& trusted = detail::trust_access::key(trust);
     if (!trusted)

@@ -6,7 +6,10 @@
 //     "roles": {
 //       "reader":  { "artifacts": ["<64 hex artifact id>", ...] },
 //       "team-ml": { "publishers": [ { "public_key": "keys/publisher.pub" },
-//                                    { "ca_bundle": "pki/release-ca.pem" } ] },
+//                                    { "ca_bundle": "pki/release-ca.pem" },
+//                                    { "trusted_root": "sigstore/trusted_root.json",
+//                                      "identity": "https://github.com/org/models/.github/workflows/release.yml@refs/heads/main",
+//                                      "identity_provider": "https://token.actions.githubusercontent.com" } ] },
 //       "admin":   { "all": true }
 //     },
 //     "bindings": [
@@ -25,7 +28,8 @@
 // A token that carries a drun_artifacts claim narrows access to those artifacts ("*": no
 // narrowing); it never widens what the roles allow.
 // Unknown fields are errors, so a typo never widens or narrows access silently. An artifact is
-// allowed by a "publishers" entry when its stored bundle verifies against that key or CA.
+// allowed by a "publishers" entry when its stored bundle verifies against that key, CA, or
+// Sigstore trusted root and identity (keyless; "identity" and "identity_provider" both required).
 #pragma once
 
 #include <drun/config.hpp>

@@ -27,9 +27,10 @@ inline constexpr std::size_t max_bundle_size = std::size_t{64} << 20;
 
 // Who signed, as the bundle describes it.
 struct signer_info {
-  std::string method;        // "key" or "certificate"
+  std::string method;        // "key", "certificate" or "sigstore" (keyless)
   std::string key_hint;      // the bundle's public key hint, if any
-  std::string subject;       // leaf certificate subject (certificate method)
+  std::string subject;       // leaf certificate subject (certificate), the SAN identity (sigstore)
+  std::string issuer;        // the OIDC issuer (sigstore)
 };
 
 // A file of a verified manifest.
@@ -102,8 +103,11 @@ class DRUN_API verified_manifest {
 // invalid_argument (not a regular file), malformed_bundle (too large).
 DRUN_API result<std::string> read_bundle_file(const std::filesystem::path& file);
 
-// Authenticates a bundle and validates its statement. Errors: malformed_bundle, unsupported,
-// signature_invalid, untrusted_certificate.
+// Authenticates a bundle and validates its statement. The trust store decides the method: a key
+// store takes `key` bundles, CA roots `certificate` bundles, a Sigstore trust store keyless ones
+// (whose failures say which step failed: transparency log, timestamp, signing time, certificate
+// chain, SCT, transparency log entry body, identity, DSSE signature). Errors: malformed_bundle,
+// unsupported, signature_invalid, untrusted_certificate.
 DRUN_API result<verified_manifest> verify_bundle(std::string_view bundle_json, const trust_store& trust);
 
 struct verify_options {

@@ -319,15 +319,29 @@ result<void> parse_role(access_policy::impl& p, const std::string& name, const j
       const auto& e = (**pubs)[i];
       std::string w = fmt::format("{}.publishers[{}]", where, i);
       if (!e.is_object()) return bad_policy(w + " is not an object");
-      if (auto ok = only_fields(e, {"public_key", "ca_bundle"}, w); !ok) return std::move(ok).error();
-      if (e.contains("public_key") == e.contains("ca_bundle"))
-        return bad_policy(w + " must have exactly one of \"public_key\" and \"ca_bundle\"");
-      bool is_key = e.contains("public_key");
-      auto rel = string_member(e, is_key ? "public_key" : "ca_bundle", w);
+      if (auto ok = only_fields(e, {"public_key", "ca_bundle", "trusted_root", "identity", "identity_provider"}, w); !ok)
+        return std::move(ok).error();
+      int kinds = e.contains("public_key") + e.contains("ca_bundle") + e.contains("trusted_root");
+      if (kinds != 1)
+        return bad_policy(w + " must have exactly one of \"public_key\", \"ca_bundle\" and \"trusted_root\"");
+      bool keyless = e.contains("trusted_root");
+      if (keyless != (e.contains("identity") && e.contains("identity_provider")) ||
+          (!keyless && (e.contains("identity") || e.contains("identity_provider"))))
+        return bad_policy(w + " needs \"identity\" and \"identity_provider\" with \"trusted_root\", and only then");
+      const char* file_field = keyless ? "trusted_root" : e.contains("public_key") ? "public_key" : "ca_bundle";
+      auto rel = string_member(e, file_field, w);
       if (!rel) return std::move(rel).error();
       auto file = base_dir / *rel;  // an absolute path stays as it is
       std::optional<trust_store> trust;
-      if (is_key) {
+      if (keyless) {
+        auto id = string_member(e, "identity", w);
+        if (!id) return std::move(id).error();
+        auto issuer = string_member(e, "identity_provider", w);
+        if (!issuer) return std::move(issuer).error();
+        auto t = trust_store::from_sigstore(file, {*id, *issuer});
+        if (!t) return std::move(t).error().with_operation("policy " + w);
+        trust.emplace(std::move(t).value());
+      } else if (e.contains("public_key")) {
         auto key = public_key::load(file);
         if (!key) return std::move(key).error().with_operation("policy " + w);
         trust.emplace(trust_store::from_public_key(std::move(key).value()));

@@ -89,9 +89,21 @@ inline void take(drun::result<void>&& r, io_kind io = io_kind::store) {
   if (!r) raise(r.error(), io);
 }
 
-drun::trust_store trust_from(const std::optional<std::string>& public_key, const std::optional<std::string>& ca_bundle) {
-  if (public_key.has_value() == ca_bundle.has_value())
-    raise(drun::error(drun::errc::invalid_argument, "give exactly one of public_key= and ca_bundle="));
+// public_key=, ca_bundle= or trusted_root= (with identity= and identity_provider=: keyless).
+drun::trust_store trust_from(const std::optional<std::string>& public_key, const std::optional<std::string>& ca_bundle,
+                             const std::optional<std::string>& trusted_root, const std::optional<std::string>& identity,
+                             const std::optional<std::string>& identity_provider) {
+  if (public_key.has_value() + ca_bundle.has_value() + trusted_root.has_value() != 1)
+    raise(drun::error(drun::errc::invalid_argument, "give exactly one of public_key=, ca_bundle= and trusted_root="));
+  if (trusted_root) {
+    if (!identity || !identity_provider)
+      raise(drun::error(drun::errc::invalid_argument,
+                        "trusted_root= needs identity= and identity_provider=: keyless verification never accepts any "
+                        "identity"));
+    return take(drun::trust_store::from_sigstore(*trusted_root, {*identity, *identity_provider}), io_kind::config);
+  }
+  if (identity || identity_provider)
+    raise(drun::error(drun::errc::invalid_argument, "identity= and identity_provider= go with trusted_root="));
   if (public_key) return drun::trust_store::from_public_key(take(drun::public_key::load(*public_key), io_kind::config));
   return take(drun::trust_store::from_ca_bundle(*ca_bundle), io_kind::config);
 }
@@ -196,6 +208,7 @@ class py_verified_manifest {
     d["method"] = m_.signer().method;
     d["key_hint"] = m_.signer().key_hint;
     d["subject"] = m_.signer().subject;
+    d["issuer"] = m_.signer().issuer;
     return d;
   }
   std::string subject_name() const { return m_.subject_name(); }
@@ -215,8 +228,10 @@ class py_store {
   std::shared_ptr<drun::store> shared() { return s_; }
 
   std::string import_model(const std::string& model, std::optional<std::string> signature,
-                           std::optional<std::string> public_key, std::optional<std::string> ca_bundle, unsigned threads) {
-    auto trust = trust_from(public_key, ca_bundle);
+                           std::optional<std::string> public_key, std::optional<std::string> ca_bundle,
+      std::optional<std::string> trusted_root, std::optional<std::string> identity,
+      std::optional<std::string> identity_provider, unsigned threads) {
+    auto trust = trust_from(public_key, ca_bundle, trusted_root, identity, identity_provider);
     std::string sig = signature.value_or(drun::default_signature_path(model).string());
     py::gil_scoped_release release;
     auto text = take_nogil(drun::read_bundle_file(sig), io_kind::input);
@@ -396,6 +411,8 @@ class py_peer_server {
 
 std::string do_fetch(py_store& store, std::optional<std::string> signature, std::optional<std::string> artifact,
                      std::optional<std::string> public_key, std::optional<std::string> ca_bundle,
+      std::optional<std::string> trusted_root, std::optional<std::string> identity,
+      std::optional<std::string> identity_provider,
                      std::vector<std::string> origins, std::vector<std::string> peers, py::object progress,
                      std::optional<std::string> out, unsigned connections, std::optional<std::string> ca_cert,
                      std::optional<std::string> tls_cert, std::optional<std::string> tls_key,
@@ -404,7 +421,7 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
   if (signature.has_value() == artifact.has_value())
     raise(drun::error(drun::errc::invalid_argument, "give signature= (a URL or file), or artifact= with peers="));
   if (origins.empty() && peers.empty()) raise(drun::error(drun::errc::invalid_argument, "give origins= and/or peers="));
-  auto trust = trust_from(public_key, ca_bundle);
+  auto trust = trust_from(public_key, ca_bundle, trusted_root, identity, identity_provider);
   drun::source_options so;
   so.ca_file = ca_cert.value_or("");
   so.headers = std::move(headers);
@@ -526,8 +543,10 @@ PYBIND11_MODULE(_drun, m) {
   m.def(
       "verify",
       [](const std::string& model, std::optional<std::string> signature, std::optional<std::string> public_key,
-         std::optional<std::string> ca_bundle, unsigned threads) {
-        auto trust = trust_from(public_key, ca_bundle);
+         std::optional<std::string> ca_bundle,
+      std::optional<std::string> trusted_root, std::optional<std::string> identity,
+      std::optional<std::string> identity_provider, unsigned threads) {
+        auto trust = trust_from(public_key, ca_bundle, trusted_root, identity, identity_provider);
         std::string sig = signature.value_or(drun::default_signature_path(model).string());
         drun::verify_options o;
         o.threads = threads;
@@ -539,12 +558,14 @@ PYBIND11_MODULE(_drun, m) {
         return py_verified_manifest(std::move(vm));
       },
       py::arg("model"), py::kw_only(), py::arg("signature") = py::none(), py::arg("public_key") = py::none(),
-      py::arg("ca_bundle") = py::none(), py::arg("threads") = 0);
+      py::arg("ca_bundle") = py::none(),
+        py::arg("trusted_root") = py::none(), py::arg("identity") = py::none(), py::arg("identity_provider") = py::none(), py::arg("threads") = 0);
 
   py::class_<py_store>(m, "Store")
       .def(py::init<const std::string&, const std::string&>(), py::arg("path"), py::kw_only(), py::arg("key_source"))
       .def("import_model", &py_store::import_model, py::arg("model"), py::kw_only(), py::arg("signature") = py::none(),
-           py::arg("public_key") = py::none(), py::arg("ca_bundle") = py::none(), py::arg("threads") = 0)
+           py::arg("public_key") = py::none(), py::arg("ca_bundle") = py::none(),
+        py::arg("trusted_root") = py::none(), py::arg("identity") = py::none(), py::arg("identity_provider") = py::none(), py::arg("threads") = 0)
       .def("read", &py_store::read, py::arg("artifact"), py::arg("file"), py::arg("offset"), py::arg("buffer"))
       .def("materialize", &py_store::materialize, py::arg("artifact"), py::arg("dest"))
       .def("list", &py_store::list)
@@ -558,6 +579,7 @@ PYBIND11_MODULE(_drun, m) {
 
   m.def("fetch", &do_fetch, py::kw_only(), py::arg("store"), py::arg("signature") = py::none(),
         py::arg("artifact") = py::none(), py::arg("public_key") = py::none(), py::arg("ca_bundle") = py::none(),
+        py::arg("trusted_root") = py::none(), py::arg("identity") = py::none(), py::arg("identity_provider") = py::none(),
         py::arg("origins") = std::vector<std::string>{}, py::arg("peers") = std::vector<std::string>{},
         py::arg("progress") = py::none(), py::arg("out") = py::none(), py::arg("connections") = 0,
         py::arg("ca_cert") = py::none(), py::arg("tls_cert") = py::none(), py::arg("tls_key") = py::none(),
