@@ -1024,3 +1024,55 @@ def test_the_built_package_carries_the_current_stub():
     assert built.is_file(), f"{built} is missing: the package would ship without type information"
     assert built.read_text() == STUB.read_text(), f"{built} differs from {STUB}: rebuild"
     assert Path(drun.__file__).with_name("py.typed").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# Sigstore keyless trust (bundles from the test Sigstore instance, tests/python/sigstore_ref.py)
+
+@pytest.fixture
+def keyless(tmp_path, small):
+    import oms_ref
+    import sigstore_ref
+    root, _, _, _ = small
+    inst = sigstore_ref.Instance(tmp_path / "sigstore")
+    trusted_root = tmp_path / "trusted_root.json"
+    inst.write_trusted_root(trusted_root)
+    payload = oms_ref.serialize_payload(oms_ref.build_statement(root, method="shards", shard_size=P))
+    sig = tmp_path / "keyless.sig"
+    sigstore_ref.write_json(inst.sign(payload), sig)
+    return root, sig, trusted_root, sigstore_ref.DEFAULT_IDENTITY, sigstore_ref.DEFAULT_ISSUER
+
+
+def test_verify_and_import_keyless(store, keyless, publisher):
+    root, sig, trusted_root, identity, issuer = keyless
+    trust = dict(trusted_root=str(trusted_root), identity=identity, identity_provider=issuer)
+    vm = drun.verify(str(root), signature=str(sig), **trust)
+    assert vm.signer == {"method": "sigstore", "key_hint": "", "subject": identity, "issuer": issuer}
+    art = store.import_model(str(root), signature=str(sig), **trust)
+    assert art == vm.artifact_id and [a["id"] for a in store.list()] == [art]
+    with pytest.raises(drun.VerificationError, match="at identity") as info:
+        drun.verify(str(root), signature=str(sig), **dict(trust, identity="mallory@example.com"))
+    assert info.value.code == "untrusted_certificate"
+    with pytest.raises(drun.VerificationError, match="--trusted-root"):
+        store.import_model(str(root), signature=str(sig), public_key=str(publisher.pub))
+
+
+def test_keyless_configuration_errors(tmp_path, keyless):
+    root, sig, trusted_root, identity, issuer = keyless
+    with pytest.raises(drun.ConfigError, match="identity= and identity_provider="):
+        drun.verify(str(root), signature=str(sig), trusted_root=str(trusted_root), identity=identity)
+    with pytest.raises(drun.ConfigError, match="go with trusted_root="):
+        drun.verify(str(root), signature=str(sig), ca_bundle=str(trusted_root), identity=identity)
+    bad = tmp_path / "bad_root.json"
+    bad.write_text('{"mediaType": "application/json"}')
+    with pytest.raises(drun.ConfigError, match="TrustedRoot") as info:
+        drun.verify(str(root), signature=str(sig), trusted_root=str(bad), identity=identity,
+                    identity_provider=issuer)
+    assert info.value.code == "key_error"
+
+
+def test_fetch_keyless_from_nginx(tmp_path, store, keyless, origin):
+    root, sig, trusted_root, identity, issuer = keyless
+    art = drun.fetch(store=store, signature=str(sig), trusted_root=str(trusted_root), identity=identity,
+                     identity_provider=issuer, origins=[origin.url()], out=str(tmp_path / "out"))
+    assert tree_digests(tmp_path / "out") == tree_digests(root) and len(art) == 64

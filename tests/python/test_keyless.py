@@ -5,8 +5,11 @@ the step that fails (exit 1), with malformed trust material and missing policies
 fetch, cache import and serve policies take the same trust."""
 
 import base64
+import hashlib
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -278,10 +281,14 @@ def test_real_reference_bundles_verify(drun, tmp_path, version):
         args += ["--ignore", ig]
     r = drun(*args).ok()
     assert f"signed by sigstore: {meta['identity']}" in r.out, r
+    # sigstore-js agrees (an independent verifier of the same real bundle).
+    js = subprocess.run(["node", str(HERE.parent / "sigstore-js" / "verify.mjs"), "--bundle", str(d / "model.sig"),
+                         "--trusted-root", str(root), "--identity", meta["identity"], "--issuer",
+                         meta["identity_provider"]], capture_output=True, text=True, timeout=60)
+    assert js.returncode == 0 and js.stdout.strip() == "OK", js
     # The same real bundle with another identity, and with a flipped model byte.
     drun(*args[:6], "--identity", "someone@example.com", *args[8:]).fails(1, "at identity")
     copy = tmp_path / "copy"
-    import shutil
     shutil.copytree(d, copy)
     victim = next(p for p in sorted(copy.iterdir()) if p.is_file() and p.name not in ("model.sig",)
                   and p.name not in meta.get("ignore_paths", []) and p.stat().st_size > 0)
@@ -343,3 +350,35 @@ def test_cache_import_and_fetch_take_keyless_trust(drun, drun_bin, kl, tmp_path)
              "--tls-key", skey, "--client-ca", pki.ca, "--policy", bad)
     r.fails(1, "needs \"identity\" and \"identity_provider\"")
     assert artifact
+
+
+def rekor_v2_bundle(kl, tmp_path, name, tamper=None):
+    """A bundle whose entry has Rekor v2's shape: a dsse 0.0.2 body (rekor-tiles' DSSELogEntryV002 in
+    protobuf JSON), no integratedTime and no SET, inclusion by proof + checkpoint, time by the TSA."""
+    b = kl.inst.sign(kl.payload, set="none", tsa="good", tree_size=1, tree_index=0)
+    last = kl.inst.last
+    sig = last["signature"]
+    body = {"apiVersion": "0.0.2", "kind": "dsse", "spec": {"dsseV002": {
+        "payloadHash": {"algorithm": "SHA2_256",
+                        "digest": sigstore_ref.b64(hashlib.sha256(kl.payload).digest())},
+        "signatures": [{"content": sigstore_ref.b64(sig if tamper != "signature" else sig[:-1] + b"\0"),
+                        "verifier": {"keyDetails": "PKIX_ECDSA_P256_SHA_256",
+                                     "x509Certificate": {"rawBytes": sigstore_ref.b64(sigstore_ref.der(last["leaf"]))}}}],
+    }}}
+    raw = sigstore_ref.canonical_json(body)
+    root_hash = sigstore_ref.leaf_hash(raw)  # a one-entry tree: the root is the leaf
+    e = b["verificationMaterial"]["tlogEntries"][0]
+    e["kindVersion"] = {"kind": "dsse", "version": "0.0.2"}
+    e.pop("integratedTime", None)
+    e["canonicalizedBody"] = sigstore_ref.b64(raw)
+    e["inclusionProof"].update(rootHash=sigstore_ref.b64(root_hash), treeSize="1", logIndex="0", hashes=[])
+    e["inclusionProof"]["checkpoint"]["envelope"] = kl.inst.checkpoint(1, root_hash)
+    p = tmp_path / f"{name}.sig"
+    sigstore_ref.write_json(b, p)
+    return p
+
+
+def test_rekor_v2_shaped_entries(drun, kl, tmp_path):
+    verify(drun, kl, rekor_v2_bundle(kl, tmp_path, "v2")).ok()
+    verify(drun, kl, rekor_v2_bundle(kl, tmp_path, "v2-bad", tamper="signature")).fails(
+        1, "at transparency log entry body", "dsse 0.0.2 entry's signature does not match")

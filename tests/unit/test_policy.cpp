@@ -332,7 +332,8 @@ TEST_CASE("malformed policies name what is wrong") {
   fails(R"({"roles": {"r": {"artifacts": [")" + std::string(63, 'a') + R"("]}}, "bindings": []})",
         "not an artifact id");
   fails(R"({"roles": {"r": {"publishers": [{"public_key": "k.pub", "ca_bundle": "ca.pem"}]}}, "bindings": []})",
-        "exactly one of \"public_key\" and \"ca_bundle\"");
+        "exactly one of \"public_key\", \"ca_bundle\" and \"trusted_root\"");
+  fails(R"({"roles": {"r": {"publishers": [{"trusted_root": "root.json"}]}}, "bindings": []})", "identity");
   fails(R"({"roles": {"r": {"publishers": [{"key": "k.pub"}]}}, "bindings": []})", "unknown field \"key\"");
   fails(R"({"roles": {"r": {"publishers": [{"public_key": "absent.pub"}]}}, "bindings": []})", "absent.pub",
         errc::not_found);
