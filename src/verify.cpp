@@ -12,6 +12,7 @@
 #include "trust_data.hpp"
 
 #include <fmt/format.h>
+#include <openssl/crypto.h>
 
 #include <algorithm>
 #include <unordered_map>
@@ -205,7 +206,25 @@ const std::vector<manifest_piece>& verified_manifest::pieces() const noexcept { 
 const std::vector<std::string>& verified_manifest::ignore_paths() const noexcept { return impl_->data.ignore_paths; }
 bool verified_manifest::allow_symlinks() const noexcept { return impl_->data.allow_symlinks; }
 
-result<verified_piece> verified_manifest::check_piece(std::size_t index, std::span<const std::byte> bytes) const {
+verified_piece::verified_piece(std::string artifact_id, std::size_t index, std::size_t file, byte_range range,
+                               std::vector<std::byte> bytes)
+    : artifact_id_(std::move(artifact_id)), index_(index), file_(file), range_(range), bytes_(std::move(bytes)) {}
+verified_piece::~verified_piece() { OPENSSL_cleanse(bytes_.data(), bytes_.size()); }
+verified_piece::verified_piece(verified_piece&&) noexcept = default;
+verified_piece& verified_piece::operator=(verified_piece&& o) noexcept {
+  if (this != &o) {
+    OPENSSL_cleanse(bytes_.data(), bytes_.size());
+    artifact_id_ = std::move(o.artifact_id_);
+    index_ = o.index_;
+    file_ = o.file_;
+    range_ = o.range_;
+    bytes_ = std::move(o.bytes_);
+  }
+  return *this;
+}
+std::vector<std::byte> verified_piece::release() && noexcept { return std::move(bytes_); }
+
+result<verified_piece> verified_manifest::check_piece(std::size_t index, std::vector<std::byte>&& bytes) const {
   if (index >= impl_->pieces.size())
     return error(errc::invalid_argument, fmt::format("piece {} does not exist ({} pieces)", index, impl_->pieces.size()));
   const auto& p = impl_->pieces[index];
@@ -219,7 +238,7 @@ result<verified_piece> verified_manifest::check_piece(std::size_t index, std::sp
     return error(errc::digest_mismatch, fmt::format("{} digest mismatch", to_string(impl_->data.hash)))
         .with_path(name)
         .with_range(range.begin, range.end);
-  return verified_piece(index, p.file, range, bytes);
+  return verified_piece(impl_->artifact_id, index, p.file, range, std::move(bytes));
 }
 
 // ---- bundles ---------------------------------------------------------------------------------

@@ -93,10 +93,10 @@ class DRUN_API artifact_reader {
 
   const std::vector<stored_file>& files() const noexcept;
   // Decrypts [offset, offset + out.size()) of a file into out. Every piece is authenticated
-  // before the call returns; until it returns successfully the contents of out are unspecified
-  // (a whole piece is decrypted in place), and on failure out is wiped and the piece is dropped
-  // from the store. Errors: invalid_argument (range), model_mismatch (piece not stored),
-  // digest_mismatch (tag check failed), io_error.
+  // (its tag, then its signed digest) before the call returns; until it returns successfully the
+  // contents of out are unspecified (a whole piece is decrypted in place), and on failure out is
+  // wiped and the piece is dropped from the store. Errors: invalid_argument (range),
+  // model_mismatch (piece not stored), digest_mismatch (tag or signed digest check failed), io_error.
   result<void> read(std::size_t file, std::uint64_t offset, std::span<std::byte> out) const;
 
  private:
@@ -106,10 +106,18 @@ class DRUN_API artifact_reader {
   std::unique_ptr<impl> impl_;
 };
 
+// What a read checks before it returns plaintext. The tag proves the bytes are what a holder of
+// the data key sealed; the signed digest proves they are what the publisher signed, so a piece
+// forged under a leaked data key is refused too. tag_only is for callers that hand the bytes to
+// someone who checks the digest anyway (the peer server: every receiver verifies every piece).
+enum class read_check { digest, tag_only };
+
 class DRUN_API store {
  public:
   // Opens or creates a store directory (mode 0700), keeping the node key for as long as the store
-  // is open. The first key used becomes the store's key; any other key is refused (key_error
+  // is open. A directory or file of the store owned by another user, or a directory writable by
+  // group or others, is refused (permission_denied): whoever can write there could plant pieces
+  // or roll the index back. The first key used becomes the store's key; any other key is refused (key_error
   // "wrong key"), as is a key retired by rotate_key.
   static result<store> open(const std::filesystem::path& dir, node_key key);
 
@@ -143,7 +151,8 @@ class DRUN_API store {
   // The pieces of a verified artifact still to bring (import and fetch resume from here).
   result<missing_pieces> missing(const verified_manifest& m);
   // Decrypts a stored piece into out (out.size() must be the piece's size); see artifact_reader.
-  result<void> read_piece(const std::string& artifact, std::size_t piece, std::span<std::byte> out);
+  result<void> read_piece(const std::string& artifact, std::size_t piece, std::span<std::byte> out,
+                          read_check check = read_check::digest);
 
   result<artifact_reader> open_artifact(const std::string& artifact);
   // Writes every file's plaintext under dest (created; must not exist or be empty), through a

@@ -50,22 +50,34 @@ struct manifest_piece {
 
 class verified_manifest;
 
-// Bytes that hashed to a piece's signed digest. Non-owning: valid while the bytes and the
-// manifest it came from are. Only verified_manifest::check_piece makes one.
+// Bytes that hashed to a piece's signed digest, bound to the artifact and piece they were checked
+// for. It owns its bytes (check_piece moves them in) and lets nobody write them, so they cannot
+// change after the check, be freed or reused under it, or be shorter than the signed range; and a
+// store refuses it for any other artifact or piece. Only verified_manifest::check_piece makes one.
 class DRUN_API verified_piece {
  public:
+  ~verified_piece();  // wipes the bytes
+  verified_piece(verified_piece&&) noexcept;
+  verified_piece& operator=(verified_piece&&) noexcept;
+  verified_piece(const verified_piece&) = delete;
+  verified_piece& operator=(const verified_piece&) = delete;
+
+  const std::string& artifact_id() const noexcept { return artifact_id_; }
   std::size_t index() const noexcept { return index_; }
   std::size_t file() const noexcept { return file_; }
   byte_range range() const noexcept { return range_; }
   std::span<const std::byte> bytes() const noexcept { return bytes_; }
+  // Hands the buffer back (to fill with the next piece); the bytes are no longer verified then.
+  std::vector<std::byte> release() && noexcept;
 
  private:
   friend class verified_manifest;
-  verified_piece(std::size_t index, std::size_t file, byte_range range, std::span<const std::byte> bytes)
-      : index_(index), file_(file), range_(range), bytes_(bytes) {}
+  verified_piece(std::string artifact_id, std::size_t index, std::size_t file, byte_range range,
+                 std::vector<std::byte> bytes);
+  std::string artifact_id_;
   std::size_t index_, file_;
   byte_range range_;
-  std::span<const std::byte> bytes_;
+  std::vector<std::byte> bytes_;
 };
 
 namespace detail { struct verified_access; }
@@ -88,9 +100,10 @@ class DRUN_API verified_manifest {
   const std::vector<std::string>& ignore_paths() const noexcept;
   bool allow_symlinks() const noexcept;
 
-  // Checks bytes against piece `index`'s signed digest (and its length in shards mode).
-  // Errors: invalid_argument (no such piece), digest_mismatch naming file and range.
-  result<verified_piece> check_piece(std::size_t index, std::span<const std::byte> bytes) const;
+  // Checks bytes against piece `index`'s signed digest (and its length in shards mode). On
+  // success the bytes move into the verified_piece; on failure they stay with the caller as they
+  // were. Errors: invalid_argument (no such piece), digest_mismatch naming file and range.
+  result<verified_piece> check_piece(std::size_t index, std::vector<std::byte>&& bytes) const;
 
  private:
   friend struct detail::verified_access;

@@ -294,8 +294,11 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
       result<bool> put = false;
       if (got && !cancelled()) {
         pace(buf.size());
-        verified.emplace(m.check_piece(index, buf));
-        if (*verified) put = s.put_piece(m, **verified);
+        verified.emplace(m.check_piece(index, std::move(buf)));
+        if (*verified) {
+          put = s.put_piece(m, **verified);
+          buf = std::move(**verified).release();  // the buffer serves the next piece
+        }
       }
       sodium_memzero(buf.data(), buf.size());
 

@@ -7,6 +7,7 @@
 #include <openssl/core_names.h>
 #include <openssl/evp.h>
 #include <openssl/kdf.h>
+#include <sodium.h>
 
 #include <cassert>
 #include <cstdlib>
@@ -74,14 +75,24 @@ result<data_key> data_key::derive(const node_key& key, std::span<const std::byte
   return data_key(std::move(k));
 }
 
+nonce_bytes random_nonce() {
+  nonce_bytes n;
+  randombytes_buf(n.data(), n.size());
+  return n;
+}
+
+nonce_bytes legacy_nonce(std::uint32_t key_version, std::uint64_t generation) {
+  nonce_bytes n{};
+  auto* p = reinterpret_cast<unsigned char*>(n.data());
+  put_be(p, key_version, 4);
+  put_be(p + 4, generation, 8);
+  return n;
+}
+
 gcm::gcm(mode m, const data_key& key, const piece_address& where) : ctx_(EVP_CIPHER_CTX_new()), mode_(m) {
   auto* ctx = static_cast<EVP_CIPHER_CTX*>(ctx_);
   if (!ctx) std::abort();
-  // Nonce: key version (4 bytes) || generation (8 bytes). The generation counter never repeats in
-  // a store, and data keys differ per store, artifact and node key.
-  unsigned char nonce[12];
-  put_be(nonce, where.key_version, 4);
-  put_be(nonce + 4, where.generation, 8);
+  const auto* nonce = reinterpret_cast<const unsigned char*>(where.nonce.data());
   unsigned char aad[13 + 32 + 4 + 8 + 4 + 8];
   std::memcpy(aad, "drun-piece-v1", 13);
   std::memcpy(aad + 13, where.artifact.data(), 32);

@@ -1,8 +1,9 @@
 // Sealing pieces at rest: AES-256-GCM (OpenSSL EVP, AES-NI) under per-artifact data keys derived
-// from the node key by HKDF-SHA256. Nonces are derived from (key version, generation), where the
-// generation comes from a store-wide counter that never repeats; the associated data binds the
-// artifact, file, piece, key version and generation, so a sealed piece cannot be moved, swapped
-// or replayed.
+// from the node key by HKDF-SHA256. Every seal draws a fresh random 96-bit nonce, kept in the index
+// next to the tag: no state on disk decides a nonce, so a store whose index was rolled back,
+// restored from a backup or cloned under a shared node key cannot repeat one (a counter in the
+// index could). The associated data binds the artifact, file, piece, key version and generation,
+// so a sealed piece cannot be moved, swapped or replayed.
 #pragma once
 
 #include <drun/error.hpp>
@@ -29,13 +30,26 @@ bool hkdf_sha256(std::span<const std::byte> ikm, std::span<const std::byte> salt
 // Identifies a node key without revealing it: HKDF(key, info "drun store key fingerprint v1").
 std::string key_fingerprint(const node_key& key);
 
-// Where a sealed piece belongs; all of it is authenticated.
+inline constexpr std::size_t nonce_size = 12;
+using nonce_bytes = std::array<std::byte, nonce_size>;
+
+// A fresh nonce from the OS CSPRNG. Random 96-bit nonces keep the chance of any repeat under one
+// data key below 2^-32 up to 2^32 seals (NIST SP 800-38D 8.3); a data key seals one artifact's
+// pieces, each a handful of times over the store's life, so that bound is never approached.
+nonce_bytes random_nonce();
+
+// Stores made before random nonces derived them from key version || generation; their pieces
+// are still read that way (the index holds no nonce for them) and get random ones when resealed.
+nonce_bytes legacy_nonce(std::uint32_t key_version, std::uint64_t generation);
+
+// Where a sealed piece belongs (authenticated as associated data) and the nonce it is sealed under.
 struct piece_address {
   std::array<std::byte, 32> artifact{};  // raw artifact id
   std::uint32_t file = 0;
   std::uint64_t piece = 0;
   std::uint32_t key_version = 0;
-  std::uint64_t generation = 0;
+  std::uint64_t generation = 0;  // the index row's version, so a stale ciphertext never opens
+  nonce_bytes nonce{};
 };
 
 // The data key of one artifact under one node key and store: HKDF-SHA256(node key,

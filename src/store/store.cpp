@@ -64,6 +64,14 @@ CREATE TABLE IF NOT EXISTS rotation_journal(artifact TEXT NOT NULL, idx INTEGER 
                                             PRIMARY KEY(artifact, idx));
 )sql";
 
+// Columns added after the first release, and added to older indexes when they are opened. A NULL
+// nonce marks a piece sealed before random nonces: its nonce is derived as it was then.
+struct added_column { const char* table; const char* name; const char* definition; };
+constexpr added_column added_columns[] = {
+    {"pieces", "nonce", "nonce BLOB"},
+    {"rotation_journal", "nonce", "nonce BLOB"},
+};
+
 std::int64_t now_seconds() { return static_cast<std::int64_t>(std::time(nullptr)); }
 
 // An flock held for a scope.
@@ -139,6 +147,39 @@ result<void> pwrite_all(int fd, std::span<const std::byte> data, std::uint64_t o
   return {};
 }
 
+// A store shared with another user is not ours to trust: whoever can write into it can plant files,
+// swap the index or roll it back. Every directory and file the store opens must belong to this
+// user, and no directory may be writable by group or others.
+result<void> check_owned(const struct stat& st, const std::filesystem::path& p, bool directory) {
+  if (st.st_uid != ::geteuid())
+    return error(errc::permission_denied,
+                 fmt::format("is owned by uid {}, not by this user (uid {}): a store must belong to the user "
+                             "that runs drun",
+                             st.st_uid, ::geteuid()))
+        .with_path(p.string());
+  if (directory && (st.st_mode & 022) != 0)
+    return error(errc::permission_denied, fmt::format("is writable by group or others (mode {:04o}): chmod 700 it",
+                                                      st.st_mode & 07777))
+        .with_path(p.string());
+  return {};
+}
+
+// Opens (creating when flags say so) a file of the store, refusing one that is not a regular file
+// of this user's: a planted symlink, FIFO or foreign file.
+result<detail::unique_fd> open_owned(const std::filesystem::path& p, int flags, const char* what) {
+  int raw;
+  do raw = ::open(p.c_str(), flags | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0600);
+  while (raw < 0 && errno == EINTR);
+  if (raw < 0) return detail::sys_error(what, p, errno);
+  detail::unique_fd fd(raw);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return detail::sys_error("cannot stat", p, errno);
+  if (!S_ISREG(st.st_mode)) return error(errc::io_error, "is not a regular file").with_path(p.string());
+  if (auto r = check_owned(st, p, false); !r) return std::move(r).error();
+  ::fcntl(fd.get(), F_SETFL, ::fcntl(fd.get(), F_GETFL) & ~O_NONBLOCK);
+  return fd;
+}
+
 struct piece_row {
   std::size_t file = 0;
   std::uint64_t offset = 0, length = 0;
@@ -146,7 +187,9 @@ struct piece_row {
   std::uint64_t generation = 0;
   std::uint32_t key_version = 0;
   store_detail::tag_bytes tag{};
+  store_detail::nonce_bytes nonce{};
   std::vector<std::byte> digest;
+  hash_algorithm hash = hash_algorithm::sha256;
   std::string file_name;
 };
 
@@ -196,8 +239,9 @@ struct store::impl {
 
   result<piece_row> load_piece(const std::string& id, std::size_t piece) {
     auto st = db.prepare(
-        "SELECT p.file, p.offset, p.length, p.state, p.generation, p.key_version, p.tag, p.digest, f.name "
-        "FROM pieces p JOIN files f ON f.artifact = p.artifact AND f.idx = p.file WHERE p.artifact = ? AND p.idx = ?");
+        "SELECT p.file, p.offset, p.length, p.state, p.generation, p.key_version, p.tag, p.digest, f.name, p.nonce, "
+        "a.hash_type FROM pieces p JOIN files f ON f.artifact = p.artifact AND f.idx = p.file "
+        "JOIN artifacts a ON a.id = p.artifact WHERE p.artifact = ? AND p.idx = ?");
     if (!st) return std::move(st).error();
     st->bind(1, id).bind(2, static_cast<std::int64_t>(piece));
     auto row = st->step();
@@ -215,7 +259,21 @@ struct store::impl {
     auto dg = st->blob(7);
     r.digest.assign(dg.begin(), dg.end());
     r.file_name = st->text(8);
+    auto nonce = st->blob(9);
+    if (st->is_null(9)) {
+      r.nonce = store_detail::legacy_nonce(r.key_version, r.generation);
+    } else {
+      if (nonce.size() != r.nonce.size()) return error(errc::io_error, "store index is damaged (nonce)");
+      std::copy(nonce.begin(), nonce.end(), r.nonce.begin());
+    }
+    auto alg = parse_hash_algorithm(st->text(10));
+    if (!alg) return error(errc::io_error, "store index is damaged (hash type)");
+    r.hash = *alg;
     return r;
+  }
+
+  static store_detail::piece_address address(const std::string& id, std::size_t piece, const piece_row& row) {
+    return {raw_id(id), static_cast<std::uint32_t>(row.file), piece, row.key_version, row.generation, row.nonce};
   }
 
   // Generations come in durably reserved blocks, so a write costs no index commit before it.
@@ -260,12 +318,15 @@ struct store::impl {
     return st->run();
   }
 
-  // Decrypts one piece into out, checking the tag before returning; drops it on failure.
+  // Decrypts one piece into out, checking the tag and (unless the caller passes tag_only) the
+  // signed digest before returning; drops it on failure. The tag says the bytes are what a holder
+  // of the data key wrote; only the digest says they are what the publisher signed, so a piece
+  // forged by someone who learnt the key (or a store bug) is still never handed out as verified.
   // With a sink, out is a scratch buffer of any size: each decrypted chunk goes to the sink
   // (whose output must stay unreleased until this returns success).
   using chunk_sink = std::function<result<void>(std::span<const std::byte> plain, std::uint64_t offset)>;
   result<void> open_piece(const std::string& id, std::size_t piece, std::span<std::byte> out,
-                          const chunk_sink& sink = {}) {
+                          const chunk_sink& sink = {}, read_check check = read_check::digest) {
     piece_row row;
     {
       std::lock_guard lock(db_mutex);
@@ -299,15 +360,15 @@ struct store::impl {
     auto dk = data_key_for(id, *key);
     if (!dk) return std::move(dk).error();
     auto path = data_file(id, row.file);
-    auto fd = detail::open_read(path);
+    auto fd = open_owned(path, O_RDONLY, "cannot open");
     if (!fd) {
-      if (fd.error().code() == errc::not_found) return drop(errc::model_mismatch, "has lost its data file");
+      if (fd.error().sys_errno() == ENOENT) return drop(errc::model_mismatch, "has lost its data file");
       return std::move(fd).error();
     }
     if (auto r = range_lock(fd->get(), F_RDLCK, row.offset, row.length); !r) return r;
-    store_detail::piece_address where{raw_id(id), static_cast<std::uint32_t>(row.file), piece, row.key_version,
-                                      row.generation};
-    store_detail::gcm gcm(store_detail::gcm::mode::open, **dk, where);
+    store_detail::gcm gcm(store_detail::gcm::mode::open, **dk, address(id, piece, row));
+    std::optional<hasher> h;
+    if (check == read_check::digest) h.emplace(row.hash);
     const std::uint64_t step = sink ? std::min<std::uint64_t>(io_chunk, out.size()) : io_chunk;
     for (std::uint64_t off = 0; off < row.length; off += step) {
       auto n = std::min<std::uint64_t>(step, row.length - off);
@@ -318,6 +379,7 @@ struct store::impl {
         return r;
       }
       gcm.update(chunk, chunk);
+      if (h) h->update(chunk);
       if (sink)
         if (auto r = sink(chunk, off); !r) {
           sodium_memzero(out.data(), out.size());
@@ -326,6 +388,10 @@ struct store::impl {
     }
     if (!gcm.open_check(row.tag))
       return drop(errc::digest_mismatch, "failed its authentication tag (corrupted, moved or replayed on disk)");
+    if (h && !digest_equal(h->finish().bytes(), row.digest))
+      return drop(errc::digest_mismatch, fmt::format("does not match its signed {} digest although its tag verified "
+                                                     "(forged by a holder of the data key)",
+                                                     to_string(row.hash)));
     return {};
   }
 
@@ -353,7 +419,7 @@ result<void> make_dir(const std::filesystem::path& p) {
   struct stat st {};
   if (::lstat(p.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
     return error(errc::io_error, "is not a directory").with_path(p.string());
-  return {};
+  return check_owned(st, p, /*directory=*/true);
 }
 
 enum class open_mode { normal, rotation };
@@ -377,20 +443,16 @@ result<std::unique_ptr<store::impl>> open_impl(const std::filesystem::path& dir,
   auto p = std::make_unique<store::impl>();
   p->dir = dir;
   p->key = &key;
-  int lfd = ::open((dir / "lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-  if (lfd < 0) return detail::sys_error("cannot open the store lock", dir / "lock", errno);
-  ::close(lfd);
+  if (auto l = open_owned(dir / "lock", O_RDWR | O_CREAT, "cannot open the store lock"); !l) return std::move(l).error();
   // Opening is serialized by its own short lock: switching a new index to WAL and creating the
   // schema can fail with "database is locked" when two processes create the store at once.
-  int ifd = ::open((dir / "init.lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-  if (ifd < 0) return detail::sys_error("cannot open the store lock", dir / "init.lock", errno);
-  detail::unique_fd init_fd(ifd);
-  flock_guard init_lock(init_fd.get(), LOCK_EX);
+  auto init_fd = open_owned(dir / "init.lock", O_RDWR | O_CREAT, "cannot open the store lock");
+  if (!init_fd) return std::move(init_fd).error();
+  flock_guard init_lock(init_fd->get(), LOCK_EX);
   // The index holds no secrets, but nobody else needs to read it: create it 0600 (SQLite gives its
   // -wal and -shm files the same mode).
-  int xfd = ::open((dir / "index.sqlite").c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-  if (xfd < 0) return detail::sys_error("cannot open the store index", dir / "index.sqlite", errno);
-  ::close(xfd);
+  if (auto x = open_owned(dir / "index.sqlite", O_RDWR | O_CREAT, "cannot open the store index"); !x)
+    return std::move(x).error();
   auto db = database::open(dir / "index.sqlite");
   if (!db) return std::move(db).error();
   p->db = std::move(*db);
@@ -398,6 +460,15 @@ result<std::unique_ptr<store::impl>> open_impl(const std::filesystem::path& dir,
   auto txn = transaction::begin(p->db);
   if (!txn) return std::move(txn).error();
   if (auto r = p->db.exec(schema); !r) return std::move(r).error();
+  for (const auto& c : added_columns) {
+    auto info = p->db.prepare(fmt::format("SELECT 1 FROM pragma_table_info('{}') WHERE name = '{}'", c.table, c.name));
+    if (!info) return std::move(info).error();
+    auto has = info->step();
+    if (!has) return std::move(has).error();
+    if (!*has)
+      if (auto r = p->db.exec(fmt::format("ALTER TABLE {} ADD COLUMN {}", c.table, c.definition).c_str()); !r)
+        return std::move(r).error();
+  }
   // The store id salts every data key, so two stores under one node key never share a nonce space.
   {
     auto st = p->db.prepare("SELECT value FROM meta WHERE key = 'store_id'");
@@ -493,17 +564,15 @@ result<void> store::add_artifact(const verified_manifest& m, std::string_view bu
     return e;
   };
   if (auto r = write_file_atomically(adir / "bundle.sig", bundle_json, 0600); !r) return cleanup(std::move(r).error());
-  int lock_fd = ::open((adir / "lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-  if (lock_fd < 0) return cleanup(detail::sys_error("cannot create", adir / "lock", errno));
-  ::close(lock_fd);
+  if (auto l = open_owned(adir / "lock", O_RDWR | O_CREAT, "cannot create"); !l) return cleanup(std::move(l).error());
   std::uint64_t total = 0;
   for (std::size_t f = 0; f < m.files().size(); ++f) {
     auto size = m.files()[f].size.value_or(0);
     total += size;
     auto path = impl_->data_file(id, f);
-    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-    if (fd < 0) return cleanup(detail::sys_error("cannot create", path, errno));
-    detail::unique_fd guard(fd);
+    auto guard = open_owned(path, O_RDWR | O_CREAT, "cannot create");
+    if (!guard) return cleanup(std::move(guard).error());
+    int fd = guard->get();
     // Reserve the space now: running out of disk is reported here, not halfway through.
     if (size > 0)
       if (int e = ::posix_fallocate(fd, 0, static_cast<off_t>(size)); e != 0)
@@ -557,9 +626,9 @@ static result<bool> write_piece(store::impl& s, const verified_manifest& m, std:
   flock_guard ga(alock->get(), LOCK_SH);  // remove() waits for writers too
   auto path = s.data_file(id, mp.file);
   // O_CREAT: a data file deleted behind the store's back is recreated, and its pieces refilled.
-  int raw = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-  if (raw < 0) return detail::sys_error("cannot open", path, errno);
-  detail::unique_fd fd(raw);
+  auto opened = open_owned(path, O_WRONLY | O_CREAT, "cannot open");
+  if (!opened) return std::move(opened).error();
+  detail::unique_fd fd = std::move(*opened);
   // Another process writing the same piece holds this range; wait, then see whether it finished.
   if (auto r = range_lock(fd.get(), F_WRLCK, range.begin, range.size()); !r) return std::move(r).error();
   {
@@ -569,16 +638,17 @@ static result<bool> write_piece(store::impl& s, const verified_manifest& m, std:
     if (!row) return std::move(row).error();
     if (row->state == state_stored) return false;
   }
-  // A fresh generation for every write, from a block recorded durably before any byte is written:
-  // a nonce is never used twice, even when a writer dies after writing and a new one starts over.
+  // A fresh generation (the row's version, authenticated) and a fresh random nonce for every write:
+  // the nonce never depends on what the index says, so a rolled-back index cannot repeat one.
   auto gen = s.take_generation();
   if (!gen) return std::move(gen).error();
   std::uint64_t generation = *gen;
+  const auto nonce = store_detail::random_nonce();
 
   auto dk = s.data_key_for(id, *s.key);
   if (!dk) return std::move(dk).error();
   store_detail::gcm gcm(store_detail::gcm::mode::seal, **dk,
-                        {raw_id(id), static_cast<std::uint32_t>(mp.file), index, s.key_version, generation});
+                        {raw_id(id), static_cast<std::uint32_t>(mp.file), index, s.key_version, generation, nonce});
   hasher h(m.hash_type());
   std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(io_chunk, range.size()));
   std::vector<std::byte> plain(chunk), sealed(chunk);
@@ -611,10 +681,10 @@ static result<bool> write_piece(store::impl& s, const verified_manifest& m, std:
   auto txn = transaction::begin(s.db);
   if (!txn) return std::move(txn).error();
   auto st = s.db.prepare(
-      "UPDATE pieces SET state = ?, tag = ?, generation = ?, key_version = ? WHERE artifact = ? AND idx = ?");
+      "UPDATE pieces SET state = ?, tag = ?, generation = ?, key_version = ?, nonce = ? WHERE artifact = ? AND idx = ?");
   if (!st) return std::move(st).error();
   st->bind(1, state_stored).bind_blob(2, tag).bind(3, static_cast<std::int64_t>(generation))
-      .bind(4, s.key_version).bind(5, id).bind(6, static_cast<std::int64_t>(index));
+      .bind(4, s.key_version).bind_blob(5, nonce).bind(6, id).bind(7, static_cast<std::int64_t>(index));
   if (auto r = st->run(); !r) return std::move(r).error();
   auto touch = s.db.prepare("UPDATE artifacts SET last_access = ? WHERE id = ?");
   if (!touch) return std::move(touch).error();
@@ -625,6 +695,15 @@ static result<bool> write_piece(store::impl& s, const verified_manifest& m, std:
 }
 
 result<bool> store::put_piece(const verified_manifest& m, const verified_piece& piece) {
+  // A piece verified for another artifact, or another piece of this one, carries a valid digest
+  // for the wrong place: sealing it here would make the store serve it as this piece.
+  const auto i = piece.index();
+  if (piece.artifact_id() != m.artifact_id() || i >= m.pieces().size() || !m.pieces()[i].range ||
+      *m.pieces()[i].range != piece.range() || m.pieces()[i].file != piece.file() ||
+      piece.bytes().size() != piece.range().size())
+    return error(errc::invalid_argument,
+                 fmt::format("piece {} was verified for artifact {}, not for piece {} of artifact {}", i,
+                             piece.artifact_id().substr(0, 12), i, m.artifact_id().substr(0, 12)));
   auto bytes = piece.bytes();
   return write_piece(*impl_, m, piece.index(),
                      [&](std::span<std::byte> chunk, std::uint64_t offset) -> result<void> {
@@ -686,9 +765,10 @@ result<missing_pieces> store::missing(const verified_manifest& m) {
   return out;
 }
 
-result<void> store::read_piece(const std::string& artifact, std::size_t piece, std::span<std::byte> out) {
+result<void> store::read_piece(const std::string& artifact, std::size_t piece, std::span<std::byte> out,
+                               read_check check) {
   store_lock g(impl_->dir, LOCK_SH);
-  return impl_->open_piece(artifact, piece, out);
+  return impl_->open_piece(artifact, piece, out, {}, check);
 }
 
 result<std::string> store::resolve(std::string_view prefix) {
@@ -869,17 +949,17 @@ result<gc_report> store::gc(const gc_options& options) {
 
 result<std::vector<scrub_failure>> store::scrub(const std::optional<std::string>& artifact) {
   store_lock g(impl_->dir, LOCK_SH);
-  struct todo { std::string id; std::string hash_type; std::size_t piece; };
+  struct todo { std::string id; std::size_t piece; };
   std::vector<todo> work;
   {
     std::lock_guard lock(impl_->db_mutex);
     auto st = impl_->db.prepare(
-        "SELECT p.artifact, a.hash_type, p.idx FROM pieces p JOIN artifacts a ON a.id = p.artifact "
+        "SELECT p.artifact, p.idx FROM pieces p "
         "WHERE p.state = 2 AND (? IS NULL OR p.artifact = ?) ORDER BY p.artifact, p.idx");
     if (!st) return std::move(st).error();
     if (artifact) st->bind(1, *artifact).bind(2, *artifact);
     auto rows = st->each([&] {
-      work.push_back({st->text(0), st->text(1), static_cast<std::size_t>(st->int64(2))});
+      work.push_back({st->text(0), static_cast<std::size_t>(st->int64(1))});
     });
     if (!rows) return std::move(rows).error();
   }
@@ -911,12 +991,10 @@ result<std::vector<scrub_failure>> store::scrub(const std::optional<std::string>
       if (!r) return std::move(r).error();
       row = std::move(*r);
     }
-    // Streamed: the digest is computed chunk by chunk, so memory does not grow with the piece.
+    // Streamed through a 1 MiB scratch buffer, so memory does not grow with the piece; open_piece
+    // checks the tag and the signed digest and drops a piece that fails either.
     buf.resize(io_chunk);
-    auto alg = parse_hash_algorithm(w.hash_type).value_or(hash_algorithm::sha256);
-    hasher h(alg);
-    auto opened = impl_->open_piece(w.id, w.piece, buf, [&](std::span<const std::byte> plain, std::uint64_t) {
-      h.update(plain);
+    auto opened = impl_->open_piece(w.id, w.piece, buf, [](std::span<const std::byte>, std::uint64_t) {
       return result<void>();
     });
     if (!opened) {
@@ -924,16 +1002,6 @@ result<std::vector<scrub_failure>> store::scrub(const std::optional<std::string>
       auto code = opened.error().code();
       if (code != errc::digest_mismatch && code != errc::model_mismatch) return std::move(opened).error();
       failures.push_back({w.id, row.file_name, w.piece, {row.offset, row.offset + row.length}, opened.error().detail()});
-      continue;
-    }
-    // The tag says the bytes are what this store wrote; the digest says they are what was signed.
-    if (!digest_equal(h.finish().bytes(), row.digest)) {
-      std::lock_guard lock(impl_->db_mutex);
-      auto txn = transaction::begin(impl_->db);
-      if (txn && impl_->set_piece_state(w.id, w.piece, state_stored, state_missing, row.generation)) (void)txn->commit();
-      failures.push_back({w.id, row.file_name, w.piece, {row.offset, row.offset + row.length},
-                          fmt::format("piece {} does not match its signed {} digest; dropped from the store", w.piece,
-                                      w.hash_type)});
     }
   }
   sodium_memzero(buf.data(), buf.size());
@@ -1200,16 +1268,18 @@ result<void> store::rotate_key(const std::filesystem::path& dir, const node_key&
         tag.assign(st->blob(4).begin(), st->blob(4).end());
         // Written straight from SQLite's row: no second copy of the piece in memory.
         auto path = s.data_file(id, static_cast<std::size_t>(st->int64(6)));
-        int raw = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-        if (raw < 0) return detail::sys_error("cannot open", path, errno);
-        detail::unique_fd fd(raw);
-        if (auto r = pwrite_all(fd.get(), st->blob(5), static_cast<std::uint64_t>(st->int64(7)), path); !r) return r;
-        if (::fdatasync(fd.get()) != 0) return detail::sys_error("cannot sync", path, errno);
+        auto fd = open_owned(path, O_WRONLY | O_CREAT, "cannot open");
+        if (!fd) return std::move(fd).error();
+        if (auto r = pwrite_all(fd->get(), st->blob(5), static_cast<std::uint64_t>(st->int64(7)), path); !r) return r;
+        if (::fdatasync(fd->get()) != 0) return detail::sys_error("cannot sync", path, errno);
       }
       auto txn = transaction::begin(s.db);
       if (!txn) return std::move(txn).error();
+      // The journal's nonce goes with its ciphertext (NULL for an entry journalled by an older drun,
+      // whose nonce was derived from version and generation).
       auto up = s.db.prepare(
-          "UPDATE pieces SET key_version = ?, generation = ?, tag = ?, state = 2 WHERE artifact = ? AND idx = ?");
+          "UPDATE pieces SET key_version = ?, generation = ?, tag = ?, state = 2, "
+          "nonce = (SELECT nonce FROM rotation_journal WHERE artifact = ?4 AND idx = ?5) WHERE artifact = ?4 AND idx = ?5");
       if (!up) return std::move(up).error();
       up->bind(1, version).bind(2, generation).bind_blob(3, tag).bind(4, id).bind(5, idx);
       if (auto r = up->run(); !r) return r;
@@ -1252,10 +1322,11 @@ result<void> store::rotate_key(const std::filesystem::path& dir, const node_key&
     auto fd = detail::open_read(path);
     if (!fd) return std::move(fd).error();
     if (auto rr = detail::pread_exact(fd->get(), plain, row.offset, path); !rr) return rr;
-    store_detail::gcm open(store_detail::gcm::mode::open, **old_dk,
-                           {raw_id(id), static_cast<std::uint32_t>(file), idx, row.key_version, row.generation});
+    store_detail::gcm open(store_detail::gcm::mode::open, **old_dk, store::impl::address(id, idx, row));
     open.update(plain, plain);
-    if (!open.open_check(row.tag)) {
+    // Only what was signed is carried over: a piece forged under the old key must not come out of
+    // the rotation with a fresh, valid tag.
+    if (!open.open_check(row.tag) || !digest_equal(hash(row.hash, plain).bytes(), row.digest)) {
       // Already corrupt: nothing to carry over. Drop it so a fetch or import brings it back.
       auto txn = transaction::begin(s.db);
       if (!txn) return std::move(txn).error();
@@ -1272,8 +1343,9 @@ result<void> store::rotate_key(const std::filesystem::path& dir, const node_key&
       generation = *gen;
       if (auto rr = txn->commit(); !rr) return rr;
     }
+    const auto nonce = store_detail::random_nonce();
     store_detail::gcm seal(store_detail::gcm::mode::seal, **new_dk,
-                           {raw_id(id), static_cast<std::uint32_t>(file), idx, new_version, generation});
+                           {raw_id(id), static_cast<std::uint32_t>(file), idx, new_version, generation, nonce});
     seal.update(plain, sealed);
     auto tag = seal.seal_tag();
     sodium_memzero(plain.data(), plain.size());
@@ -1281,11 +1353,12 @@ result<void> store::rotate_key(const std::filesystem::path& dir, const node_key&
       auto txn = transaction::begin(s.db);
       if (!txn) return std::move(txn).error();
       auto ins = s.db.prepare(
-          "INSERT OR REPLACE INTO rotation_journal(artifact, idx, key_version, generation, tag, ciphertext) "
-          "VALUES (?, ?, ?, ?, ?, ?)");
+          "INSERT OR REPLACE INTO rotation_journal(artifact, idx, key_version, generation, tag, ciphertext, nonce) "
+          "VALUES (?, ?, ?, ?, ?, ?, ?)");
       if (!ins) return std::move(ins).error();
       ins->bind(1, id).bind(2, static_cast<std::int64_t>(idx)).bind(3, new_version)
-          .bind(4, static_cast<std::int64_t>(generation)).bind_blob(5, tag).bind_blob_static(6, sealed);
+          .bind(4, static_cast<std::int64_t>(generation)).bind_blob(5, tag).bind_blob_static(6, sealed)
+          .bind_blob(7, nonce);
       if (auto rr = ins->run(); !rr) return rr;
       if (auto rr = txn->commit(); !rr) return rr;
     }

@@ -164,15 +164,27 @@ TEST_CASE("check_piece: the per-piece check for fetchers") {
   REQUIRE(vm->files()[0].name == "big.bin");
   REQUIRE(vm->files()[0].size == 20000u);
   REQUIRE(vm->pieces().size() == 7);  // 5 of big.bin, config.json, sub/tok.txt
-  auto piece = as_bytes(std::string_view(f.big).substr(4096, 4096));
-  auto ok = vm->check_piece(1, piece);
+  auto text = as_bytes(std::string_view(f.big).substr(4096, 4096));
+  const std::vector<std::byte> piece(text.begin(), text.end());
+  auto bytes = piece;
+
+  auto swapped = vm->check_piece(2, std::move(bytes));  // right bytes, wrong place
+  CHECK(test::error_of(swapped).message() == "big.bin bytes [8192, 12288): sha256 digest mismatch");
+  CHECK(bytes == piece);  // a failed check leaves the caller's bytes alone
+  std::vector<std::byte> short_piece(piece.begin(), piece.begin() + 100);
+  CHECK(test::error_of(vm->check_piece(1, std::move(short_piece))).message().find("piece has 100 bytes") !=
+        std::string::npos);
+  CHECK(test::error_of(vm->check_piece(99, std::move(bytes))).code() == errc::invalid_argument);
+
+  const auto* where = bytes.data();
+  auto ok = vm->check_piece(1, std::move(bytes));
   REQUIRE(ok);
   CHECK(ok->range() == byte_range{4096, 8192});
-  CHECK(ok->bytes().data() == piece.data());
-
-  auto swapped = vm->check_piece(2, piece);  // right bytes, wrong place
-  CHECK(test::error_of(swapped).message() == "big.bin bytes [8192, 12288): sha256 digest mismatch");
-  auto short_piece = vm->check_piece(1, piece.first(100));
-  CHECK(test::error_of(short_piece).message().find("piece has 100 bytes") != std::string::npos);
-  CHECK(test::error_of(vm->check_piece(99, piece)).code() == errc::invalid_argument);
+  CHECK(ok->artifact_id() == vm->artifact_id());
+  // The piece owns the very buffer it checked, not a copy the caller could still change.
+  CHECK(ok->bytes().data() == where);
+  CHECK(bytes.empty());
+  auto back = std::move(*ok).release();
+  CHECK(back.data() == where);
+  CHECK(ok->bytes().empty());
 }

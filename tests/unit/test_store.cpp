@@ -5,8 +5,10 @@
 
 #include "detail/encoding.hpp"
 #include "store/seal.hpp"
+#include "store/sqlite.hpp"
 #include "support.hpp"
 
+#include <set>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <fcntl.h>
@@ -61,7 +63,7 @@ TEST_CASE("GCM binds every part of a piece's address") {
   artifact[0] = std::byte{1};
   auto dk = store_detail::data_key::derive(nk, store_id, artifact);
   REQUIRE(dk);
-  store_detail::piece_address where{artifact, 2, 7, 1, 42};
+  store_detail::piece_address where{artifact, 2, 7, 1, 42, store_detail::random_nonce()};
   auto plain = test::pattern(100000);
   std::vector<std::byte> sealed(plain.size());
   store_detail::gcm seal(store_detail::gcm::mode::seal, *dk, where);
@@ -77,7 +79,8 @@ TEST_CASE("GCM binds every part of a piece's address") {
   CHECK(opens(*dk, where, sealed));
   for (auto mutate : std::vector<std::function<void(store_detail::piece_address&)>>{
            [](auto& a) { a.file = 3; }, [](auto& a) { a.piece = 8; }, [](auto& a) { a.key_version = 2; },
-           [](auto& a) { a.generation = 41; }, [](auto& a) { a.artifact[5] = std::byte{9}; }}) {
+           [](auto& a) { a.generation = 41; }, [](auto& a) { a.artifact[5] = std::byte{9}; },
+           [](auto& a) { a.nonce[11] ^= std::byte{1}; }}) {
     auto at = where;
     mutate(at);
     CHECK_FALSE(opens(*dk, at, sealed));
@@ -335,4 +338,216 @@ TEST_CASE("store: a truncated or deleted data file is named, dropped and repaire
   temp_dir out;
   REQUIRE(s->materialize(sm.vm->artifact_id(), out / "x"));
   CHECK(test::read_text(out / "x/big.bin") == sm.big);
+}
+
+namespace {
+
+// Every (nonce, tag) a store's index records for an artifact's pieces: the nonce as the store
+// would use it to open the piece (random, or derived for pieces sealed before random nonces).
+std::vector<std::pair<std::string, std::string>> sealed_nonces(const std::filesystem::path& store_dir,
+                                                               const std::string& artifact) {
+  auto db = store_detail::database::open(store_dir / "index.sqlite");
+  REQUIRE(db);
+  auto st = db->prepare("SELECT nonce, key_version, generation, tag FROM pieces WHERE artifact = ? AND state = 2");
+  REQUIRE(st);
+  st->bind(1, artifact);
+  std::vector<std::pair<std::string, std::string>> out;
+  REQUIRE(st->each([&] {
+    auto nonce = st->is_null(0) ? store_detail::legacy_nonce(static_cast<std::uint32_t>(st->int64(1)),
+                                                             static_cast<std::uint64_t>(st->int64(2)))
+                                : store_detail::nonce_bytes{};
+    if (!st->is_null(0)) std::copy(st->blob(0).begin(), st->blob(0).end(), nonce.begin());
+    out.emplace_back(detail::hex_encode(nonce), detail::hex_encode(st->blob(3)));
+  }));
+  return out;
+}
+
+void copy_index(const std::filesystem::path& from, const std::filesystem::path& to) {
+  for (const char* suffix : {"", "-wal", "-shm"}) {
+    std::filesystem::path f = from.string() + suffix, t = to.string() + suffix;
+    std::error_code ec;
+    std::filesystem::remove(t, ec);
+    if (std::filesystem::exists(f)) std::filesystem::copy_file(f, t);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("store: an index rolled back to an older copy never repeats a nonce") {
+  // A node image, a backup restore or a lost -wal file rolls the index back: the generation
+  // counter starts over, and with counter-derived nonces the next writes would reuse (data key,
+  // nonce) pairs for other pieces' plaintext.
+  signed_model sm;
+  temp_dir sd;
+  auto dir = sd / "store";
+  {
+    auto s = store::open(dir, key_from_hex('c'));
+    REQUIRE(s);
+    REQUIRE(s->add_artifact(*sm.vm, sm.bundle));
+  }
+  copy_index(dir / "index.sqlite", sd / "old.sqlite");
+  std::vector<std::pair<std::string, std::string>> before;
+  {
+    auto s = store::open(dir, key_from_hex('c'));
+    REQUIRE(s);
+    REQUIRE(import_model(*s, *sm.vm, sm.bundle, sm.model(), 1));
+  }
+  before = sealed_nonces(dir, sm.vm->artifact_id());
+  REQUIRE(before.size() == sm.vm->pieces().size());
+  copy_index(sd / "old.sqlite", dir / "index.sqlite");
+  {
+    auto s = store::open(dir, key_from_hex('c'));
+    REQUIRE(s);
+    CHECK(s->missing(*sm.vm)->indices.size() == sm.vm->pieces().size());  // the rollback forgot them
+    // Written in another order this time, so a repeated counter would pair a nonce with new bytes.
+    for (std::size_t i = sm.vm->pieces().size(); i-- > 0;) {
+      const auto& r = *sm.vm->pieces()[i].range;
+      auto bytes = sm.vm->pieces()[i].file == 0 ? sm.big.substr(r.begin, r.size()) : std::string("small file");
+      auto v = sm.vm->check_piece(i, std::vector<std::byte>(as_bytes(bytes).begin(), as_bytes(bytes).end()));
+      REQUIRE(v);
+      REQUIRE(s->put_piece(*sm.vm, *v));
+    }
+  }
+  auto after = sealed_nonces(dir, sm.vm->artifact_id());
+  REQUIRE(after.size() == before.size());
+  std::set<std::string> nonces;
+  for (const auto* set : {&before, &after})
+    for (const auto& [nonce, tag] : *set) CHECK_MESSAGE(nonces.insert(nonce).second, "nonce used twice: " << nonce);
+}
+
+TEST_CASE("store: a piece forged with a valid tag is never returned") {
+  // What an attacker who learnt a data key (from a nonce reuse, or the node key) could write:
+  // other bytes, sealed properly under the piece's address. The tag verifies; the signed digest
+  // does not, and every read that returns plaintext checks it.
+  signed_model sm;
+  temp_dir sd;
+  auto dir = sd / "store";
+  auto s = store::open(dir, key_from_hex('c'));
+  REQUIRE(s);
+  REQUIRE(import_model(*s, *sm.vm, sm.bundle, sm.model()));
+  const auto& id = sm.vm->artifact_id();
+  auto forge = [&] {
+    auto db = store_detail::database::open(dir / "index.sqlite");
+    REQUIRE(db);
+    auto meta = db->prepare("SELECT value FROM meta WHERE key = 'store_id'");
+    REQUIRE(meta);
+    REQUIRE(*meta->step());
+    std::vector<std::byte> store_id(meta->blob(0).begin(), meta->blob(0).end());
+    auto raw = *detail::hex_decode(id);
+    auto dk = store_detail::data_key::derive(key_from_hex('c'), store_id, raw);
+    REQUIRE(dk);
+    store_detail::piece_address where{};
+    std::copy(raw.begin(), raw.end(), where.artifact.begin());
+    where.file = 0;
+    where.piece = 1;
+    where.key_version = 1;
+    where.generation = 999999;
+    where.nonce = store_detail::random_nonce();
+    auto evil = std::string(65536, 'X');
+    std::vector<std::byte> sealed(evil.size());
+    store_detail::gcm seal(store_detail::gcm::mode::seal, *dk, where);
+    seal.update(as_bytes(evil), sealed);
+    auto tag = seal.seal_tag();
+    auto data = dir / "artifacts" / id / "data/0";
+    auto text = test::read_text(data);
+    text.replace(65536, 65536, std::string(reinterpret_cast<const char*>(sealed.data()), sealed.size()));
+    std::ofstream(data, std::ios::binary) << text;
+    auto up = db->prepare("UPDATE pieces SET tag = ?, nonce = ?, generation = ?, state = 2 WHERE artifact = ? AND idx = 1");
+    REQUIRE(up);
+    up->bind_blob(1, tag).bind_blob(2, where.nonce).bind(3, 999999).bind(4, id);
+    REQUIRE(up->run());
+  };
+  auto refused = [](const auto& r) {
+    CHECK(test::error_of(r).code() == errc::digest_mismatch);
+    CHECK(r.error().message().find("does not match its signed sha256 digest although its tag verified") !=
+          std::string::npos);
+  };
+  forge();
+  // The peer server's path checks the tag only (its receivers check every digest): the forgery
+  // opens there, which is what shows the tag alone would not have caught it.
+  std::vector<std::byte> buf(65536);
+  REQUIRE(s->read_piece(id, 1, buf, read_check::tag_only));
+  CHECK(buf[0] == std::byte{'X'});
+  refused(s->read_piece(id, 1, buf));
+  CHECK(std::all_of(buf.begin(), buf.end(), [](std::byte b) { return b == std::byte{0}; }));
+  CHECK_FALSE((*s->stored_pieces(id))[1]);  // dropped: the next import or fetch replaces it
+
+  forge();
+  auto reader = s->open_artifact(id);
+  REQUIRE(reader);
+  std::vector<std::byte> out(1000);
+  refused(reader->read(0, 70000, out));
+
+  forge();
+  temp_dir out_dir;
+  refused(s->materialize(id, out_dir / "x"));
+  CHECK_FALSE(std::filesystem::exists(out_dir / "x/big.bin"));
+
+  forge();
+  auto failures = s->scrub();
+  REQUIRE(failures);
+  REQUIRE(failures->size() == 1);
+  CHECK((*failures)[0].reason.find("although its tag verified") != std::string::npos);
+  REQUIRE(import_model(*s, *sm.vm, sm.bundle, sm.model()));
+  REQUIRE(s->materialize(id, out_dir / "y"));
+  CHECK(test::read_text(out_dir / "y/big.bin") == sm.big);
+}
+
+TEST_CASE("store: a store another user can write to is refused") {
+  signed_model sm;
+  temp_dir sd;
+  auto dir = sd / "store";
+  std::filesystem::create_directory(dir);
+  ::chmod(dir.c_str(), 0777);
+  auto open = store::open(dir, key_from_hex('c'));
+  CHECK(test::error_of(open).code() == errc::permission_denied);
+  CHECK(open.error().message().find("writable by group or others (mode 0777)") != std::string::npos);
+  ::chmod(dir.c_str(), 0750);  // readable by the group is the operator's choice: ciphertext only
+  {
+    auto s = store::open(dir, key_from_hex('c'));
+    REQUIRE(s);
+    REQUIRE(import_model(*s, *sm.vm, sm.bundle, sm.model()));
+  }
+  auto adir = dir / "artifacts" / sm.vm->artifact_id();
+  ::chmod((dir / "artifacts").c_str(), 0777);
+  CHECK(test::error_of(store::open(dir, key_from_hex('c'))).message().find("artifacts") != std::string::npos);
+  ::chmod((dir / "artifacts").c_str(), 0700);
+  if (::geteuid() != 0) {
+    MESSAGE("not root: the tests of files and directories owned by another user are skipped");
+    return;
+  }
+  // Owned by another user (nobody): refused whatever the mode.
+  REQUIRE(::chown(dir.c_str(), 65534, 65534) == 0);
+  auto foreign = store::open(dir, key_from_hex('c'));
+  CHECK(test::error_of(foreign).code() == errc::permission_denied);
+  CHECK(foreign.error().message().find("owned by uid 65534") != std::string::npos);
+  REQUIRE(::chown(dir.c_str(), 0, 0) == 0);
+  // A data file planted or swapped by another user is not read.
+  auto data = adir / "data/0";
+  REQUIRE(::chown(data.c_str(), 65534, 65534) == 0);
+  auto s = store::open(dir, key_from_hex('c'));
+  REQUIRE(s);
+  std::vector<std::byte> buf(65536);
+  auto r = s->read_piece(sm.vm->artifact_id(), 0, buf);
+  CHECK(test::error_of(r).code() == errc::permission_denied);
+  CHECK(r.error().message().find("data/0") != std::string::npos);
+}
+
+TEST_CASE("store: a verified piece is stored only as the piece it was verified for") {
+  signed_model a, b("!");  // the same layout: piece 1 of each has the same range
+  temp_dir sd;
+  auto s = store::open(sd / "store", key_from_hex('c'));
+  REQUIRE(s);
+  REQUIRE(s->add_artifact(*a.vm, a.bundle));
+  REQUIRE(s->add_artifact(*b.vm, b.bundle));
+  auto bytes = a.big.substr(65536, 65536);
+  auto v = a.vm->check_piece(1, std::vector<std::byte>(as_bytes(bytes).begin(), as_bytes(bytes).end()));
+  REQUIRE(v);
+  auto wrong = s->put_piece(*b.vm, *v);
+  CHECK(test::error_of(wrong).code() == errc::invalid_argument);
+  CHECK(wrong.error().message().find("was verified for artifact " + a.vm->artifact_id().substr(0, 12)) !=
+        std::string::npos);
+  CHECK_FALSE((*s->stored_pieces(b.vm->artifact_id()))[1]);
+  REQUIRE(s->put_piece(*a.vm, *v));
+  CHECK((*s->stored_pieces(a.vm->artifact_id()))[1]);
 }
