@@ -151,6 +151,7 @@ inline int exit_status(drun::errc c) {
     case drun::errc::key_error:
     case drun::errc::unsafe_entry: return exit_usage;
     case drun::errc::io_error:
+    case drun::errc::busy:
     case drun::errc::not_found: return exit_io;  // includes network and source failures
     case drun::errc::permission_denied: return exit_denied;
     case drun::errc::cancelled: return exit_cancelled;

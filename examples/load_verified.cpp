@@ -40,11 +40,12 @@ int main(int argc, char** argv) {
   if (!file.size) return 0;  // files mode signs whole files only
   std::size_t index = file.first_piece + file.piece_count - 1;
   auto range = *manifest->pieces()[index].range;
-  std::vector<char> buf(range.size());
+  std::vector<std::byte> buf(range.size());
   std::ifstream in(model / file.name, std::ios::binary);
   in.seekg(static_cast<std::streamoff>(range.begin));
-  in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-  auto piece = manifest->check_piece(index, std::as_bytes(std::span(buf)));
+  in.read(reinterpret_cast<char*>(buf.data()), static_cast<std::streamsize>(buf.size()));
+  // The piece takes the buffer: the verified bytes cannot change after the check.
+  auto piece = manifest->check_piece(index, std::move(buf));
   if (!piece) return std::fprintf(stderr, "refused: %s\n", piece.error().message().c_str()), 1;
   std::printf("piece %zu (%s bytes [%llu, %llu)) verified on its own\n", piece->index(), file.name.c_str(),
               static_cast<unsigned long long>(range.begin), static_cast<unsigned long long>(range.end));

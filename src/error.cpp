@@ -26,6 +26,7 @@ class category final : public std::error_category {
       case errc::digest_mismatch: return "digest mismatch";
       case errc::cancelled: return "cancelled";
       case errc::permission_denied: return "permission denied";
+      case errc::busy: return "busy";
     }
     return "unknown drun error";
   }

@@ -30,6 +30,7 @@ enum class errc : int {
   digest_mismatch,        // bytes do not hash to the signed digest
   cancelled,              // the caller asked the operation to stop
   permission_denied,      // a peer refused: the caller is not authorized for what it asked
+  busy,                   // a peer is at a limit (connections, buffers) and refused for now: try later
 };
 
 DRUN_API const std::error_category& error_category() noexcept;

@@ -37,7 +37,19 @@ struct peer_server_options {
   double max_requests_per_second = 2000;        // per connection; faster callers are slowed down
   std::uint64_t max_upload_bytes_per_second = 0;  // the whole server; 0: unlimited
   std::uint64_t memory_budget = std::uint64_t{256} << 20;  // piece buffers of all connections
+  // Pieces up to this size are read whole and sent from one buffer; larger ones stream through
+  // 1 MiB buffers, or this size if smaller (decrypted twice: once to authenticate, once to send),
+  // so a caller that stops reading a large piece holds 1 MiB, and each chunk, not the whole
+  // answer, has a deadline.
+  std::uint64_t max_buffered_piece = std::uint64_t{16} << 20;
+  // Of the budget, what the connections of one caller (one identity) may hold together.
+  std::uint64_t memory_per_caller = std::uint64_t{64} << 20;
   std::chrono::milliseconds handshake_timeout{10000};  // TLS handshake and hello
+  // Unauthenticated sockets must not crowd out callers: one address (an IPv6 /64) may hold this
+  // many connections still in their handshake (more are closed at once, counted as busy), and a
+  // caller that has sent no TLS byte after first_byte_timeout is closed.
+  unsigned max_handshakes_per_address = 8;
+  std::chrono::milliseconds first_byte_timeout{2000};
   std::chrono::milliseconds idle_timeout{60000};       // between requests
   std::chrono::milliseconds io_timeout{30000};         // to receive a request or send a response
   // Offered to callers that ask for it, after their hello; without a usable device the server

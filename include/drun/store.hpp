@@ -106,6 +106,11 @@ class DRUN_API artifact_reader {
   std::unique_ptr<impl> impl_;
 };
 
+// The largest piece (shard) the store takes. It seals a piece as one AES-GCM message, which can
+// be at most 64 GiB, and a fetch holds each piece in memory until it is checked; 4 GiB is four
+// times the reference tool's default shard.
+inline constexpr std::uint64_t max_stored_piece_size = std::uint64_t{4} << 30;
+
 // What a read checks before it returns plaintext. The tag proves the bytes are what a holder of
 // the data key sealed; the signed digest proves they are what the publisher signed, so a piece
 // forged under a leaked data key is refused too. tag_only is for callers that hand the bytes to
@@ -133,7 +138,7 @@ class DRUN_API store {
 
   // Registers a verified artifact (idempotent): keeps the bundle and reserves one data file per
   // file. Only shards manifests are stored (they give every piece a signed digest). Errors:
-  // invalid_argument (files manifest), io_error (including no space).
+  // invalid_argument (files manifest, shards over max_stored_piece_size), io_error (including no space).
   result<void> add_artifact(const verified_manifest& m, std::string_view bundle_json);
   // Seals and stores a verified piece of a registered artifact. Returns false when it was already
   // stored (nothing is rewritten). The index marks it stored only after its bytes are durable.
@@ -153,6 +158,14 @@ class DRUN_API store {
   // Decrypts a stored piece into out (out.size() must be the piece's size); see artifact_reader.
   result<void> read_piece(const std::string& artifact, std::size_t piece, std::span<std::byte> out,
                           read_check check = read_check::digest);
+  // Streams a stored piece through `scratch` (any size; it decides the chunks) into sink, so that
+  // memory does not grow with the piece: a first pass authenticates it (releasing nothing), a
+  // second decrypts it again into sink. Should the piece change on disk between the passes (only
+  // someone bypassing the store's locks can do that), the second pass fails its tag check and the
+  // call fails after sink has seen bytes: a caller must then discard everything sink received.
+  using piece_sink = std::function<result<void>(std::span<const std::byte> chunk)>;
+  result<void> stream_piece(const std::string& artifact, std::size_t piece, std::span<std::byte> scratch,
+                            const piece_sink& sink, read_check check = read_check::digest);
 
   result<artifact_reader> open_artifact(const std::string& artifact);
   // Writes every file's plaintext under dest (created; must not exist or be empty), through a

@@ -38,6 +38,11 @@ struct source_slot {
   std::vector<bool> refused;           // pieces it announced, then said it does not hold
   std::string last_error;              // why it was last refused or failed
   errc last_code = errc::io_error;
+  // A peer at its limits says so (errc::busy): it is asked again after a backoff, and its refusals
+  // count as failures only once it has been busy for longer than peer_wait. Anyone can make a
+  // peer busy for a while (connections are cheap), and that must not cost its callers the peer.
+  clock::time_point busy_until{}, busy_since{};
+  std::chrono::milliseconds busy_backoff{0};
 };
 
 constexpr unsigned max_peer_errors = 3;  // a peer failing this often in a row is dropped
@@ -119,6 +124,19 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
     (banned ? report.sources[k].banned : report.sources[k].dropped) = true;
     changed.notify_all();
   };
+  // A peer's failure (under the mutex): busy is a backoff, denial a drop, the rest count up.
+  auto peer_failed = [&](std::size_t k, errc code) {
+    auto& x = src[k];
+    if (code == errc::busy) {
+      auto now = clock::now();
+      if (x.busy_backoff.count() == 0) x.busy_since = now;
+      x.busy_backoff = std::clamp(x.busy_backoff * 2, std::chrono::milliseconds(100), std::chrono::milliseconds(2000));
+      x.busy_until = now + x.busy_backoff;
+      if (now - x.busy_since > options.peer_wait) drop_source(k, false);
+    } else if (code == errc::permission_denied || ++x.consecutive_errors >= max_peer_errors) {
+      drop_source(k, false);
+    }
+  };
   // Asks every usable peer what it holds; called without the mutex, by one worker at a time.
   auto refresh = [&] {
     std::vector<std::pair<std::size_t, result<std::optional<std::vector<bool>>>>> answers;
@@ -144,8 +162,7 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
         report.sources[k].errors += 1;
         src[k].last_error = a.error().message();
         src[k].last_code = a.error().code();
-        if (a.error().code() == errc::permission_denied || ++src[k].consecutive_errors >= max_peer_errors)
-          drop_source(k, false);
+        peer_failed(k, a.error().code());
       }
     }
     last_refresh = clock::now();
@@ -181,6 +198,7 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
         for (std::size_t k = 0; k < src.size(); ++k) {
           if (!src[k].peer || !src[k].usable || index >= src[k].have.size() || !src[k].have[index]) continue;
           ++holders;
+          if (src[k].busy_until > now) continue;  // a busy holder is waited for, not replaced
           if (src[k].in_flight < options.per_peer && (k_free == SIZE_MAX || src[k].in_flight < src[k_free].in_flight))
             k_free = k;
         }
@@ -314,6 +332,7 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
         tally.pieces += 1;
         tally.bytes += mp.range->size();
         src[k].consecutive_errors = 0;
+        src[k].busy_backoff = std::chrono::milliseconds(0);
         done_bytes += mp.range->size();
         done_pieces += 1;
         last_progress = clock::now();
@@ -351,8 +370,9 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
             src[k].have[index] = false;
             if (src[k].refused.size() < src[k].have.size()) src[k].refused.resize(src[k].have.size());
             src[k].refused[index] = true;
-          } else if (code == errc::permission_denied || ++src[k].consecutive_errors >= max_peer_errors)
-            drop_source(k, false);
+          } else {
+            peer_failed(k, code);
+          }
         }
       }
       if (charge_piece && ++sl.attempts >= options.attempts_per_piece) {

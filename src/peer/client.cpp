@@ -116,7 +116,8 @@ class peer_source final : public source {
     if (!head) return head.error().code() == errc::cancelled ? std::move(head).error() : fail(head.error().detail());
     if (static_cast<frame>(head->type) == frame::error) {
       auto e = decode_error(head->body);
-      if (e.code() == errc::permission_denied || e.code() == errc::not_found) give(std::move(conn));
+      if (e.code() == errc::permission_denied || e.code() == errc::not_found || e.code() == errc::busy)
+        give(std::move(conn));
       return e;
     }
     peer::reader rd(head->body);
@@ -198,6 +199,8 @@ class peer_source final : public source {
       e = errc::permission_denied;
     else if (code == static_cast<std::uint16_t>(peer::wire_error::not_found))
       e = errc::not_found;
+    else if (code == static_cast<std::uint16_t>(peer::wire_error::busy))
+      e = errc::busy;
 
     const char* what = code == static_cast<std::uint16_t>(peer::wire_error::denied)            ? "denied access"
                        : code == static_cast<std::uint16_t>(peer::wire_error::unauthenticated) ? "refused the caller"

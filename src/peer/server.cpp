@@ -77,12 +77,14 @@ struct peer_server::impl {
   std::mutex threads_mutex;
   std::condition_variable threads_cv;  // signalled when a connection thread ends
   unsigned handshaking = 0;            // connections that have not finished their hello (threads_mutex)
+  std::map<std::string, unsigned> handshaking_from;  // the same, by source address (threads_mutex)
 
   std::mutex memory_mutex;
   std::condition_variable memory_cv;
   std::uint64_t memory_used = 0;   // bytes of the buffers in use
   std::uint64_t pooled = 0;        // capacity of the idle buffers in pool
   std::vector<std::vector<std::byte>> pool;
+  std::map<std::string, std::uint64_t> held_by;  // bytes in use, by caller (memory_mutex)
 
   std::mutex upload_mutex;
   clock::time_point upload_next = clock::now();
@@ -91,21 +93,28 @@ struct peer_server::impl {
   std::map<std::string, std::shared_ptr<const artifact_info>> artifacts;
 
   void accept_loop();
-  void serve(detail::unique_fd fd);
+  void serve(detail::unique_fd fd, const std::string& source);
   bool handle(connection& c, const peer_identity& who, const peer::frame_in& f);
   bool setup_rdma(connection& c, const peer::frame_in& f);
   result<std::shared_ptr<const artifact_info>> artifact(const std::string& id);
 
   // Piece buffers come from a pool bounded by the memory budget: a buffer in use and the idle
   // ones kept for reuse (so no fresh pages are faulted in per piece) never exceed it together, and
-  // a piece larger than the whole budget goes alone. Empty optional when stopping.
-  std::optional<std::vector<std::byte>> take_buffer(std::uint64_t bytes) {
+  // a piece larger than the whole budget goes alone. One caller's connections together hold at
+  // most memory_per_caller (or one buffer), so no caller can take the budget from the others.
+  // Empty optional when stopping or after waiting io_timeout (the caller is answered "busy").
+  std::optional<std::vector<std::byte>> take_buffer(std::uint64_t bytes, const std::string& caller) {
     std::unique_lock lock(memory_mutex);
-    auto give_up = clock::now() + o.io_timeout;  // then the caller is answered "busy"
-    while (!stopping.load() && memory_used > 0 && memory_used + bytes > o.memory_budget && clock::now() < give_up)
-      memory_cv.wait_for(lock, std::chrono::milliseconds(200));
-    if (stopping.load() || (memory_used > 0 && memory_used + bytes > o.memory_budget)) return std::nullopt;
+    auto give_up = clock::now() + o.io_timeout;
+    auto full = [&] {
+      auto mine = held_by.count(caller) ? held_by[caller] : 0;
+      return (memory_used > 0 && memory_used + bytes > o.memory_budget) ||
+             (mine > 0 && mine + bytes > o.memory_per_caller);
+    };
+    while (!stopping.load() && full() && clock::now() < give_up) memory_cv.wait_for(lock, std::chrono::milliseconds(200));
+    if (stopping.load() || full()) return std::nullopt;
     memory_used += bytes;
+    held_by[caller] += bytes;
     std::vector<std::byte> buf;
     auto fit = std::find_if(pool.begin(), pool.end(), [&](const auto& b) { return b.capacity() >= bytes; });
     if (fit != pool.end()) {
@@ -122,10 +131,11 @@ struct peer_server::impl {
     return buf;
   }
   // bytes: what take_buffer was asked for (a reused buffer's extra capacity counts as pooled).
-  void give_buffer(std::vector<std::byte> buf, std::uint64_t bytes) {
+  void give_buffer(std::vector<std::byte> buf, std::uint64_t bytes, const std::string& caller) {
     sodium_memzero(buf.data(), buf.size());
     std::lock_guard lock(memory_mutex);
     memory_used -= bytes;
+    if (auto it = held_by.find(caller); it != held_by.end() && (it->second -= bytes) == 0) held_by.erase(it);
     if (memory_used + pooled + buf.capacity() <= o.memory_budget) {
       pooled += buf.capacity();
       pool.push_back(std::move(buf));
@@ -290,7 +300,15 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
                       io(), &stopping)
         .has_value();
   std::uint64_t length = a.piece_length[*piece_index];
-  auto taken = take_buffer(length);
+  transport::data_path& path = c.rdma ? static_cast<transport::data_path&>(*c.rdma) : *c.tcp;
+  // Large pieces stream through a chunk: 1 MiB (or max_buffered_piece if smaller), rounded up to
+  // a multiple of the data path's granule.
+  const bool streamed = length > o.max_buffered_piece;
+  const std::uint64_t granule = std::max<std::size_t>(1, path.send_granule());
+  const std::uint64_t chunk_size = std::clamp<std::uint64_t>(o.max_buffered_piece, 1, std::uint64_t{1} << 20);
+  const std::uint64_t hold = streamed ? (chunk_size + granule - 1) / granule * granule : length;
+  const std::string caller = who.display();
+  auto taken = take_buffer(hold, caller);
   if (!taken) {
     if (stopping.load()) return false;
     n.busy++;
@@ -298,21 +316,48 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
         .has_value();
   }
   auto& buf = *taken;
-  // The tag only: every receiver checks the piece against its signed digest before using it, so
-  // hashing here would double the server's CPU per byte for no added safety.
-  auto read = st->read_piece(id, *piece_index, buf, read_check::tag_only);
-  bool keep = true;
-  if (!read) {
-    bool absent = read.error().code() == errc::model_mismatch;
-    keep = send_error(s, absent ? wire_error::not_found : wire_error::internal,
+  auto cannot_read = [&](const error& e) {  // nothing of the answer went out: say why, and carry on
+    bool absent = e.code() == errc::model_mismatch;
+    return send_error(s, absent ? wire_error::not_found : wire_error::internal,
                       absent ? fmt::format("piece {} is not stored here (yet)", *piece_index)
                              : "the store cannot read this piece",
                       io(), &stopping)
-               .has_value();
+        .has_value();
+  };
+  // The tag only: every receiver checks the piece against its signed digest before using it, so
+  // hashing here would double the server's CPU per byte for no added safety.
+  if (streamed) {
+    bool started = false;
+    auto sent = st->stream_piece(id, *piece_index, buf, [&](std::span<const std::byte> chunk) -> result<void> {
+      if (!started) {
+        started = true;
+        peer::writer w;
+        w.u64(length);
+        if (auto r = peer::write_frame(s, frame::body, w.view(), io(), &stopping); !r) return r;
+      }
+      // Each chunk has its own deadline, sized for a slow but honest reader (64 KiB/s).
+      return path.send(chunk, clock::now() + o.io_timeout + std::chrono::seconds(chunk.size() >> 16), &stopping, pace);
+    }, read_check::tag_only);
+    bool keep = sent.has_value();
+    if (!sent && !started) {
+      keep = cannot_read(sent.error());
+    } else if (keep) {
+      n.pieces_served++;
+      n.bytes_served += length;
+      if (c.rdma) n.pieces_served_rdma++;
+    }
+    // A failure half-way through an answer ends the connection: the caller cannot resynchronize.
+    give_buffer(std::move(buf), hold, caller);
+    return keep;
+  }
+  auto read = st->read_piece(id, *piece_index, buf, read_check::tag_only);
+  bool keep = true;
+  if (!read) {
+    keep = cannot_read(read.error());
   } else {
     // Pieces take RDMA when the caller set it up; a failure there ends the connection, and the
     // caller asks again over TCP+TLS.
-    auto sent = send_answer(s, c.rdma ? *c.rdma : *c.tcp, buf, o.io_timeout, &stopping, pace);
+    auto sent = send_answer(s, path, buf, o.io_timeout, &stopping, pace);
     keep = sent.has_value();
     if (!sent && c.rdma && c.rdma->broken())
       detail::log(log_level::warning, fmt::format("RDMA with {} failed ({}); the connection is closed and the caller "
@@ -324,27 +369,43 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
       if (c.rdma) n.pieces_served_rdma++;
     }
   }
-  give_buffer(std::move(buf), length);
+  give_buffer(std::move(buf), hold, caller);
   return keep;
 }
 
-void peer_server::impl::serve(detail::unique_fd fd) {
-  peer::ssl_ptr ssl(SSL_new(ctx.get()));
-  if (!ssl) return;
-  peer::tls_stream s(std::move(fd), std::move(ssl));
-  auto hs_deadline = clock::now() + o.handshake_timeout;
-  // This connection holds a handshake slot until its WELCOME is sent, or it ends.
+void peer_server::impl::serve(detail::unique_fd fd, const std::string& source) {
+  // This connection holds a handshake slot (of the server's, and of its address's) until its
+  // WELCOME is sent, or it ends.
   bool in_handshake = true;
   auto handshake_over = [&] {
     if (!in_handshake) return;
     in_handshake = false;
     std::lock_guard lock(threads_mutex);
     handshaking--;
+    if (auto it = handshaking_from.find(source); it != handshaking_from.end() && --it->second == 0)
+      handshaking_from.erase(it);
   };
   struct on_exit {
     std::function<void()> f;
     ~on_exit() { f(); }
   } release_slot{handshake_over};
+  // A caller that has not started its TLS handshake soon is not going to: idle sockets are closed
+  // well before the handshake deadline, so holding slots costs an attacker reconnections.
+  {
+    pollfd p{fd.get(), POLLIN, 0};
+    auto until = clock::now() + o.first_byte_timeout;
+    int ready = 0;
+    while (!stopping.load() && (ready = ::poll(&p, 1, 100)) == 0 && clock::now() < until) {
+    }
+    if (ready <= 0) {
+      n.handshake_failures++;
+      return;
+    }
+  }
+  peer::ssl_ptr ssl(SSL_new(ctx.get()));
+  if (!ssl) return;
+  peer::tls_stream s(std::move(fd), std::move(ssl));
+  auto hs_deadline = clock::now() + o.handshake_timeout;
   auto refuse = [&](wire_error code, const std::string& why) {
     n.handshake_failures++;
     (void)send_error(s, code, why, clock::now() + o.io_timeout, &stopping);
@@ -437,13 +498,35 @@ void peer_server::impl::serve(detail::unique_fd fd) {
   }
 }
 
+namespace {
+
+// What handshake slots are counted by: the IPv4 address, or the /64 of an IPv6 one (a single
+// host commonly holds a whole /64). An IPv4 address mapped into IPv6 counts as IPv4.
+std::string source_key(const sockaddr_storage& a) {
+  if (a.ss_family == AF_INET) {
+    const auto& v4 = reinterpret_cast<const sockaddr_in&>(a).sin_addr;
+    return std::string(reinterpret_cast<const char*>(&v4), 4);
+  }
+  if (a.ss_family == AF_INET6) {
+    const auto& v6 = reinterpret_cast<const sockaddr_in6&>(a).sin6_addr;
+    if (IN6_IS_ADDR_V4MAPPED(&v6)) return std::string(reinterpret_cast<const char*>(v6.s6_addr) + 12, 4);
+    return std::string(reinterpret_cast<const char*>(v6.s6_addr), 8);
+  }
+  return {};
+}
+
+}  // namespace
+
 void peer_server::impl::accept_loop() {
   while (!stopping.load()) {
     pollfd p{listener.get(), POLLIN, 0};
     if (::poll(&p, 1, 200) <= 0) continue;
-    int fd = ::accept4(listener.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    sockaddr_storage from{};
+    socklen_t from_len = sizeof from;
+    int fd = ::accept4(listener.get(), reinterpret_cast<sockaddr*>(&from), &from_len, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) continue;
     detail::unique_fd conn(fd);
+    std::string source = source_key(from);
     // Answers are a small BODY frame and then the bytes: without this, Nagle holds the tail of an
     // answer until the caller's delayed ACK (tens of milliseconds per piece).
     int one = 1;
@@ -453,17 +536,22 @@ void peer_server::impl::accept_loop() {
       std::lock_guard lock(threads_mutex);
       // Connections still in their handshake get a quarter of the slots: callers with no
       // certificate cannot crowd out the authenticated ones.
-      if (n.active.load() >= o.max_connections || handshaking >= std::max(4u, o.max_connections / 4)) {
+      // One address gets a few of those, so that a single host cannot take them all.
+      auto& mine = handshaking_from[source];
+      if (n.active.load() >= o.max_connections || handshaking >= std::max(4u, o.max_connections / 4) ||
+          mine >= std::max(1u, o.max_handshakes_per_address)) {
+        if (mine == 0) handshaking_from.erase(source);
         n.busy++;
         continue;  // closed at once: a connection beyond the limit costs no thread
       }
       n.active++;
       handshaking++;
+      mine++;
     }
     try {
-      std::thread([this, c = std::move(conn)]() mutable {
+      std::thread([this, c = std::move(conn), source]() mutable {
         try {
-          serve(std::move(c));
+          serve(std::move(c), source);
         } catch (...) {  // out of memory, say: this connection ends, the server and its host live on
         }
         std::lock_guard lock(threads_mutex);
@@ -474,6 +562,8 @@ void peer_server::impl::accept_loop() {
       std::lock_guard lock(threads_mutex);
       n.active--;
       handshaking--;
+      if (auto it = handshaking_from.find(source); it != handshaking_from.end() && --it->second == 0)
+        handshaking_from.erase(it);
       n.busy++;
     }
   }

@@ -207,7 +207,15 @@ result<void> tls_stream::connect(const std::string& host, clock::time_point dead
     return error(errc::invalid_argument, fmt::format("cannot check the certificate against {}", host));
   }
   auto r = drive([&] { return SSL_connect(ssl_.get()); }, deadline, stop, "TLS handshake");
-  if (!r) return std::move(r).error();
+  if (!r) {
+    // Closed (or reset) before a single byte of the server's handshake came back, and not for a
+    // timeout: the server refused the connection on accept, which it does only at its limits.
+    // That is the server being busy, not failing, and callers treat it so.
+    if (r.error().code() == errc::io_error && clock::now() < deadline && BIO_number_read(SSL_get_rbio(ssl_.get())) == 0)
+      return error(errc::busy, "the peer closed the connection before its TLS handshake (it is at its connection "
+                               "limits): try again later");
+    return std::move(r).error();
+  }
   return {};
 }
 

@@ -369,7 +369,7 @@ struct store::impl {
     store_detail::gcm gcm(store_detail::gcm::mode::open, **dk, address(id, piece, row));
     std::optional<hasher> h;
     if (check == read_check::digest) h.emplace(row.hash);
-    const std::uint64_t step = sink ? std::min<std::uint64_t>(io_chunk, out.size()) : io_chunk;
+    const std::uint64_t step = sink ? out.size() : io_chunk;  // with a sink, the scratch size decides
     for (std::uint64_t off = 0; off < row.length; off += step) {
       auto n = std::min<std::uint64_t>(step, row.length - off);
       auto chunk = sink ? out.first(n) : out.subspan(off, n);
@@ -539,6 +539,11 @@ result<void> store::add_artifact(const verified_manifest& m, std::string_view bu
     return error(errc::invalid_argument,
                  "the store keeps shards manifests only (every piece needs a signed digest); re-sign with "
                  "drun sign --method shards");
+  if (m.shard_size() > max_stored_piece_size)
+    return error(errc::invalid_argument,
+                 fmt::format("the manifest's shards are {} bytes; the store takes shards of at most {} bytes (4 GiB): "
+                             "re-sign with a smaller shard size",
+                             m.shard_size(), max_stored_piece_size));
   store_lock g(impl_->dir, LOCK_SH);
   const std::string& id = m.artifact_id();
   bool stale = false;
@@ -769,6 +774,19 @@ result<void> store::read_piece(const std::string& artifact, std::size_t piece, s
                                read_check check) {
   store_lock g(impl_->dir, LOCK_SH);
   return impl_->open_piece(artifact, piece, out, {}, check);
+}
+
+result<void> store::stream_piece(const std::string& artifact, std::size_t piece, std::span<std::byte> scratch,
+                                 const piece_sink& sink, read_check check) {
+  if (scratch.empty()) return error(errc::invalid_argument, "no scratch buffer to stream a piece through");
+  store_lock g(impl_->dir, LOCK_SH);
+  // First pass: authenticate, releasing nothing. Second: decrypt again and release chunk by chunk.
+  // Its own tag check catches a piece changed on disk in between (only someone bypassing the
+  // store's locks can), and then the caller must throw away what the sink was given.
+  auto nothing = [](std::span<const std::byte>, std::uint64_t) { return result<void>(); };
+  if (auto r = impl_->open_piece(artifact, piece, scratch, nothing, check); !r) return r;
+  return impl_->open_piece(artifact, piece, scratch,
+                           [&](std::span<const std::byte> plain, std::uint64_t) { return sink(plain); }, check);
 }
 
 result<std::string> store::resolve(std::string_view prefix) {

@@ -86,6 +86,8 @@ class endpoint final : public transport::data_path {
   result<void> connect(const endpoint_address& remote);
 
   const char* kind() const noexcept override { return "rdma"; }
+  // Answers are cut into the receiver's slots: split on slot boundaries, the slices are the same.
+  std::size_t send_granule() const noexcept override { return slot_size_ ? slot_size_ : 1; }
   result<void> send(std::span<const std::byte> bytes, transport::clock::time_point deadline,
                     const std::atomic<bool>* stop, const transport::pace_fn& pace) override;
   result<void> receive(std::span<std::byte> out, transport::clock::time_point deadline,

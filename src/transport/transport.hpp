@@ -34,6 +34,9 @@ class data_path {
                             const pace_fn& pace) = 0;
   // Fills out exactly. Errors: io_error (also the other end breaking the protocol), cancelled.
   virtual result<void> receive(std::span<std::byte> out, clock::time_point deadline, const std::atomic<bool>* stop) = 0;
+  // One answer may be sent in several send() calls, each but the last a multiple of this many
+  // bytes, and the receiver's single receive() sees the same thing.
+  virtual std::size_t send_granule() const noexcept { return 1; }
 };
 
 // DATA frames of at most 1 MiB inside the TLS stream, which must outlive the data path.

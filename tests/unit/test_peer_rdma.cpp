@@ -133,6 +133,21 @@ TEST_CASE("peer rdma: pieces move over RDMA, verified, through several connectio
   CHECK_MESSAGE(log.count("RDMA") == 0, log.all());
 }
 
+TEST_CASE("peer: pieces over max_buffered_piece stream in chunks, over RDMA and over TCP+TLS") {
+  for (bool rdma : {true, false}) {
+    CAPTURE(rdma);
+    // 4 KiB chunks on TCP; on RDMA the chunk is rounded up to the receiver's slot size.
+    swarm s(true, [](peer_server_options& o) { o.max_buffered_piece = 4096; });
+    auto r = s.fetch_all(rdma);
+    REQUIRE_MESSAGE(r, (r ? "" : r.error().message()));
+    CHECK(r->fetched == s.vm->pieces().size());
+    s.check_copy();
+    auto st = s.server->stats();
+    CHECK(st.pieces_served == s.vm->pieces().size());
+    CHECK(st.pieces_served_rdma == (rdma ? st.pieces_served : 0));
+  }
+}
+
 TEST_CASE("peer rdma: a completion error mid-fetch: the peer's remaining pieces come over TCP+TLS") {
   captured_log log;
   swarm s;

@@ -4,6 +4,7 @@
 #include <drun/store.hpp>
 
 #include "detail/encoding.hpp"
+#include "manifest_data.hpp"
 #include "store/seal.hpp"
 #include "store/sqlite.hpp"
 #include "support.hpp"
@@ -550,4 +551,31 @@ TEST_CASE("store: a verified piece is stored only as the piece it was verified f
   CHECK_FALSE((*s->stored_pieces(b.vm->artifact_id()))[1]);
   REQUIRE(s->put_piece(*a.vm, *v));
   CHECK((*s->stored_pieces(a.vm->artifact_id()))[1]);
+}
+
+TEST_CASE("store: shards larger than the store takes are refused with a clear error") {
+  // One GCM message per piece can be at most 64 GiB, and fetchers hold a piece in memory: a
+  // manifest's shard size is the publisher's word, so it is bounded before anything is reserved.
+  temp_dir d;
+  write_file(d / "m/w.bin", "tiny");
+  manifest_options opts;
+  opts.piece_size = 4096;
+  auto built = build_manifest(d / "m", opts);
+  REQUIRE(built);
+  // drun sign stops at 1 GiB; another signer need not: an 8 GiB shard size, signed.
+  auto data = std::make_unique<detail::manifest_data>(detail::manifest_access::data(*built));
+  data->shard_size = max_stored_piece_size * 2;
+  auto k = private_key::generate(key_type::ed25519);
+  REQUIRE(k);
+  auto bundle = sign_manifest(detail::manifest_access::make(std::move(data)), *k);
+  REQUIRE(bundle);
+  auto vm = verify_bundle(*bundle, trust_store::from_public_key(k->public_key()));
+  REQUIRE(vm);
+  REQUIRE(vm->shard_size() == max_stored_piece_size * 2);
+  auto s = store::open(d / "store", key_from_hex('c'));
+  REQUIRE(s);
+  auto r = s->add_artifact(*vm, *bundle);
+  CHECK(test::error_of(r).code() == errc::invalid_argument);
+  CHECK(r.error().message().find("shards of at most 4294967296 bytes (4 GiB)") != std::string::npos);
+  CHECK(s->list()->empty());
 }

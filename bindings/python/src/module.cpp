@@ -35,6 +35,7 @@ const char* code_name(drun::errc c) {
     case drun::errc::digest_mismatch: return "digest_mismatch";
     case drun::errc::cancelled: return "cancelled";
     case drun::errc::permission_denied: return "permission_denied";
+    case drun::errc::busy: return "busy";
   }
   return "unknown";
 }
@@ -54,7 +55,8 @@ enum class io_kind { source, store, input, config };
     case drun::errc::invalid_argument:
     case drun::errc::key_error:
     case drun::errc::unsafe_entry: cls = "ConfigError"; break;
-    case drun::errc::io_error: cls = io == io_kind::source ? "SourceError" : "StoreError"; break;
+    case drun::errc::io_error:
+    case drun::errc::busy: cls = io == io_kind::source ? "SourceError" : "StoreError"; break;
     case drun::errc::not_found:
       cls = io == io_kind::source ? "SourceError" : io == io_kind::store ? "StoreError" : "ConfigError";
       break;
