@@ -10,6 +10,7 @@ has one refused handshake and one connection before the test starts.
 Run:  cd tests/python && DRUN_BIN=/path/to/drun /usr/bin/python3 -m pytest -q test_peer_protocol.py
 """
 
+import hashlib
 import json
 import os
 import re
@@ -800,3 +801,64 @@ def test_hello_token_length_beyond_body_is_bad_request(world):
         c.expect_closed()
     assert_serves(w, srv)
     stop(srv)
+
+
+# ------------------------------------------------------------------------------------------------
+# a caller that stops reading a large piece (security review, finding 3)
+
+
+def test_a_caller_that_stops_reading_a_1_gib_piece_does_not_starve_the_others(drun, drun_bin, drun_keys, tmp_path):
+    """Client A asks for a 1 GiB piece (the reference tool's default shard) and never reads it.
+    Large pieces stream through 1 MiB buffers: A holds 1 MiB, not 1 GiB of the server's 256 MiB
+    budget, so client B is served at once; then B reads the whole 1 GiB piece, right bytes."""
+    priv, pub = drun_keys["ed25519"]
+    model = tmp_path / "big"
+    model.mkdir()
+    (model / "config.json").write_bytes(b'{"layers": 80}')
+    with open(model / "weights.bin", "wb") as f:
+        f.truncate(1 << 30)  # sparse: zeros, cheap to make and to read
+    sig = tmp_path / "big.sig"
+    drun("sign", model, "--key", priv, "--piece-size", 1 << 30, "--signature", sig).ok()
+    man = json.loads(drun("manifest", "--json", sig).ok().out)
+    artifact = man["artifact_id"]
+    assert [f["name"] for f in man["files"]] == ["config.json", "weights.bin"], man["files"]
+    drun("cache", "keygen", "--out", tmp_path / "node.key").ok()
+    ks = f"file:{tmp_path / 'node.key'}"
+    seeded_store(drun, tmp_path / "store", ks, model, sig, pub)
+    pki = PKI(tmp_path / "pki")
+    server_cert, server_key = pki.issue("server")
+    a_cert, a_key = pki.issue("reader-a", uri="spiffe://drun.test/a")
+    b_cert, b_key = pki.issue("reader-b", uri="spiffe://drun.test/b")
+    srv = Serve(drun_bin, tmp_path / "store", ks, server_cert, server_key, pki.ca)
+    try:
+        a = Client(srv.port, pki.ca, cert=a_cert, key=a_key)
+        a.welcome()
+        a.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        a.send_frame(GET_PIECE, bytes.fromhex(artifact) + struct.pack(">II", 1, 1))
+        time.sleep(2.0)  # the server authenticates the piece, starts sending, and A's window fills
+        assert rss_mib(srv.proc.pid) < 200, f"the server holds {rss_mib(srv.proc.pid):.0f} MiB for A"
+        with Client(srv.port, pki.ca, cert=b_cert, key=b_key) as b:
+            b.welcome()
+            start = time.monotonic()
+            assert b.get_piece(artifact, 0, 0) == b'{"layers": 80}'
+            took = time.monotonic() - start
+            assert took < 2.0, f"B waited {took:.1f} s for a 14-byte piece while A held a 1 GiB one"
+            # The streamed answer itself: BODY announces 1 GiB, DATA frames bring exactly that.
+            b.send_frame(GET_PIECE, bytes.fromhex(artifact) + struct.pack(">II", 1, 1))
+            ftype, body = b.read_frame()
+            assert ftype == BODY and struct.unpack(">Q", body)[0] == 1 << 30, (ftype, body)
+            h, got = hashlib.sha256(), 0
+            while got < 1 << 30:
+                ftype, chunk = b.read_frame()
+                assert ftype == DATA and 1 <= len(chunk) <= MiB, (ftype, len(chunk))
+                h.update(chunk)
+                got += len(chunk)
+            assert got == 1 << 30
+            zeros, want = bytes(MiB), hashlib.sha256()
+            for _ in range(1024):
+                want.update(zeros)
+            assert h.hexdigest() == want.hexdigest()
+        a.close()
+    finally:
+        st = stop(srv)
+    assert st["pieces"] == 2, st  # B's two; A's answer never completed

@@ -440,3 +440,77 @@ def test_a_peer_that_announces_pieces_it_never_serves_does_not_stall_the_fetch(s
     finally:
         liar.stop()
         nginx.stop()
+
+
+# --- unauthenticated sockets and busy peers (security review, finding 2) ---------------------------
+
+
+def test_idle_unauthenticated_sockets_do_not_lock_callers_out(swarm, tmp_path):
+    """An attacker without a certificate holds and renews a hundred idle TCP sockets (from
+    127.0.0.2, another address of this host): it gets a few handshake slots, each closed after the
+    first-byte deadline, and a `drun fetch --peer` from 127.0.0.1 completes from that server,
+    which it does not drop."""
+    seed = swarm.serve()
+    port = seed.port
+    stop = threading.Event()
+    held = []
+    opened = [0]
+
+    def attack():
+        while not stop.is_set():
+            # Renew what the server closed: a closed socket reads as EOF (or a reset).
+            for s in list(held):
+                try:
+                    s.setblocking(False)
+                    if s.recv(1) == b"":
+                        raise ConnectionResetError
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    pass
+                held.remove(s)
+                s.close()
+            while len(held) < 100 and not stop.is_set():
+                s = socket.socket()
+                s.bind(("127.0.0.2", 0))
+                s.settimeout(1)
+                try:
+                    s.connect(("127.0.0.1", port))
+                except OSError:
+                    s.close()
+                    break
+                held.append(s)
+                opened[0] += 1
+            stop.wait(0.2)
+
+    t = threading.Thread(target=attack, daemon=True)
+    t.start()
+    try:
+        time.sleep(1.0)  # the attack is in place before the fetch starts
+        start = time.monotonic()
+        r = swarm.fetch(seed.addr, extra=["--out", tmp_path / "out"]).ok()
+        took = time.monotonic() - start
+        assert same_tree(swarm.model, tmp_path / "out")
+        assert re.search(rf"peer {re.escape(seed.addr)}: {N} pieces", r.out), r
+        assert "dropped" not in r.out and "dropped" not in r.err, r
+        assert took < 30, f"the fetch took {took:.1f} s under the attack"
+    finally:
+        stop.set()
+        t.join(10)
+        for s in held:
+            s.close()
+    stats = seed.stop()
+    # The attacker was turned away: most of its sockets closed on accept, the rest after 2 s.
+    assert opened[0] > 100 and stats["busy"] > 0, (opened[0], stats)
+
+
+def test_a_peer_at_its_connection_limit_is_waited_for_not_dropped(swarm, tmp_path):
+    """A seed that takes one connection at a time closes the fetch's others on accept. That is the
+    peer being busy, not failing: the fetch (no origin to fall back on) completes from it."""
+    seed = swarm.serve(extra=["--max-connections", "1"])
+    r = swarm.fetch(seed.addr, extra=["--out", tmp_path / "out", "--connections", "4"]).ok()
+    assert same_tree(swarm.model, tmp_path / "out")
+    assert re.search(rf"peer {re.escape(seed.addr)}: {N} pieces", r.out), r
+    assert "dropped" not in r.out, r
+    stats = seed.stop()
+    assert stats["pieces"] == N, stats
