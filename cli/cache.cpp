@@ -75,12 +75,14 @@ int cache_import(int argc, char** argv) {
 }
 
 int cache_export(int argc, char** argv) {
-  auto args = parse_args(argc, argv, 3, with_store({}));
-  if (args.positional.size() != 2) throw usage_error{"usage: drun cache export ARTIFACT DEST --store DIR --key-source SPEC"};
+  auto args = parse_args(argc, argv, 3, with_store({{"umask-modes", false}}));
+  if (args.positional.size() != 2)
+    throw usage_error{"usage: drun cache export ARTIFACT DEST --store DIR --key-source SPEC [--umask-modes]"};
   auto o = open_store(args);
   if (!o) return fail("cache export", o.error());
   auto id = artifact_arg(*o, args.positional[0]);
-  if (auto r = o->materialize(id, args.positional[1]); !r) return fail("cache export", r.error());
+  auto modes = args.has("umask-modes") ? drun::export_modes::umask : drun::export_modes::owner_only;
+  if (auto r = o->materialize(id, args.positional[1], modes); !r) return fail("cache export", r.error());
   fmt::print("exported {} to {}\n", id, args.positional[1]);
   return exit_ok;
 }

@@ -8,7 +8,7 @@ namespace drun::cli {
 
 int cmd_fetch(int argc, char** argv) {
   auto args = parse_args(argc, argv, 2, with_rdma_options(with_trust_options(
-                         {{"signature", true}, {"origin", true, true}, {"store", true}, {"key-source", true}, {"out", true},
+                         {{"signature", true}, {"origin", true, true}, {"store", true}, {"key-source", true}, {"out", true}, {"umask-modes", false},
                           {"connections", true}, {"ca-cert", true}, {"tls-min", true}, {"insecure", false},
                           {"proxy", true}, {"attempts", true}, {"header-file", true}, {"bearer-env", true},
                           {"limit-rate", true}, {"stall-timeout", true}, {"s3-endpoint", true},
@@ -183,8 +183,10 @@ int cmd_fetch(int argc, char** argv) {
   fo.cancel = &interrupted;
   auto report = drun::fetch(*st, *vm, *text, sources, fo);
   if (!report) return fail("fetch", report.error());
-  if (auto out = args.get("out"))
-    if (auto r = st->materialize(vm->artifact_id(), *out); !r) return fail("fetch", r.error());
+  if (auto out = args.get("out")) {
+    auto modes = args.has("umask-modes") ? drun::export_modes::umask : drun::export_modes::owner_only;
+    if (auto r = st->materialize(vm->artifact_id(), *out, modes); !r) return fail("fetch", r.error());
+  }
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   fmt::print("fetched {}: {} pieces ({} already stored), {:.1f} MiB in {:.2f} s ({:.0f} MiB/s)\n", vm->artifact_id(),
              report->fetched, report->already_stored, static_cast<double>(report->bytes) / 1048576.0, secs,

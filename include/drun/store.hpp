@@ -117,6 +117,11 @@ inline constexpr std::uint64_t max_stored_piece_size = std::uint64_t{4} << 30;
 // someone who checks the digest anyway (the peer server: every receiver verifies every piece).
 enum class read_check { digest, tag_only };
 
+// The modes of what materialize creates: owner_only (0600 files, 0700 directories; weights are
+// often proprietary, and an export directory is easily shared by accident) or umask (0666 and
+// 0777 less the process umask, as cp and tar create them).
+enum class export_modes { owner_only, umask };
+
 class DRUN_API store {
  public:
   // Opens or creates a store directory (mode 0700), keeping the node key for as long as the store
@@ -169,8 +174,11 @@ class DRUN_API store {
 
   result<artifact_reader> open_artifact(const std::string& artifact);
   // Writes every file's plaintext under dest (created; must not exist or be empty), through a
-  // staging directory inside dest: on failure nothing of the artifact is left there.
-  result<void> materialize(const std::string& artifact, const std::filesystem::path& dest);
+  // staging directory inside dest: on failure nothing of the artifact is left there. Staging
+  // directories that a killed export left in dest (plaintext not yet checked) are removed first.
+  // Files are created 0600 and directories 0700 unless modes says umask.
+  result<void> materialize(const std::string& artifact, const std::filesystem::path& dest,
+                           export_modes modes = export_modes::owner_only);
 
   // The full id of the one artifact whose id starts with prefix (>= 8 hex characters).
   result<std::string> resolve(std::string_view prefix);

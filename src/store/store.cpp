@@ -12,6 +12,7 @@
 #include "detail/encoding.hpp"
 #include "detail/file.hpp"
 #include "detail/thread_pool.hpp"
+#include "store/fault.hpp"
 #include "store/seal.hpp"
 #include "store/sqlite.hpp"
 
@@ -25,6 +26,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <cstdio>
 #include <ctime>
 #include <dirent.h>
 #include <fcntl.h>
@@ -1121,16 +1123,18 @@ result<void> artifact_reader::read(std::size_t file, std::uint64_t offset, std::
 
 namespace {
 
+constexpr std::string_view staging_prefix = ".drun-export-";
+
 // Opens (creating) each directory of rel below dirfd without following symlinks; returns the fd of
 // the last directory and the final component.
-result<std::pair<detail::unique_fd, std::string>> open_parent(int dirfd, const std::string& rel) {
+result<std::pair<detail::unique_fd, std::string>> open_parent(int dirfd, const std::string& rel, mode_t dir_mode) {
   detail::unique_fd cur(::dup(dirfd));
   std::size_t start = 0;
   for (;;) {
     auto slash = rel.find('/', start);
     if (slash == std::string::npos) return std::pair{std::move(cur), rel.substr(start)};
     auto part = rel.substr(start, slash - start);
-    if (::mkdirat(cur.get(), part.c_str(), 0755) != 0 && errno != EEXIST)
+    if (::mkdirat(cur.get(), part.c_str(), dir_mode) != 0 && errno != EEXIST)
       return error(errc::io_error, "cannot create directory").with_path(rel).with_errno(errno);
     int next = ::openat(cur.get(), part.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (next < 0) return error(errc::io_error, "cannot open directory").with_path(rel).with_errno(errno);
@@ -1139,20 +1143,40 @@ result<std::pair<detail::unique_fd, std::string>> open_parent(int dirfd, const s
   }
 }
 
+// Removes the staging directories of exports that were killed (ours only: owned by this user);
+// they hold plaintext whose tags were not all checked. Whatever else dest holds stays.
+void remove_stale_staging(const std::filesystem::path& dest) {
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dest, ec)) {
+    struct stat st {};
+    auto name = e.path().filename().string();
+    if (name.starts_with(staging_prefix) && ::lstat(e.path().c_str(), &st) == 0 && S_ISDIR(st.st_mode) &&
+        st.st_uid == ::geteuid())
+      std::filesystem::remove_all(e.path(), ec);
+  }
+}
+
 }  // namespace
 
-result<void> store::materialize(const std::string& artifact, const std::filesystem::path& dest) {
+namespace store_detail {
+std::atomic<int> fail_export_rename_after{-1};
+}
+
+result<void> store::materialize(const std::string& artifact, const std::filesystem::path& dest, export_modes modes) {
+  const mode_t file_mode = modes == export_modes::owner_only ? 0600 : 0666;  // open() and mkdir() apply the umask
+  const mode_t dir_mode = modes == export_modes::owner_only ? 0700 : 0777;
   auto d = show(artifact);
   if (!d) return std::move(d).error();
   struct stat st {};
   if (::lstat(dest.c_str(), &st) == 0) {
     std::error_code ec;
+    if (S_ISDIR(st.st_mode)) remove_stale_staging(dest);
     if (!S_ISDIR(st.st_mode) || !std::filesystem::is_empty(dest, ec))
       return error(errc::invalid_argument, "destination exists and is not an empty directory").with_path(dest.string());
   } else {
     std::error_code ec;
     if (dest.has_parent_path()) std::filesystem::create_directories(dest.parent_path(), ec);
-    if (::mkdir(dest.c_str(), 0755) != 0) return detail::sys_error("cannot create the destination", dest, errno);
+    if (::mkdir(dest.c_str(), dir_mode) != 0) return detail::sys_error("cannot create the destination", dest, errno);
   }
   int dfd = ::open(dest.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
   if (dfd < 0) return detail::sys_error("cannot open the destination", dest, errno);
@@ -1160,7 +1184,7 @@ result<void> store::materialize(const std::string& artifact, const std::filesyst
   // Everything is written under a staging directory first; only complete, synced files move out.
   std::array<std::byte, 6> rnd{};
   randombytes_buf(rnd.data(), rnd.size());
-  std::string staging = ".drun-export-" + detail::hex_encode(rnd);
+  std::string staging = std::string(staging_prefix) + detail::hex_encode(rnd);
   if (::mkdirat(dest_fd.get(), staging.c_str(), 0700) != 0) return detail::sys_error("cannot create", dest / staging, errno);
   auto fail = [&](error e) {
     std::error_code ec;
@@ -1181,10 +1205,10 @@ result<void> store::materialize(const std::string& artifact, const std::filesyst
     std::string name = f.name == "." ? d->summary.subject : f.name;
     if (!is_safe_relative_path(name) || (f.name == "." && name.find('/') != std::string::npos))
       return fail(error(errc::invalid_argument, fmt::format("cannot export a file named \"{}\"", name)));
-    auto parent = open_parent(staging_fd.get(), name);
+    auto parent = open_parent(staging_fd.get(), name, dir_mode);
     if (!parent) return fail(std::move(parent).error());
     int ofd = ::openat(parent->first.get(), parent->second.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
-                       0644);
+                       file_mode);
     if (ofd < 0) return fail(detail::sys_error("cannot create", dest / name, errno));
     detail::unique_fd out(ofd);
     // Each piece is decrypted chunk by chunk straight into the staging file, pieces in parallel;
@@ -1214,9 +1238,18 @@ result<void> store::materialize(const std::string& artifact, const std::filesyst
     if (std::find(top_level.begin(), top_level.end(), top) == top_level.end()) top_level.push_back(top);
   }
   for (auto& b : bufs) sodium_memzero(b.data(), b.size());
-  for (const auto& top : top_level)
-    if (::renameat(staging_fd.get(), top.c_str(), dest_fd.get(), top.c_str()) != 0)
-      return fail(detail::sys_error("cannot move into place", dest / top, errno));
+  // Into place, never over something that appeared in dest meanwhile; on a failure, what was
+  // already moved goes back, so dest is left as it was found.
+  for (std::size_t i = 0; i < top_level.size(); ++i) {
+    const char* top = top_level[i].c_str();
+    bool injected = store_detail::fail_export_rename_after.load() == static_cast<int>(i);
+    if (injected || ::renameat2(staging_fd.get(), top, dest_fd.get(), top, RENAME_NOREPLACE) != 0) {
+      int e = injected ? EIO : errno;
+      for (std::size_t j = i; j-- > 0;)
+        ::renameat2(dest_fd.get(), top_level[j].c_str(), staging_fd.get(), top_level[j].c_str(), RENAME_NOREPLACE);
+      return fail(detail::sys_error("cannot move into place", dest / top, e));
+    }
+  }
   ::unlinkat(dest_fd.get(), staging.c_str(), AT_REMOVEDIR);
   ::fsync(dest_fd.get());
   return {};

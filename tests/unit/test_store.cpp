@@ -5,6 +5,7 @@
 
 #include "detail/encoding.hpp"
 #include "manifest_data.hpp"
+#include "store/fault.hpp"
 #include "store/seal.hpp"
 #include "store/sqlite.hpp"
 #include "support.hpp"
@@ -578,4 +579,47 @@ TEST_CASE("store: shards larger than the store takes are refused with a clear er
   CHECK(test::error_of(r).code() == errc::invalid_argument);
   CHECK(r.error().message().find("shards of at most 4294967296 bytes (4 GiB)") != std::string::npos);
   CHECK(s->list()->empty());
+}
+
+TEST_CASE("store: export is private by default, rolls back a failed move, and clears stale staging") {
+  signed_model sm;
+  temp_dir sd;
+  auto s = store::open(sd / "store", key_from_hex('c'));
+  REQUIRE(s);
+  REQUIRE(import_model(*s, *sm.vm, sm.bundle, sm.model()));
+  const auto& id = sm.vm->artifact_id();
+  auto mode_of = [](const std::filesystem::path& p) {
+    struct stat st {};
+    REQUIRE(::stat(p.c_str(), &st) == 0);
+    return st.st_mode & 07777;
+  };
+  temp_dir out;
+  REQUIRE(s->materialize(id, out / "private"));
+  CHECK(mode_of(out / "private") == 0700);
+  CHECK(mode_of(out / "private/big.bin") == 0600);
+  CHECK(mode_of(out / "private/sub") == 0700);
+  CHECK(mode_of(out / "private/sub/small.txt") == 0600);
+  auto old = ::umask(022);
+  REQUIRE(s->materialize(id, out / "shared", export_modes::umask));
+  ::umask(old);
+  CHECK(mode_of(out / "shared/big.bin") == 0644);
+  CHECK(mode_of(out / "shared/sub") == 0755);
+
+  // The second top-level entry (sub/) fails to move: big.bin, already moved, goes back, and dest
+  // is left empty, staging and all.
+  std::filesystem::create_directory(out / "rollback");
+  store_detail::fail_export_rename_after = 1;
+  auto failed = s->materialize(id, out / "rollback");
+  store_detail::fail_export_rename_after = -1;
+  CHECK(test::error_of(failed).message().find("cannot move into place") != std::string::npos);
+  CHECK(std::filesystem::is_empty(out / "rollback"));
+
+  // A killed export leaves its staging directory (unchecked plaintext): the next one removes it.
+  test::write_file(out / "again/.drun-export-0123456789ab/big.bin", "half-written, unchecked");
+  REQUIRE(s->materialize(id, out / "again"));
+  CHECK_FALSE(std::filesystem::exists(out / "again/.drun-export-0123456789ab"));
+  CHECK(test::read_text(out / "again/big.bin") == sm.big);
+  // Anything else there is the user's, and the export refuses to mix with it.
+  test::write_file(out / "theirs/notes.txt", "mine");
+  CHECK(test::error_of(s->materialize(id, out / "theirs")).code() == errc::invalid_argument);
 }

@@ -255,10 +255,10 @@ class py_store {
     take_nogil(reader.read(index, offset, out));
   }
 
-  void materialize(const std::string& artifact, const std::string& dest) {
+  void materialize(const std::string& artifact, const std::string& dest, bool umask_modes) {
     auto id = take(s_->resolve(artifact));
     py::gil_scoped_release release;
-    take_nogil(s_->materialize(id, dest));
+    take_nogil(s_->materialize(id, dest, umask_modes ? drun::export_modes::umask : drun::export_modes::owner_only));
   }
 
   py::list list() {
@@ -569,7 +569,8 @@ PYBIND11_MODULE(_drun, m) {
            py::arg("public_key") = py::none(), py::arg("ca_bundle") = py::none(),
         py::arg("trusted_root") = py::none(), py::arg("identity") = py::none(), py::arg("identity_provider") = py::none(), py::arg("threads") = 0)
       .def("read", &py_store::read, py::arg("artifact"), py::arg("file"), py::arg("offset"), py::arg("buffer"))
-      .def("materialize", &py_store::materialize, py::arg("artifact"), py::arg("dest"))
+      .def("materialize", &py_store::materialize, py::arg("artifact"), py::arg("dest"), py::kw_only(),
+           py::arg("umask_modes") = false)
       .def("list", &py_store::list)
       .def("files", &py_store::files, py::arg("artifact"))
       .def("verify", &py_store::verify, py::arg("artifact") = py::none())
