@@ -77,6 +77,10 @@ class DRUN_API access_policy {
   // Thread safe (results of publisher checks are cached per artifact id). Errors:
   // permission_denied, naming the identity and the artifact (never a token).
   result<void> authorize(const peer_identity& who, const std::string& artifact_id, std::string_view bundle_json) const;
+  // Whether some rule judges artifacts by their bundle (publishers). Without one, a server
+  // authorizes before it even looks for the artifact, so a refusal takes the same time whether
+  // the artifact is held or not.
+  bool reads_bundles() const noexcept;
 
   struct impl;
 

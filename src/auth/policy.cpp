@@ -376,6 +376,8 @@ result<access_policy> access_policy::load(const std::filesystem::path& file) {
   return policy;
 }
 
+bool access_policy::reads_bundles() const noexcept { return !impl_->publishers.empty(); }
+
 result<void> access_policy::authorize(const peer_identity& who, const std::string& artifact_id,
                                       std::string_view bundle_json) const {
   auto deny = [&](std::string_view why) {
