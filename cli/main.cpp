@@ -81,6 +81,15 @@ int cmd_sign(int argc, char** argv) {
   opts.progress = progress.callback();
   auto m = drun::build_manifest(model, opts);
   if (!m) return fail("sign", m.error());
+  if (const auto& empty = m->unsigned_empty_files(); !empty.empty()) {
+    std::string names;
+    for (std::size_t i = 0; i < empty.size() && i < 10; ++i) names += (i ? ", " : "") + empty[i];
+    if (empty.size() > 10) names += fmt::format(" and {} more", empty.size() - 10);
+    fmt::print(stderr,
+               "drun sign: WARNING: the shards format cannot sign empty files; not covered: {} (verifiers refuse "
+               "them unless given --allow-unsigned-empty-files; sign with --method files to cover them)\n",
+               names);
+  }
   auto bundle = drun::sign_manifest(*m, *key, chain ? &*chain : nullptr);
   if (!bundle) return fail("sign", bundle.error());
   if (auto r = drun::write_file_atomically(sig, *bundle); !r) return fail("sign", r.error());
@@ -95,7 +104,8 @@ int cmd_sign(int argc, char** argv) {
 int cmd_verify(int argc, char** argv) {
   auto args = parse_args(argc, argv, 2,
                          with_trust_options({{"signature", true}, {"ignore", true, true},
-                                             {"ignore-unsigned-files", false}, {"threads", true}}));
+                                             {"ignore-unsigned-files", false}, {"allow-unsigned-empty-files", false},
+                                             {"threads", true}}));
   std::filesystem::path model = one_positional(args, "model PATH");
   std::filesystem::path sig = args.get("signature").value_or(default_signature(model).string());
   auto trust = trust_from_args(args);
@@ -103,6 +113,10 @@ int cmd_verify(int argc, char** argv) {
   drun::verify_options opts;
   opts.ignore_paths = args.all("ignore");
   opts.ignore_unsigned_files = args.has("ignore-unsigned-files");
+  opts.allow_unsigned_empty_files = args.has("allow-unsigned-empty-files");
+  if (opts.allow_unsigned_empty_files)
+    fmt::print(stderr, "drun verify: WARNING: --allow-unsigned-empty-files: empty files the signature does not cover "
+                       "are accepted\n");
   opts.threads = parse_threads(args);
   if (auto rel = signature_inside(model, sig)) opts.ignore_paths.push_back(*rel);
 
@@ -172,7 +186,8 @@ void print_usage(std::FILE* to) {
              "  sign     PATH --key KEY [--cert LEAF.pem [--chain CHAIN.pem]] [--signature OUT]\n"
              "           [--method shards|files] [--hash sha256|blake2b] [--piece-size BYTES]\n"
              "           [--ignore REL]... [--allow-symlinks] [--threads N]\n"
-             "  verify   PATH [--signature SIG] TRUST [--ignore REL]... [--ignore-unsigned-files] [--threads N]\n"
+             "  verify   PATH [--signature SIG] TRUST [--ignore REL]... [--ignore-unsigned-files]\n"
+             "           [--allow-unsigned-empty-files] [--threads N]\n"
              "           TRUST: --public-key PEM | --ca-bundle PEM [--certificate-time now|not-before]\n"
              "                | --trusted-root JSON --identity ID --identity-provider URL   (Sigstore keyless)\n"
              "  manifest SIG [--json]      what a bundle covers (NOT verified)\n\n"

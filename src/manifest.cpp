@@ -310,6 +310,7 @@ hash_algorithm manifest::hash_type() const noexcept { return data_->hash; }
 std::uint64_t manifest::shard_size() const noexcept { return data_->shard_size; }
 std::size_t manifest::resource_count() const noexcept { return data_->resources.size(); }
 std::uint64_t manifest::total_bytes() const noexcept { return data_->total_bytes; }
+const std::vector<std::string>& manifest::unsigned_empty_files() const noexcept { return data_->unsigned_empty_files; }
 std::string manifest::statement_json() const { return detail::statement_json(*data_); }
 
 result<manifest> build_manifest(const std::filesystem::path& model, const manifest_options& options) {
@@ -343,6 +344,7 @@ result<manifest> build_manifest(const std::filesystem::path& model, const manife
       tasks.push_back({i, {0, f.size}});
     } else {
       for (auto r : piece_ranges(f.size, m->shard_size)) tasks.push_back({i, r});
+      if (f.size == 0) m->unsigned_empty_files.push_back(f.name);
     }
   }
   auto digests = detail::hash_ranges(*files, tasks, options.hash, options.threads,

@@ -30,6 +30,7 @@ struct manifest_data {
   std::vector<std::string> ignore_paths;
   std::vector<resource> resources;  // in statement order
   std::uint64_t total_bytes = 0;    // known when built locally
+  std::vector<std::string> unsigned_empty_files;  // built locally in shards mode: no shard covers them
 };
 
 // OMS root digest: SHA-256 over the concatenated raw resource digests, in the listed order.

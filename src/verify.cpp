@@ -378,12 +378,20 @@ result<void> verify_model(const verified_manifest& m, const std::filesystem::pat
       local_of[i] = it->second;
       matched[it->second] = true;
     }
-    // In shards mode an empty file has no resource (nothing to hash), so it cannot be "extra".
+    // In shards mode an empty file has no resource (nothing to hash): the signature cannot say
+    // whether the publisher's model had it, so it passes only when the caller said it accepts that.
     bool shards = m.method() == serialization_method::shards;
     if (!options.ignore_unsigned_files)
-      for (std::size_t k = 0; k < local->size(); ++k)
-        if (!matched[k] && !(shards && (*local)[k].size == 0))
-          problems.push_back(fmt::format("{}: not in the manifest (unsigned file)", (*local)[k].name));
+      for (std::size_t k = 0; k < local->size(); ++k) {
+        if (matched[k]) continue;
+        bool empty = shards && (*local)[k].size == 0;
+        if (empty && options.allow_unsigned_empty_files) continue;
+        problems.push_back(empty ? fmt::format("{}: an empty file not in the manifest (unsigned: the shards format "
+                                               "cannot sign empty files; accept them with "
+                                               "--allow-unsigned-empty-files)",
+                                               (*local)[k].name)
+                                 : fmt::format("{}: not in the manifest (unsigned file)", (*local)[k].name));
+      }
   }
   for (std::size_t i = 0; i < files.size(); ++i) {
     if (local_of[i] == SIZE_MAX || !files[i].size) continue;

@@ -89,6 +89,9 @@ class DRUN_API manifest {
   std::uint64_t shard_size() const noexcept;  // 0 in files mode
   std::size_t resource_count() const noexcept;
   std::uint64_t total_bytes() const noexcept;
+  // Shards mode: the model's empty files, which no shard covers, so the signature cannot vouch
+  // for them (verifiers refuse them unless told to accept unsigned empty files).
+  const std::vector<std::string>& unsigned_empty_files() const noexcept;
   // The in-toto Statement v1 JSON: the exact payload that gets signed.
   std::string statement_json() const;
 

@@ -126,6 +126,10 @@ DRUN_API result<verified_manifest> verify_bundle(std::string_view bundle_json, c
 struct verify_options {
   std::vector<std::string> ignore_paths;   // added to those the bundle records
   bool ignore_unsigned_files = false;      // files absent from the manifest are not an error
+  // Shards manifests cannot sign an empty file (it has no bytes, so no shard), and an empty
+  // __init__.py or adapter_config.json can still change what a loader does: an empty file the
+  // manifest does not list is unsigned like any other, unless this says the caller accepts them.
+  bool allow_unsigned_empty_files = false;
   unsigned threads = 0;                    // 0: one per hardware thread
   progress_callback progress;
 };

@@ -175,6 +175,11 @@ result<std::unique_ptr<device::region>> device::take_region(std::size_t bytes, i
   {
     std::lock_guard lock(mutex_);
     for (auto it = cache_.begin(); it != cache_.end(); ++it)
+      // Reusing the PD, MR and rkey for the next connection, possibly to another peer, is safe:
+      // a remote peer reaches an MR only through a QP of ours in its PD, connected to that peer.
+      // The endpoint destroys its QPs before it gives its region back (member order in
+      // rdma.hpp), and the next connection's fresh QPs (random starting PSNs) are connected to
+      // the new peer alone, so the old peer's rkey and address lead nowhere.
       if (it->bytes == bytes && it->access == access) {
         auto c = *it;
         cache_.erase(it);

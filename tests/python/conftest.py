@@ -101,15 +101,16 @@ def det_bytes(n, seed):
 
 
 # Names chosen so that component-wise order and code-point order differ ("tokenizer.json" vs
-# "tokenizer/..."), with a nested directory, an empty file and a multi-piece file.
+# "tokenizer/..."), with a nested directory and a multi-piece file. No empty file: shards cannot
+# sign one, so verifiers refuse it unless told otherwise (EMPTY_FILE, for the tests of that).
 MODEL_FILES = {
     "config.json": b'{"architectures": ["TinyModel"], "hidden_size": 64, "num_layers": 2}\n',
     "weights.bin": 200 * 1024,        # 4 pieces of 64 KiB: [0,65536) ... [196608,204800)
     "tokenizer.json": 3000,
     "tokenizer/vocab.txt": b"".join(b"token%d\n" % i for i in range(400)),
-    "tokenizer/empty.txt": b"",
     "nested/deeper/data.bin": 5000,
 }
+EMPTY_FILE = "tokenizer/empty.txt"
 
 
 def make_model(root, files=None, seed=1):

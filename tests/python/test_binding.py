@@ -932,6 +932,25 @@ def test_load_safetensors_argument_errors(tensors_store):
         drun.load_safetensors(store, "0" * 64, "model.safetensors")
 
 
+def test_reads_refuse_strided_buffers(tensors_store):
+    """A strided view spans more memory than its bytes: writing len * itemsize bytes from its start
+    would run past the array (security review, finding 7). Refused, and the array is untouched."""
+    store, art = tensors_store
+    size = drun._safetensors_layout(store, art, "model.safetensors")[0]
+    whole = np.zeros(2 * size, dtype=np.uint8)
+    strided = whole[::2]
+    assert strided.nbytes == size and not strided.flags.c_contiguous
+    with pytest.raises(drun.ConfigError, match="not C-contiguous") as info:
+        drun._safetensors_read(store, art, "model.safetensors", strided)
+    assert info.value.code == "invalid_argument"
+    with pytest.raises(drun.ConfigError, match="not C-contiguous"):
+        store.read(art, "notes.txt", 0, np.zeros(8, dtype=np.uint8)[::2])
+    assert not whole.any()
+    with pytest.raises(drun.ConfigError, match="read-only"):
+        store.read(art, "notes.txt", 0, bytes(4))
+    drun._safetensors_read(store, art, "model.safetensors", np.empty(size, dtype=np.uint8))  # contiguous: fine
+
+
 # ------------------------------------------------------------------------------------------------
 # the .pyi stubs against the compiled module
 

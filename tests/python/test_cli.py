@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 import oms_ref
-from conftest import (DRUN_KEY_TYPES, MODEL_FILES, PIECE, bundle_statement, det_bytes, flip_byte,
+from conftest import (DRUN_KEY_TYPES, EMPTY_FILE, MODEL_FILES, PIECE, bundle_statement, det_bytes, flip_byte,
                       load_bundle, make_model, model_file_names, save_bundle)
 
 MiB = 1 << 20
@@ -153,6 +153,7 @@ def test_bundle_structure_conforms_to_oms(drun, drun_keys, model):
 
 def test_shard_resources_cover_every_piece(drun, drun_keys, model):
     key, _ = drun_keys["ecdsa-p384"]
+    (model / EMPTY_FILE).write_bytes(b"")
     sign(drun, model, key).ok()
     res = bundle_statement(model / "model.sig")["predicate"]["resources"]
     got = {r["name"]: r["digest"] for r in res}
@@ -169,6 +170,7 @@ def test_shard_resources_cover_every_piece(drun, drun_keys, model):
 
 def test_files_method_lists_every_file(drun, drun_keys, model):
     key, _ = drun_keys["ecdsa-p256"]
+    (model / EMPTY_FILE).write_bytes(b"")
     sign(drun, model, key, method="files").ok()
     st = bundle_statement(model / "model.sig")
     assert st["predicate"]["serialization"]["method"] == "files"
@@ -698,3 +700,34 @@ def test_private_keys_made_by_openssl(drun, model, tmp_path):
     os.chmod(enc, 0o600)
     sign(drun, model, enc, "--signature", tmp_path / "enc.sig").fails(2, "encrypted")
     assert not (tmp_path / "enc.sig").exists()
+
+
+# --- empty files (security review, finding 6) ------------------------------------------------------
+
+
+def test_sign_says_which_empty_files_shards_cannot_cover(drun, drun_keys, model):
+    key, pub = drun_keys["ed25519"]
+    (model / EMPTY_FILE).write_bytes(b"")
+    r = sign(drun, model, key).ok()
+    assert f"the shards format cannot sign empty files; not covered: {EMPTY_FILE}" in r.err, r.err
+    # The files format covers them: no warning, and verify needs no flag.
+    r = sign(drun, model, key, method="files").ok()
+    assert "WARNING" not in r.err, r.err
+    verify(drun, model, model / "model.sig", pub).ok()
+
+
+def test_an_unsigned_empty_file_is_refused_unless_accepted(drun, drun_keys, model):
+    """An empty adapter_config.json or __init__.py planted in a shards-signed model changes what a
+    loader does: it is unsigned like any other file, refused by default."""
+    key, pub = drun_keys["ed25519"]
+    sign(drun, model, key).ok()
+    verify(drun, model, model / "model.sig", pub).ok()
+    (model / "adapter_config.json").write_bytes(b"")
+    verify(drun, model, model / "model.sig", pub).fails(1, "adapter_config.json", "empty file not in the manifest",
+                                                        "--allow-unsigned-empty-files")
+    r = verify(drun, model, model / "model.sig", pub, "--allow-unsigned-empty-files").ok()
+    assert "WARNING: --allow-unsigned-empty-files" in r.err, r.err
+    # The flag is for empty files only: a non-empty unsigned file is still refused.
+    (model / "adapter_config.json").write_bytes(b"{}")
+    verify(drun, model, model / "model.sig", pub, "--allow-unsigned-empty-files").fails(1, "adapter_config.json",
+                                                                                      "unsigned file")

@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 import oms_ref
-from conftest import (MODEL_FILES, PIECE, bundle_statement, det_bytes, flip_byte, load_bundle,
+from conftest import (EMPTY_FILE, MODEL_FILES, PIECE, bundle_statement, det_bytes, flip_byte, load_bundle,
                       make_model, model_file_names, save_bundle)
 
 HERE = Path(__file__).resolve().parent
@@ -165,6 +165,7 @@ def test_oms_ref_resource_order(tmp_path):
 
 def test_oms_ref_resources_match_hashlib(tmp_path):
     m = make_model(tmp_path / "m")
+    (m / EMPTY_FILE).write_bytes(b"")
     files = {r["name"]: r for r in oms_ref.compute_resources(m, "files", "blake2b")}
     assert set(files) == model_file_names(m)
     data = (m / "weights.bin").read_bytes()

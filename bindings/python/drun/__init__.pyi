@@ -64,7 +64,8 @@ def sign(model: str, key: str, *, signature: Optional[str] = ..., piece_size: in
          hash: str = ..., ignore: Sequence[str] = ..., threads: int = ...) -> str: ...
 def verify(model: str, *, signature: Optional[str] = ..., public_key: Optional[str] = ...,
            ca_bundle: Optional[str] = ..., trusted_root: Optional[str] = ..., identity: Optional[str] = ...,
-           identity_provider: Optional[str] = ..., threads: int = ...) -> VerifiedManifest: ...
+           identity_provider: Optional[str] = ..., threads: int = ...,
+           allow_unsigned_empty_files: bool = ...) -> VerifiedManifest: ...
 def fetch(*, store: Store, signature: Optional[str] = ..., artifact: Optional[str] = ...,
           public_key: Optional[str] = ..., ca_bundle: Optional[str] = ..., trusted_root: Optional[str] = ...,
           identity: Optional[str] = ..., identity_provider: Optional[str] = ..., origins: Sequence[str] = ...,

@@ -242,12 +242,22 @@ class py_store {
     return vm.artifact_id();
   }
 
+  // The bytes of a writable, C-contiguous buffer. A strided view (every other element of an
+  // array) has fewer bytes between its start and end than size * itemsize suggests: writing it as
+  // one span would run past the end of its memory. ConfigError for anything else.
+  static std::span<std::byte> writable_bytes(const py::buffer& buffer, py::buffer_info& info) {
+    info = buffer.request();
+    if (info.readonly) raise(drun::error(drun::errc::invalid_argument, "the buffer is read-only"));
+    if (!PyBuffer_IsContiguous(info.view(), 'C'))
+      raise(drun::error(drun::errc::invalid_argument, "the buffer is not C-contiguous (a strided view?): pass a "
+                                                      "contiguous array"));
+    return {static_cast<std::byte*>(info.ptr), static_cast<std::size_t>(info.size * info.itemsize)};
+  }
+
   // Decrypts [offset, offset + len(buffer)) of a file into any writable buffer, without a copy.
   void read(const std::string& artifact, const std::string& file, std::uint64_t offset, py::buffer buffer) {
-    py::buffer_info info = buffer.request();
-    if (info.readonly) raise(drun::error(drun::errc::invalid_argument, "the buffer is read-only"));
-    if (!PyBuffer_IsContiguous(info.view(), 'C')) raise(drun::error(drun::errc::invalid_argument, "the buffer is not contiguous"));
-    std::span<std::byte> out(static_cast<std::byte*>(info.ptr), static_cast<std::size_t>(info.size * info.itemsize));
+    py::buffer_info info;
+    auto out = writable_bytes(buffer, info);
     auto id = take(s_->resolve(artifact));
     py::gil_scoped_release release;
     auto reader = take_nogil(s_->open_artifact(id));
@@ -547,11 +557,15 @@ PYBIND11_MODULE(_drun, m) {
       [](const std::string& model, std::optional<std::string> signature, std::optional<std::string> public_key,
          std::optional<std::string> ca_bundle,
       std::optional<std::string> trusted_root, std::optional<std::string> identity,
-      std::optional<std::string> identity_provider, unsigned threads) {
+      std::optional<std::string> identity_provider, unsigned threads, bool allow_unsigned_empty_files) {
         auto trust = trust_from(public_key, ca_bundle, trusted_root, identity, identity_provider);
         std::string sig = signature.value_or(drun::default_signature_path(model).string());
         drun::verify_options o;
         o.threads = threads;
+        o.allow_unsigned_empty_files = allow_unsigned_empty_files;
+        if (allow_unsigned_empty_files)
+          PyErr_WarnEx(PyExc_UserWarning, "allow_unsigned_empty_files: empty files the signature does not cover are "
+                       "accepted", 1);
         if (auto rel = drun::signature_inside(model, sig)) o.ignore_paths.push_back(*rel);
         py::gil_scoped_release release;
         auto text = py_store::take_nogil(drun::read_bundle_file(sig), io_kind::input);
@@ -561,7 +575,8 @@ PYBIND11_MODULE(_drun, m) {
       },
       py::arg("model"), py::kw_only(), py::arg("signature") = py::none(), py::arg("public_key") = py::none(),
       py::arg("ca_bundle") = py::none(),
-        py::arg("trusted_root") = py::none(), py::arg("identity") = py::none(), py::arg("identity_provider") = py::none(), py::arg("threads") = 0);
+        py::arg("trusted_root") = py::none(), py::arg("identity") = py::none(), py::arg("identity_provider") = py::none(), py::arg("threads") = 0,
+        py::arg("allow_unsigned_empty_files") = false);
 
   py::class_<py_store>(m, "Store")
       .def(py::init<const std::string&, const std::string&>(), py::arg("path"), py::kw_only(), py::arg("key_source"))
@@ -650,8 +665,8 @@ PYBIND11_MODULE(_drun, m) {
   m.def(
       "_safetensors_read",
       [](py_store& store, const std::string& artifact, const std::string& file, py::buffer buffer) {
-        py::buffer_info info = buffer.request(true);
-        std::span<std::byte> out(static_cast<std::byte*>(info.ptr), static_cast<std::size_t>(info.size * info.itemsize));
+        py::buffer_info info;
+        auto out = py_store::writable_bytes(buffer, info);
         auto& s = store.get();
         auto id = take(s.resolve(artifact));
         py::gil_scoped_release release;
