@@ -63,10 +63,16 @@ result<std::string> decode_base64_field(const json& obj, std::string_view key, s
   return std::move(*decoded);
 }
 
+// The values an unauthenticated bundle may hold: a keyless v0.1 bundle with a chain, a Rekor entry,
+// its inclusion proof (up to 64 hashes) and a checkpoint has under 200.
+constexpr std::size_t max_bundle_values = 4096;
+
 result<parsed_bundle> parse_bundle(std::string_view text) {
   if (text.size() > max_bundle_size)
     return bad_bundle(fmt::format("bundle is too large ({} bytes, at most {})", text.size(), max_bundle_size));
-  auto doc = detail::parse_json_strict(text, "bundle");
+  // Parsed before anything is authenticated: a real bundle holds a few dozen values (the payload
+  // is one base64 string, parsed only once its signature verified), so more is hostile.
+  auto doc = detail::parse_json_strict(text, "bundle", max_bundle_values);
   if (!doc) return std::move(doc).error();
   if (!doc->is_object()) return bad_bundle("bundle is not a JSON object");
 

@@ -9,13 +9,20 @@
 
 namespace drun::detail {
 
-result<json> parse_json_strict(std::string_view text, std::string_view what) {
+result<json> parse_json_strict(std::string_view text, std::string_view what, std::size_t max_values) {
   std::vector<std::set<std::string>> keys;  // keys seen in each open object
   std::string problem;
+  std::size_t values = 0;
   auto callback = [&](int depth, json::parse_event_t event, json& parsed) -> bool {
     if (!problem.empty()) return false;
     if (static_cast<std::size_t>(depth) > max_json_depth) {
       problem = fmt::format("nested deeper than {} levels", max_json_depth);
+      return false;
+    }
+    if ((event == json::parse_event_t::value || event == json::parse_event_t::object_start ||
+         event == json::parse_event_t::array_start) &&
+        ++values > max_values) {
+      problem = fmt::format("more than {} values", max_values);
       return false;
     }
     switch (event) {

@@ -8,6 +8,8 @@ import base64
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import shutil
 from pathlib import Path
 
@@ -731,3 +733,25 @@ def test_an_unsigned_empty_file_is_refused_unless_accepted(drun, drun_keys, mode
     (model / "adapter_config.json").write_bytes(b"{}")
     verify(drun, model, model / "model.sig", pub, "--allow-unsigned-empty-files").fails(1, "adapter_config.json",
                                                                                       "unsigned file")
+
+
+def test_a_hostile_bundle_at_the_size_limit_is_refused_in_bounded_memory(drun, drun_keys, model, tmp_path):
+    """60 MiB of tiny JSON values would cost the parser gigabytes as a DOM, all before any signature
+    is checked (security review, finding 7). The value count is bounded while parsing: refused,
+    and the peak RSS of `drun verify` stays near the file's own size."""
+    _, pub = drun_keys["ed25519"]
+    sig = tmp_path / "hostile.sig"
+    n = 30 * 1024 * 1024
+    with open(sig, "wb") as f:
+        f.write(b'{"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json", "x": [')
+        f.write(b"0," * (n - 1) + b"0]}")
+    assert sig.stat().st_size < 64 << 20
+    probe = ("import resource, subprocess, sys\n"
+             "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+             "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+             "sys.stderr.write(p.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", probe, os.environ["DRUN_BIN"], "verify", str(model), "--signature",
+                        str(sig), "--public-key", str(pub)], capture_output=True, text=True, timeout=120)
+    rc, rss_kib = map(int, r.stdout.split())
+    assert rc == 1 and "more than 4096 values" in r.stderr, r.stderr
+    assert rss_kib < 200 * 1024, f"drun verify peaked at {rss_kib // 1024} MiB on a {sig.stat().st_size >> 20} MiB bundle"
