@@ -196,7 +196,7 @@ void print_usage(std::FILE* to) {
              "           --store DIR --key-source SPEC [--out DIR [--umask-modes]] [--connections N] [--ca-cert PEM]\n"
              "           [--tls-cert PEM --tls-key PEM] [--token-file FILE] [--swarm-self ADDR:PORT]\n"
              "           [--tls-min 1.2|1.3] [--proxy URL] [--proxy-auth-file FILE | --proxy-auth-env NAME]\n"
-             "           [--header-file FILE] [--bearer-env NAME]\n"
+             "           [--header-file FILE] [--bearer-env NAME] [--credentials-origin URL]\n"
              "           [--limit-rate BYTES/s] [--stall-timeout S] [--attempts N] [--insecure]\n"
              "           [--rdma [--rdma-device DEV] [--rdma-port N] [--rdma-gid-index N] [--rdma-qps N]]\n"
              "  serve    --store DIR --key-source SPEC --listen ADDR:PORT --tls-cert PEM --tls-key PEM\n"

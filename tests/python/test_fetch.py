@@ -362,6 +362,36 @@ def test_credentials_go_to_the_origin_only_never_across_a_redirect(drun, tmp_pat
         cdn.shutdown()
 
 
+def test_credentials_are_scoped_to_the_origin_they_were_given_for(drun, tmp_path, published, node_key, monkeypatch):
+    """Security review, finding 7: a bearer token went to every --origin and to the --signature
+    URL's host. Now it goes to the first origin (or --credentials-origin) only."""
+    m, sig, pub = published
+    hub, mirror, bundles = Hostile(m, "plain"), Hostile(m, "plain"), Hostile(m, "plain")
+    monkeypatch.setenv("HUB_TOKEN", "s3cr3t-token")
+    shutil.copy(sig, m / "model.sig")
+    try:
+        r = fetch(drun, bundles.url() + "/model.sig", pub, tmp_path / "s1", node_key, hub.url(), mirror.url(),
+                  extra=["--bearer-env", "HUB_TOKEN", "--out", tmp_path / "out"]).ok()
+        assert (tmp_path / "out/weights.bin").read_bytes() == (m / "weights.bin").read_bytes()
+        assert hub.auth_seen and all(a == "Bearer s3cr3t-token" for a in hub.auth_seen), hub.auth_seen
+        assert mirror.auth_seen and all(a is None for a in mirror.auth_seen), mirror.auth_seen
+        assert bundles.auth_seen == [None], bundles.auth_seen
+        # Named explicitly: the mirror gets them, the hub does not.
+        for s in (hub, mirror, bundles):
+            s.auth_seen.clear()
+        fetch(drun, bundles.url() + "/model.sig", pub, tmp_path / "s2", node_key, hub.url(), mirror.url(),
+              extra=["--bearer-env", "HUB_TOKEN", "--credentials-origin", mirror.url()]).ok()
+        assert all(a is None for a in hub.auth_seen + bundles.auth_seen), (hub.auth_seen, bundles.auth_seen)
+        assert mirror.auth_seen and all(a == "Bearer s3cr3t-token" for a in mirror.auth_seen), mirror.auth_seen
+        # Credentials with nowhere to go, or a scope without credentials, are usage errors.
+        fetch(drun, sig, pub, tmp_path / "s3", node_key, "s3://bucket/m",
+              extra=["--credentials-origin", hub.url()]).fails(2, "--credentials-origin")
+    finally:
+        (m / "model.sig").unlink()
+        for s in (hub, mirror, bundles):
+            s.shutdown()
+
+
 @pytest.mark.parametrize("mode", ["stall", "truncate"])
 def test_stalled_or_truncated_transfers_are_retried_elsewhere(drun, tmp_path, published, nginx, node_key, mode):
     m, sig, pub = published
