@@ -45,10 +45,11 @@ struct peer_server_options {
   // Of the budget, what the connections of one caller (one identity) may hold together.
   std::uint64_t memory_per_caller = std::uint64_t{64} << 20;
   std::chrono::milliseconds handshake_timeout{10000};  // TLS handshake and hello
-  // Unauthenticated sockets must not crowd out callers: one address (an IPv6 /64) may hold this
-  // many connections still in their handshake (more are closed at once, counted as busy), and a
-  // caller that has sent no TLS byte after first_byte_timeout is closed.
-  unsigned max_handshakes_per_address = 8;
+  // Unauthenticated sockets must not crowd out callers: once half of the handshake slots (a
+  // quarter of max_connections) are taken, one address (an IPv6 /64) holding this many
+  // connections still in their handshake gets no more (they are closed at once, counted as busy),
+  // and a caller that has sent no TLS byte after first_byte_timeout is closed.
+  unsigned max_handshakes_per_address = 16;
   std::chrono::milliseconds first_byte_timeout{2000};
   std::chrono::milliseconds idle_timeout{60000};       // between requests
   std::chrono::milliseconds io_timeout{30000};         // to receive a request or send a response

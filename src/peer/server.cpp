@@ -539,10 +539,12 @@ void peer_server::impl::accept_loop() {
       std::lock_guard lock(threads_mutex);
       // Connections still in their handshake get a quarter of the slots: callers with no
       // certificate cannot crowd out the authenticated ones.
-      // One address gets a few of those, so that a single host cannot take them all.
+      // Once half of those are taken, an address holding its share gets no more, so that a
+      // single host cannot take them all (and a burst from one host is fine while there is room).
+      const unsigned cap = std::max(4u, o.max_connections / 4);
       auto& mine = handshaking_from[source];
-      if (n.active.load() >= o.max_connections || handshaking >= std::max(4u, o.max_connections / 4) ||
-          mine >= std::max(1u, o.max_handshakes_per_address)) {
+      if (n.active.load() >= o.max_connections || handshaking >= cap ||
+          (handshaking >= cap / 2 && mine >= std::max(1u, o.max_handshakes_per_address))) {
         if (mine == 0) handshaking_from.erase(source);
         n.busy++;
         continue;  // closed at once: a connection beyond the limit costs no thread

@@ -78,7 +78,7 @@ def parse_error(body):
 class Client:
     """One TLS 1.3 connection to a peer server, speaking frames by hand."""
 
-    def __init__(self, port, ca, cert=None, key=None, timeout=10.0, tls_max=None):
+    def __init__(self, port, ca, cert=None, key=None, timeout=10.0, tls_max=None, source=None):
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.load_verify_locations(cafile=str(ca))
         if tls_max is None:
@@ -87,7 +87,10 @@ class Client:
             ctx.maximum_version = tls_max
         if cert:
             ctx.load_cert_chain(str(cert), str(key))
-        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        # source: another loopback address (127.0.0.0/8), to stand for another host; the server
+        # shares its handshake slots out by address.
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                       source_address=(source, 0) if source else None)
         try:
             self.sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
         except BaseException:
@@ -567,11 +570,14 @@ def test_silent_connections_do_not_block_others(world):
     pid = srv.proc.pid
     assert_serves(w, srv)
     base = threads(pid)
-    silent_tcp = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(20)]
-    silent_tls = [client(w, srv) for _ in range(20)]  # TLS done, no HELLO
+    # From three other hosts (loopback addresses), fewer than an address's share of handshakes each.
+    hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    silent_tcp = [socket.create_connection(("127.0.0.1", srv.port), timeout=5, source_address=(hosts[k % 3], 0))
+                  for k in range(20)]
+    silent_tls = [client(w, srv, source=hosts[k % 3]) for k in range(20)]  # TLS done, no HELLO
     half_hello = []
-    for _ in range(5):  # a HELLO header announcing 12 bytes, then 3 of them, then silence
-        c = client(w, srv)
+    for k in range(5):  # a HELLO header announcing 12 bytes, then 3 of them, then silence
+        c = client(w, srv, source=hosts[k % 3])
         c.send_raw(struct.pack(">BI", HELLO, 12) + b"DRU")
         half_hello.append(c)
     try:
@@ -695,7 +701,8 @@ def test_64_concurrent_clients(world):
 
     def one(k):
         try:
-            with client(w, srv, timeout=60) as c:
+            # 64 callers on 8 hosts (loopback addresses): within every address's share of handshakes.
+            with client(w, srv, timeout=60, source=f"127.0.0.{1 + k % 8}") as c:
                 c.welcome()
                 barrier.wait(timeout=60)
                 for j in range(3):

@@ -344,22 +344,21 @@ TEST_CASE("store: a truncated or deleted data file is named, dropped and repaire
 
 namespace {
 
-// Every (nonce, tag) a store's index records for an artifact's pieces: the nonce as the store
-// would use it to open the piece (random, or derived for pieces sealed before random nonces).
-std::vector<std::pair<std::string, std::string>> sealed_nonces(const std::filesystem::path& store_dir,
-                                                               const std::string& artifact) {
+// The nonce of every stored piece of an artifact, as the store would use it to open the piece
+// (random, or derived for pieces sealed before random nonces), in hex.
+std::vector<std::string> sealed_nonces(const std::filesystem::path& store_dir, const std::string& artifact) {
   auto db = store_detail::database::open(store_dir / "index.sqlite");
   REQUIRE(db);
-  auto st = db->prepare("SELECT nonce, key_version, generation, tag FROM pieces WHERE artifact = ? AND state = 2");
+  auto st = db->prepare("SELECT nonce, key_version, generation FROM pieces WHERE artifact = ? AND state = 2");
   REQUIRE(st);
   st->bind(1, artifact);
-  std::vector<std::pair<std::string, std::string>> out;
+  std::vector<std::string> out;
   REQUIRE(st->each([&] {
     auto nonce = st->is_null(0) ? store_detail::legacy_nonce(static_cast<std::uint32_t>(st->int64(1)),
                                                              static_cast<std::uint64_t>(st->int64(2)))
                                 : store_detail::nonce_bytes{};
     if (!st->is_null(0)) std::copy(st->blob(0).begin(), st->blob(0).end(), nonce.begin());
-    out.emplace_back(detail::hex_encode(nonce), detail::hex_encode(st->blob(3)));
+    out.push_back(detail::hex_encode(nonce));
   }));
   return out;
 }
@@ -388,7 +387,7 @@ TEST_CASE("store: an index rolled back to an older copy never repeats a nonce") 
     REQUIRE(s->add_artifact(*sm.vm, sm.bundle));
   }
   copy_index(dir / "index.sqlite", sd / "old.sqlite");
-  std::vector<std::pair<std::string, std::string>> before;
+  std::vector<std::string> before;
   {
     auto s = store::open(dir, key_from_hex('c'));
     REQUIRE(s);
@@ -414,7 +413,7 @@ TEST_CASE("store: an index rolled back to an older copy never repeats a nonce") 
   REQUIRE(after.size() == before.size());
   std::set<std::string> nonces;
   for (const auto* set : {&before, &after})
-    for (const auto& [nonce, tag] : *set) CHECK_MESSAGE(nonces.insert(nonce).second, "nonce used twice: " << nonce);
+    for (const auto& nonce : *set) CHECK_MESSAGE(nonces.insert(nonce).second, "nonce used twice: " << nonce);
 }
 
 TEST_CASE("store: a piece forged with a valid tag is never returned") {
