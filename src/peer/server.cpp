@@ -319,6 +319,11 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
         .has_value();
   }
   auto& buf = *taken;
+  auto served = [&] {
+    n.pieces_served++;
+    n.bytes_served += length;
+    if (c.rdma) n.pieces_served_rdma++;
+  };
   auto cannot_read = [&](const error& e) {  // nothing of the answer went out: say why, and carry on
     bool absent = e.code() == errc::model_mismatch;
     return send_error(s, absent ? wire_error::not_found : wire_error::internal,
@@ -345,9 +350,7 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
     if (!sent && !started) {
       keep = cannot_read(sent.error());
     } else if (keep) {
-      n.pieces_served++;
-      n.bytes_served += length;
-      if (c.rdma) n.pieces_served_rdma++;
+      served();
     }
     // A failure half-way through an answer ends the connection: the caller cannot resynchronize.
     give_buffer(std::move(buf), hold, caller);
@@ -366,11 +369,7 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
       detail::log(log_level::warning, fmt::format("RDMA with {} failed ({}); the connection is closed and the caller "
                                                   "continues over TCP+TLS",
                                                   who.display(), sent.error().detail()));
-    if (keep) {
-      n.pieces_served++;
-      n.bytes_served += length;
-      if (c.rdma) n.pieces_served_rdma++;
-    }
+    if (keep) served();
   }
   give_buffer(std::move(buf), hold, caller);
   return keep;
