@@ -134,6 +134,8 @@ struct verify_options {
   // Shards manifests cannot sign an empty file (it has no bytes, so no shard), and an empty
   // __init__.py or adapter_config.json can still change what a loader does: an empty file the
   // manifest does not list is unsigned like any other, unless this says the caller accepts them.
+  // Each verify that accepts some logs a warning naming them (log.hpp). No effect on a files
+  // manifest, which lists empty files: one missing from it was added after signing.
   bool allow_unsigned_empty_files = false;
   unsigned threads = 0;                    // 0: one per hardware thread
   progress_callback progress;
