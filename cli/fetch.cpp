@@ -2,40 +2,9 @@
 // piece, and optionally materialize it.
 #include "common.hpp"
 
-#include <algorithm>
-#include <cctype>
 #include <csignal>
 
 namespace drun::cli {
-
-namespace {
-
-// The origin of a URL (RFC 6454: scheme, host, port; lower-cased, default ports filled in), the
-// unit a credential is given for. Empty for something that is not scheme://host.
-std::string origin_of(std::string_view url) {
-  auto sep = url.find("://");
-  if (sep == std::string_view::npos || sep == 0) return {};
-  std::string scheme(url.substr(0, sep));
-  auto rest = url.substr(sep + 3);
-  auto authority = rest.substr(0, rest.find_first_of("/?#"));
-  if (auto at = authority.rfind('@'); at != std::string_view::npos) authority.remove_prefix(at + 1);
-  std::string host(authority), port;
-  auto colon = authority.rfind(':');
-  if (colon != std::string_view::npos && authority.find(']', colon) == std::string_view::npos) {
-    host = std::string(authority.substr(0, colon));
-    port = std::string(authority.substr(colon + 1));
-  }
-  if (host.empty()) return {};
-  auto lower = [](std::string s) {
-    std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-    return s;
-  };
-  scheme = lower(scheme);
-  if (port.empty()) port = scheme == "https" ? "443" : scheme == "http" ? "80" : "";
-  return scheme + "://" + lower(host) + ":" + port;
-}
-
-}  // namespace
 
 int cmd_fetch(int argc, char** argv) {
   auto args = parse_args(argc, argv, 2, with_rdma_options(with_trust_options(
@@ -109,25 +78,27 @@ int cmd_fetch(int argc, char** argv) {
       return fail("fetch", drun::error(drun::errc::key_error, fmt::format("environment variable {} is not set", *env)));
     so.headers.push_back(std::string("Authorization: Bearer ") + token);
   }
-  // Credentials are for one origin: the first --origin, or --credentials-origin. Other origins,
-  // and a --signature URL elsewhere, never see them (a mirror or a bundle host is another party).
-  std::string credential_origin;
+  // Credentials are for one origin (scheme, host, port): the one --credentials-origin names, else
+  // the first --origin's (else the --signature URL's). Other origins and a bundle host elsewhere
+  // never see them: a mirror is another party. The library holds every request to that.
   if (!so.headers.empty()) {
     auto target = args.get("credentials-origin");
     if (!target && !origins.empty()) target = origins.front();
-    if (!target && sig && origin_of(*sig).rfind("http", 0) == 0) target = *sig;
-    credential_origin = target ? origin_of(*target) : std::string();
-    if (credential_origin.empty())
-      throw usage_error{"--header-file and --bearer-env are for an origin: give --origin URL (the first one gets "
-                        "them) or --credentials-origin URL"};
+    if (!target && sig) target = *sig;
+    auto scope = target ? drun::url_origin(*target) : std::string();
+    if (scope.empty())
+      throw usage_error{fmt::format("--header-file and --bearer-env credentials are for one http(s) origin{}: give "
+                                    "--credentials-origin URL",
+                                    target ? fmt::format(", and {} is not one", *target) : std::string())};
+    // A scope that no URL of this fetch is on would send the credentials nowhere: a typo.
+    bool used = sig && drun::url_origin(*sig) == scope;
+    for (const auto& o : origins) used = used || drun::url_origin(o) == scope;
+    if (!used)
+      throw usage_error{fmt::format("--credentials-origin {} is the origin of no --origin or --signature URL", scope)};
+    so.credentials_origin = scope;
   } else if (args.has("credentials-origin")) {
     throw usage_error{"--credentials-origin names where --header-file or --bearer-env credentials go: give one"};
   }
-  auto options_for = [&](const std::string& url) {
-    auto o = so;
-    if (origin_of(url) != credential_origin) o.headers.clear();
-    return o;
-  };
   if (auto t = args.get("stall-timeout")) so.stall_timeout = std::chrono::seconds(parse_size(*t, "--stall-timeout"));
   if (so.insecure)
     fmt::print(stderr, "drun fetch: WARNING: --insecure: TLS certificates are NOT verified for this fetch\n");
@@ -181,7 +152,7 @@ int cmd_fetch(int argc, char** argv) {
   }
   std::size_t peer_count = sources.size();
   for (const auto& o : origins) {
-    auto src = drun::make_source(o, options_for(o));
+    auto src = drun::make_source(o, so);
     if (!src) return fail("fetch", src.error());
     sources.push_back(std::move(src).value());
   }
@@ -208,7 +179,7 @@ int cmd_fetch(int argc, char** argv) {
     }
   } else {
     bool remote = sig->rfind("http://", 0) == 0 || sig->rfind("https://", 0) == 0;
-    text = remote ? drun::fetch_document(*sig, drun::max_bundle_size, options_for(*sig)) : drun::read_bundle_file(*sig);
+    text = remote ? drun::fetch_document(*sig, drun::max_bundle_size, so) : drun::read_bundle_file(*sig);
     if (!text) return fail("fetch", text.error());
     vm = drun::verify_bundle(*text, *trust);
     if (!vm) vm = std::move(vm).error().with_path(*sig);

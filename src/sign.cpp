@@ -1,6 +1,7 @@
 // Signing: DSSE PAE over the statement, packed as a Sigstore bundle v0.3 (OMS key or certificate
 // method).
 #include <drun/sign.hpp>
+#include <drun/verify.hpp>
 
 #include "detail/encoding.hpp"
 #include "detail/file.hpp"
@@ -51,7 +52,14 @@ result<std::string> sign_manifest(const manifest& m, const private_key& key, con
                 {{"payload", detail::base64_encode(as_bytes(payload))},
                  {"payloadType", in_toto_payload_type},
                  {"signatures", ojson::array({{{"sig", detail::base64_encode(as_bytes(*sig))}}})}}}};
-  return bundle.dump(2) + "\n";
+  std::string text = bundle.dump(2) + "\n";
+  // Refused here rather than by every verifier later: a bundle nobody can verify helps nobody.
+  if (text.size() > max_bundle_size)
+    return error(errc::invalid_argument,
+                 fmt::format("the bundle would be {} bytes ({} resources), over the {} bytes verifiers accept: "
+                             "sign with a larger piece size (fewer pieces)",
+                             text.size(), m.resource_count(), max_bundle_size));
+  return text;
 }
 
 result<void> write_file_atomically(const std::filesystem::path& file, std::string_view content, unsigned mode) {

@@ -6,6 +6,7 @@
 #include "detail/encoding.hpp"
 #include "detail/file.hpp"
 #include "detail/json.hpp"
+#include "detail/log.hpp"
 #include "key_data.hpp"
 #include "manifest_data.hpp"
 #include "sigstore/certificate.hpp"
@@ -352,7 +353,7 @@ result<void> verify_model(const verified_manifest& m, const std::filesystem::pat
 
   const auto& files = m.files();
   bool local_single = local->size() == 1 && (*local)[0].name == ".";
-  std::vector<std::string> problems;
+  std::vector<std::string> problems, accepted_empty;
   std::vector<std::size_t> local_of(files.size(), SIZE_MAX);
   std::vector<bool> matched(local->size(), false);
   if (local_single) {
@@ -391,7 +392,10 @@ result<void> verify_model(const verified_manifest& m, const std::filesystem::pat
       for (std::size_t k = 0; k < local->size(); ++k) {
         if (matched[k]) continue;
         bool empty = shards && (*local)[k].size == 0;
-        if (empty && options.allow_unsigned_empty_files) continue;
+        if (empty && options.allow_unsigned_empty_files) {
+          accepted_empty.push_back((*local)[k].name);
+          continue;
+        }
         problems.push_back(empty ? fmt::format("{}: an empty file not in the manifest (unsigned: the shards format "
                                                "cannot sign empty files; accept them with "
                                                "--allow-unsigned-empty-files)",
@@ -410,6 +414,15 @@ result<void> verify_model(const verified_manifest& m, const std::filesystem::pat
     for (std::size_t k = 0; k < problems.size() && k < 10; ++k) detail += (k ? "; " : "") + problems[k];
     if (problems.size() > 10) detail += fmt::format("; and {} more", problems.size() - 10);
     return error(errc::model_mismatch, std::move(detail));
+  }
+  if (!accepted_empty.empty()) {
+    // Whoever asked for this hears, every time, exactly what the signature did not vouch for.
+    std::string names;
+    for (std::size_t k = 0; k < accepted_empty.size() && k < 10; ++k) names += (k ? ", " : "") + accepted_empty[k];
+    if (accepted_empty.size() > 10) names += fmt::format(" and {} more", accepted_empty.size() - 10);
+    detail::log(log_level::warning, fmt::format("{}: accepted {} unsigned empty {} (allow_unsigned_empty_files): {}",
+                                                model.string(), accepted_empty.size(),
+                                                accepted_empty.size() == 1 ? "file" : "files", names));
   }
 
   std::vector<detail::hash_task> tasks;

@@ -23,7 +23,8 @@ DRUN_API std::string pre_authentication_encoding(std::string_view payload_type,
                                                  std::span<const std::byte> payload);
 
 // Signs the manifest; returns the bundle JSON. With a chain, the leaf must certify the key's
-// public half (invalid_argument otherwise).
+// public half (invalid_argument otherwise). A bundle over max_bundle_size (verify.hpp), which no
+// verifier would read, is refused with invalid_argument saying how many pieces made it so.
 DRUN_API result<std::string> sign_manifest(const manifest& m, const private_key& key,
                                            const certificate_chain* chain = nullptr);
 

@@ -32,9 +32,16 @@ struct source_options {
   // variables (https_proxy, no_proxy, ...) decide.
   std::string proxy;
   std::string proxy_credentials;  // "user:password" for the proxy (Basic); never logged
-  // Request headers, typically credentials ("Authorization: Bearer ..."). Sent only to the
-  // origin itself: a redirect to another scheme, host or port never carries them. Never logged.
+  // Request headers, typically credentials ("Authorization: Bearer ..."). Sent to one origin
+  // only (scheme, host and port; see url_origin): credentials_origin's, or when that is empty the
+  // origin of the URL these options are used with (make_source's base URL, fetch_document's URL).
+  // A request anywhere else (another origin, a redirect to a CDN) never carries them. Never logged.
   std::vector<std::string> headers;
+  // WARNING: one source_options is often shared by every origin of a fetch and by its bundle URL.
+  // Left empty, each of those sends `headers` to its own origin: a mirror or a bundle host is
+  // another party and gets the credentials too. Name the origin the credentials are for here
+  // (any http(s) URL on it), and only requests to that origin carry them.
+  std::string credentials_origin;
   // s3://bucket/prefix: path-style requests to this endpoint (default: AWS_ENDPOINT_URL, else
   // https://s3.REGION.amazonaws.com), signed with SigV4 using AWS_ACCESS_KEY_ID,
   // AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN and AWS_REGION (or AWS_DEFAULT_REGION) from the
@@ -83,12 +90,17 @@ class DRUN_API source {
   virtual bool is_peer() const noexcept { return false; }
 };
 
-// http://, https://, s3:// or file:// (a local directory or file). Errors: invalid_argument,
-// key_error (s3:// without credentials).
+// The origin of an http(s) URL, the unit credentials are scoped to: "scheme://host:port",
+// lower-cased, the default port filled in. Empty when the URL is not http(s) or does not parse.
+DRUN_API std::string url_origin(std::string_view url);
+
+// http://, https://, s3:// or file:// (a local directory or file). Errors: invalid_argument
+// (also: headers with a credentials_origin that is not an http(s) URL), key_error (s3:// without
+// credentials).
 DRUN_API result<std::unique_ptr<source>> make_source(std::string_view url, const source_options& options = {});
 
 // Downloads a whole small document (a bundle), refusing more than max_size bytes. Headers go to
-// the URL's own origin only, as for a source.
+// one origin only, as for a source (credentials_origin's, else the URL's own).
 DRUN_API result<std::string> fetch_document(std::string_view url, std::size_t max_size,
                                             const source_options& options = {});
 

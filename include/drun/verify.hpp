@@ -21,9 +21,14 @@
 
 namespace drun {
 
-// Bundles larger than this are refused before parsing (a manifest of a million pieces is ~150 MB
-// of JSON only in pathological cases; real ones are kilobytes to a few megabytes).
-inline constexpr std::size_t max_bundle_size = std::size_t{64} << 20;
+// Bundles larger than this are refused before they are read or parsed, and sign_manifest refuses
+// to make one. A bundle is read before anything in it is authenticated (from a file, a URL, a
+// peer), and its payload is one base64 string that verifying holds about four times over (text,
+// parsed string, decoded, signed message): the cap is what a hostile bundle can cost. Real ones
+// need far less: drun's shards bundles take ~235 bytes per piece (measured), so a 1 TiB model at
+// the default 64 MiB pieces (16384) is ~4 MiB, and 32 MiB covers ~8 TiB at default piece sizes
+// (larger artifacts sign with a larger piece size). Keyless and key bundles otherwise are a few KiB.
+inline constexpr std::size_t max_bundle_size = std::size_t{32} << 20;
 
 // Who signed, as the bundle describes it.
 struct signer_info {
@@ -129,6 +134,8 @@ struct verify_options {
   // Shards manifests cannot sign an empty file (it has no bytes, so no shard), and an empty
   // __init__.py or adapter_config.json can still change what a loader does: an empty file the
   // manifest does not list is unsigned like any other, unless this says the caller accepts them.
+  // Each verify that accepts some logs a warning naming them (log.hpp). No effect on a files
+  // manifest, which lists empty files: one missing from it was added after signing.
   bool allow_unsigned_empty_files = false;
   unsigned threads = 0;                    // 0: one per hardware thread
   progress_callback progress;

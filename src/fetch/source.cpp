@@ -69,7 +69,8 @@ void configure_easy(CURL* c, const source_options& o) {
   curl_easy_setopt(c, CURLOPT_USERAGENT, "drun/0.1");
 }
 
-// scheme://host:port of a URL (default ports filled in), "" when it does not parse.
+// scheme://host:port of an http(s) URL (lower-cased, default ports filled in), "" otherwise. The
+// same parser as the transfers' own (libcurl's), so what is compared is where requests go.
 std::string origin_of(const std::string& url) {
   CURLU* u = curl_url();
   std::string out;
@@ -78,13 +79,30 @@ std::string origin_of(const std::string& url) {
     curl_url_get(u, CURLUPART_SCHEME, &scheme, 0);
     curl_url_get(u, CURLUPART_HOST, &host, 0);
     curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT);
-    if (scheme && host && port) out = fmt::format("{}://{}:{}", scheme, host, port);
+    if (scheme && host && port) {
+      out = fmt::format("{}://{}:{}", scheme, host, port);
+      for (auto& ch : out) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+      if (out.rfind("http://", 0) != 0 && out.rfind("https://", 0) != 0) out.clear();
+    }
     curl_free(scheme);
     curl_free(host);
     curl_free(port);
   }
   curl_url_cleanup(u);
   return out;
+}
+
+struct slist_deleter {
+  void operator()(curl_slist* l) const noexcept { curl_slist_free_all(l); }
+};
+using slist_ptr = std::unique_ptr<curl_slist, slist_deleter>;
+
+// Headers scoped to another origin than the URL's own must name a real http(s) origin: one that
+// does not parse would send them nowhere without a word, or let a typo pass for a scope.
+result<void> check_credentials_origin(const source_options& o) {
+  if (o.headers.empty() || o.credentials_origin.empty() || !origin_of(o.credentials_origin).empty()) return {};
+  return error(errc::invalid_argument,
+               fmt::format("the credentials origin \"{}\" is not an http(s) URL", o.credentials_origin));
 }
 
 // One transfer's state: a 2xx body goes to the caller's sink, which refuses what it cannot hold;
@@ -140,16 +158,18 @@ struct response {
 };
 
 // GETs over a pool of reusable curl handles (each keeps its connection open), following
-// redirects itself so that credentials (the caller's headers, SigV4) go only to the origin they
-// were meant for and never to another scheme, host or port.
+// redirects itself so that credentials go only to the origin they were meant for and never to
+// another scheme, host or port: the caller's headers to the credentials origin, SigV4 (and its
+// session token) to the URL's own.
 class http_client {
  public:
-  http_client(std::string origin_url, source_options options)
-      : origin_(origin_of(origin_url)), options_(std::move(options)) {
-    for (const auto& l : options_.headers) headers_ = curl_slist_append(headers_, l.c_str());
-  }
+  http_client(const std::string& url, source_options options)
+      : origin_(origin_of(url)),
+        headers_origin_(origin_of(options.credentials_origin.empty() ? url : options.credentials_origin)),
+        options_(std::move(options)) {}
   ~http_client() {
-    curl_slist_free_all(headers_);
+    for (auto& h : options_.headers) sodium_memzero(h.data(), h.size());
+    sodium_memzero(session_token_.data(), session_token_.size());
     sodium_memzero(credentials_.data(), credentials_.size());
     sodium_memzero(options_.proxy_credentials.data(), options_.proxy_credentials.size());
   }
@@ -161,7 +181,7 @@ class http_client {
                    const char* session_token) {
     sigv4_ = "aws:amz:" + region + ":s3";
     credentials_ = key_id + ":" + secret;
-    if (session_token) headers_ = curl_slist_append(headers_, (std::string("x-amz-security-token: ") + session_token).c_str());
+    if (session_token) session_token_ = std::string("x-amz-security-token: ") + session_token;
   }
 
   // A failure here is a transport failure (io_error, or cancelled); the caller judges the status.
@@ -188,12 +208,24 @@ class http_client {
         curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, &transfer::on_progress);
         curl_easy_setopt(c, CURLOPT_XFERINFODATA, const_cast<std::atomic<bool>*>(cancel));
       }
-      if (!origin_.empty() && origin_of(url) == origin_) {
-        if (headers_) curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers_);
-        if (!sigv4_.empty()) {
-          curl_easy_setopt(c, CURLOPT_AWS_SIGV4, sigv4_.c_str());
-          curl_easy_setopt(c, CURLOPT_USERPWD, credentials_.c_str());
+      // This hop's headers, for the origin it goes to (curl reads the list during the transfer,
+      // so it lives to the end of the hop).
+      auto to = origin_of(url);
+      bool signed_s3 = !sigv4_.empty() && !origin_.empty() && to == origin_;
+      slist_ptr headers;
+      auto add = [&](const std::string& line) {
+        if (curl_slist* l = curl_slist_append(headers.get(), line.c_str())) {
+          (void)headers.release();  // curl_slist_append returned the same list, grown
+          headers.reset(l);
         }
+      };
+      if (!headers_origin_.empty() && to == headers_origin_)
+        for (const auto& l : options_.headers) add(l);
+      if (signed_s3 && !session_token_.empty()) add(session_token_);
+      if (headers) curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers.get());
+      if (signed_s3) {
+        curl_easy_setopt(c, CURLOPT_AWS_SIGV4, sigv4_.c_str());
+        curl_easy_setopt(c, CURLOPT_USERPWD, credentials_.c_str());
       }
       char errbuf[CURL_ERROR_SIZE] = {};
       curl_easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
@@ -236,12 +268,12 @@ class http_client {
     pool_.push_back(std::move(h));
   }
 
-  std::string origin_;
+  std::string origin_;          // the URL's own: SigV4 goes here
+  std::string headers_origin_;  // options_.headers go here only
   source_options options_;
   std::mutex mutex_;
   std::vector<easy_ptr> pool_;
-  curl_slist* headers_ = nullptr;
-  std::string sigv4_, credentials_;
+  std::string sigv4_, credentials_, session_token_;
 };
 
 class http_source final : public source {
@@ -336,7 +368,13 @@ class file_source final : public source {
 
 }  // namespace
 
+std::string url_origin(std::string_view url) {
+  curl_global();
+  return origin_of(std::string(url));
+}
+
 result<std::unique_ptr<source>> make_source(std::string_view url, const source_options& options) {
+  if (auto r = check_credentials_origin(options); !r) return std::move(r).error();
   if (url.rfind("file://", 0) == 0) return std::unique_ptr<source>(new file_source(std::string(url), std::string(url.substr(7))));
   if (url.rfind("http://", 0) == 0 || url.rfind("https://", 0) == 0) {
     curl_global();
@@ -368,6 +406,7 @@ result<std::unique_ptr<source>> make_source(std::string_view url, const source_o
 result<std::string> fetch_document(std::string_view url, std::size_t max_size, const source_options& options) {
   if (url.rfind("http://", 0) != 0 && url.rfind("https://", 0) != 0)
     return error(errc::invalid_argument, fmt::format("\"{}\" is not an http:// or https:// URL", url));
+  if (auto r = check_credentials_origin(options); !r) return std::move(r).error();
   curl_global();
   std::string u(url), body;
   http_client client(u, options);

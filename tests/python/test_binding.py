@@ -23,7 +23,7 @@ drun = require_binding()
 np = pytest.importorskip("numpy")
 
 from peerkit import PKI  # noqa: E402
-from test_fetch import Nginx  # noqa: E402
+from test_fetch import Hostile, Nginx  # noqa: E402
 
 MiB = 1 << 20
 P = 65536  # piece size of the small models
@@ -472,6 +472,69 @@ def test_fetch_bundle_by_url_over_https_with_a_test_ca(tmp_path, store, small, p
         drun.fetch(store=drun.Store(str(tmp_path / "s2"), key_source=write_node_key(tmp_path / "k2")),
                    signature=origin.tls_url("model.sig"), public_key=str(publisher.pub), origins=[origin.tls_url()])
     assert info.value.code == "io_error"
+
+
+def test_fetch_headers_go_to_one_origin_only(tmp_path, store, small, publisher):
+    """Security review, finding 7: headers= went to every origin and to the signature URL's host.
+    Now they go to one origin: the first of origins=, or the one credentials_origin= names."""
+    root, sig, art, _ = small
+    hub, mirror, bundles = Hostile(root, "plain"), Hostile(root, "plain"), Hostile(root, "plain")
+    (root / "model.sig").write_bytes(sig.read_bytes())
+    token = ["Authorization: Bearer s3cr3t-token"]
+    try:
+        got = drun.fetch(store=store, signature=bundles.url() + "/model.sig", public_key=str(publisher.pub),
+                         origins=[hub.url(), mirror.url()], headers=token)
+        assert got == art
+        assert hub.auth_seen and all(a == "Bearer s3cr3t-token" for a in hub.auth_seen), hub.auth_seen
+        assert all(a is None for a in mirror.auth_seen), mirror.auth_seen
+        assert bundles.auth_seen == [None], bundles.auth_seen
+        # Named explicitly: the mirror gets them, the hub does not.
+        for s in (hub, mirror, bundles):
+            s.auth_seen.clear()
+        other = drun.Store(str(tmp_path / "s2"), key_source=write_node_key(tmp_path / "k2"))
+        drun.fetch(store=other, signature=str(sig), public_key=str(publisher.pub), origins=[hub.url(), mirror.url()],
+                   headers=token, credentials_origin=mirror.url())
+        assert mirror.auth_seen and all(a == "Bearer s3cr3t-token" for a in mirror.auth_seen), mirror.auth_seen
+        assert all(a is None for a in hub.auth_seen), hub.auth_seen
+        # Scopes that cannot hold, refused before anything is sent.
+        for s in (hub, mirror, bundles):
+            s.auth_seen.clear()
+        for kwargs, what in [({"headers": token, "credentials_origin": "http://127.0.0.1:1/"}, "origin of no"),
+                             ({"headers": token, "origins": ["s3://bucket/m", hub.url()]}, "http(s) origin"),
+                             ({"credentials_origin": hub.url()}, "give headers=")]:
+            args = {"origins": [hub.url()], **kwargs}
+            with pytest.raises(drun.ConfigError, match=what.replace("(", r"\(").replace(")", r"\)")) as info:
+                drun.fetch(store=other, signature=str(sig), public_key=str(publisher.pub), **args)
+            assert info.value.code == "invalid_argument"
+        assert hub.auth_seen == [] and bundles.auth_seen == []
+    finally:
+        (root / "model.sig").unlink()
+        for s in (hub, mirror, bundles):
+            s.shutdown()
+
+
+def test_allow_unsigned_empty_files_warns_and_sign_names_what_shards_leave_out(tmp_path, publisher, small):
+    """Security review, finding 6, in Python: an empty file a shards manifest does not list is
+    refused; allow_unsigned_empty_files=True accepts it with a warning, every time; sign() warns
+    naming the empty files it could not cover."""
+    root, sig, _, _ = small
+    (root / "__init__.py").write_bytes(b"")
+    with pytest.raises(drun.VerificationError, match="__init__.py: an empty file not in the manifest") as info:
+        drun.verify(str(root), signature=str(sig), public_key=str(publisher.pub))
+    assert info.value.code == "model_mismatch"
+    with pytest.warns(UserWarning, match="allow_unsigned_empty_files"):
+        drun.verify(str(root), signature=str(sig), public_key=str(publisher.pub), allow_unsigned_empty_files=True)
+    import warnings
+    with warnings.catch_warnings():  # a warning turned into an error propagates, nothing is left pending
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning):
+            drun.verify(str(root), signature=str(sig), public_key=str(publisher.pub), allow_unsigned_empty_files=True)
+    with pytest.warns(UserWarning, match=r"cannot sign empty files; not covered: __init__\.py"):
+        drun.sign(str(root), str(publisher.key), signature=str(tmp_path / "again.sig"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the files method covers it: no warning
+        drun.sign(str(root), str(publisher.key), signature=str(tmp_path / "files.sig"), method="files")
+    drun.verify(str(root), signature=str(tmp_path / "files.sig"), public_key=str(publisher.pub))
 
 
 def test_a_progress_callback_that_raises_stops_the_fetch(tmp_path, store, publisher):

@@ -735,23 +735,93 @@ def test_an_unsigned_empty_file_is_refused_unless_accepted(drun, drun_keys, mode
                                                                                       "unsigned file")
 
 
-def test_a_hostile_bundle_at_the_size_limit_is_refused_in_bounded_memory(drun, drun_keys, model, tmp_path):
-    """60 MiB of tiny JSON values would cost the parser gigabytes as a DOM, all before any signature
-    is checked (security review, finding 7). The value count is bounded while parsing: refused,
-    and the peak RSS of `drun verify` stays near the file's own size."""
+MAX_BUNDLE = 32 * MiB  # drun::max_bundle_size
+
+
+def _sanitized(drun_bin):
+    """An AddressSanitizer build: its shadow memory and quarantine make RSS figures meaningless."""
+    ldd = subprocess.run(["ldd", str(drun_bin)], capture_output=True, text=True)
+    return "libasan" in ldd.stdout
+
+
+def _hostile_bundle(path, shape, size):
+    """A bundle of `size` bytes (at most) that nobody signed: tiny JSON values of one shape, or a
+    well-formed envelope around a payload as large as fits (with a signature that cannot verify)."""
+    head = b'{"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json", "x": '
+    if shape == "payload":
+        skel = {"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+                "verificationMaterial": {"publicKey": {"hint": "00" * 32}, "tlogEntries": []},
+                "dsseEnvelope": {"payloadType": "application/vnd.in-toto+json", "payload": "",
+                                 "signatures": [{"sig": "AAAA"}]}}
+        room = size - len(json.dumps(skel)) - 8
+        skel["dsseEnvelope"]["payload"] = base64.b64encode(b"x" * (room // 4 * 3)).decode()
+        data = json.dumps(skel).encode()
+    elif shape == "keys":
+        n = (size - len(head) - 16) // 13
+        data = head + b"{" + b"".join(b'"%08x":0,' % i for i in range(n)) + b'"z":0}}'
+    else:
+        unit = {"ints": b"0,", "objects": b"{},", "arrays": b"[],"}[shape]
+        n = (size - len(head) - 8) // len(unit)
+        data = head + b"[" + unit * n + unit[:-1] + b"]}"
+    assert len(data) <= size, (shape, len(data))
+    path.write_bytes(data)
+
+
+def _verify_measured(drun_bin, model, sig, pub):
+    """(exit status, stderr, peak RSS in MiB, seconds) of one `drun verify` in a child process."""
+    probe = ("import resource, subprocess, sys, time\n"
+             "t = time.monotonic()\n"
+             "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+             "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.monotonic() - t)\n"
+             "sys.stderr.write(p.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", probe, str(drun_bin), "verify", str(model), "--signature", str(sig),
+                        "--public-key", str(pub)], capture_output=True, text=True, timeout=300)
+    rc, rss_kib, secs = r.stdout.split()
+    return int(rc), r.stderr, int(rss_kib) / 1024, float(secs)
+
+
+@pytest.mark.parametrize("shape,why", [("ints", "more than 4096 values"), ("objects", "more than 4096 values"),
+                                       ("keys", "more than 4096 values"), ("payload", "hint")])
+def test_a_hostile_bundle_at_the_size_limit_costs_bounded_memory_and_time(drun_bin, drun_keys, model, tmp_path,
+                                                                          shape, why):
+    """Security review, finding 7: a bundle is parsed before its signature is checked. A bundle at
+    the size limit made of tiny values cost the parser gigabytes as a DOM (1064 MiB at 60 MiB); past
+    the value limit, each discarded value made nlohmann's parser rescan its parent (25.6 s of CPU
+    for 32 MiB of "[{},{},...]", 68 s at 64 MiB): refusals now stop at the first problem. A
+    well-formed envelope around a payload at the limit is held about four times over while it is
+    checked (text, parsed string, decoded bytes): the 32 MiB cap bounds that at ~145 MiB."""
     _, pub = drun_keys["ed25519"]
     sig = tmp_path / "hostile.sig"
-    n = 30 * 1024 * 1024
-    with open(sig, "wb") as f:
-        f.write(b'{"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json", "x": [')
-        f.write(b"0," * (n - 1) + b"0]}")
-    assert sig.stat().st_size < 64 << 20
-    probe = ("import resource, subprocess, sys\n"
-             "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-             "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-             "sys.stderr.write(p.stderr)\n")
-    r = subprocess.run([sys.executable, "-c", probe, os.environ["DRUN_BIN"], "verify", str(model), "--signature",
-                        str(sig), "--public-key", str(pub)], capture_output=True, text=True, timeout=120)
-    rc, rss_kib = map(int, r.stdout.split())
-    assert rc == 1 and "more than 4096 values" in r.stderr, r.stderr
-    assert rss_kib < 200 * 1024, f"drun verify peaked at {rss_kib // 1024} MiB on a {sig.stat().st_size >> 20} MiB bundle"
+    _hostile_bundle(sig, shape, MAX_BUNDLE - 4096)
+    rc, err, rss_mib, secs = _verify_measured(drun_bin, model, sig, pub)
+    assert rc == 1 and why in err, err
+    assert secs < 10, f"{shape}: drun verify took {secs:.1f} s on a {sig.stat().st_size >> 20} MiB bundle"
+    if not _sanitized(drun_bin):
+        bound = 192 if shape == "payload" else 80  # measured: 144 MiB and 46 MiB
+        assert rss_mib < bound, f"{shape}: drun verify peaked at {rss_mib:.0f} MiB on a 32 MiB bundle"
+
+
+def test_a_bundle_over_the_size_limit_is_refused_unread(drun_bin, drun_keys, model, tmp_path):
+    """Over 32 MiB (it was 64 MiB, which let a hostile payload cost 275 MiB of RSS): refused from its
+    size alone."""
+    _, pub = drun_keys["ed25519"]
+    sig = tmp_path / "huge.sig"
+    _hostile_bundle(sig, "payload", 60 * MiB)
+    rc, err, rss_mib, _ = _verify_measured(drun_bin, model, sig, pub)
+    assert rc == 1 and "too large" in err and str(MAX_BUNDLE) in err, err
+    if not _sanitized(drun_bin):
+        assert rss_mib < 40, f"drun verify peaked at {rss_mib:.0f} MiB refusing a 60 MiB bundle by its size"
+
+
+def test_sign_refuses_a_bundle_no_verifier_would_read(drun, drun_keys, tmp_path):
+    """~235 bytes per piece: 3 GiB at 16 KiB pieces (196608 pieces) makes a 45 MiB bundle. Refused
+    at signing, saying what to change, rather than written and refused by every verifier."""
+    key, _ = drun_keys["ed25519"]
+    m = tmp_path / "big"
+    m.mkdir()
+    with open(m / "weights.bin", "wb") as f:
+        f.truncate(3 << 30)  # sparse: nothing is written to disk
+    r = drun("sign", m, "--key", key, "--piece-size", 16384, timeout=300)
+    r.fails(2, "over the 33554432 bytes verifiers accept", "196608 resources", "larger piece size")
+    assert not (m / "model.sig").exists()
+    drun("sign", m, "--key", key, timeout=300).ok()  # the default piece size: 512 pieces

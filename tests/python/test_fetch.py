@@ -392,6 +392,36 @@ def test_credentials_are_scoped_to_the_origin_they_were_given_for(drun, tmp_path
             s.shutdown()
 
 
+def test_credentials_for_the_bundle_host_and_scopes_that_name_nothing(drun, tmp_path, published, node_key,
+                                                                       monkeypatch):
+    """--credentials-origin may name the --signature URL's origin: then the bundle host alone gets
+    them, no --origin does. A scope that is the origin of no URL of the fetch (a typo would send
+    the token nowhere, or somewhere unmeant later) and credentials whose default origin is not
+    http(s) are usage errors, before anything is sent."""
+    m, sig, pub = published
+    hub, bundles = Hostile(m, "plain"), Hostile(m, "plain")
+    monkeypatch.setenv("BUNDLE_TOKEN", "s3cr3t-token")
+    shutil.copy(sig, m / "model.sig")
+    try:
+        fetch(drun, bundles.url() + "/model.sig", pub, tmp_path / "s1", node_key, hub.url(),
+              extra=["--bearer-env", "BUNDLE_TOKEN", "--credentials-origin", bundles.url() + "/elsewhere"]).ok()
+        assert bundles.auth_seen == ["Bearer s3cr3t-token"], bundles.auth_seen
+        assert hub.auth_seen and all(a is None for a in hub.auth_seen), hub.auth_seen
+        hub.auth_seen.clear()
+        bundles.auth_seen.clear()
+        fetch(drun, bundles.url() + "/model.sig", pub, tmp_path / "s2", node_key, hub.url(),
+              extra=["--bearer-env", "BUNDLE_TOKEN", "--credentials-origin", "http://127.0.0.1:1/"]).fails(
+            2, "--credentials-origin http://127.0.0.1:1 is the origin of no --origin or --signature url")
+        fetch(drun, sig, pub, tmp_path / "s3", node_key, "s3://bucket/m", hub.url(),
+              extra=["--bearer-env", "BUNDLE_TOKEN"]).fails(2, "for one http(s) origin", "s3://bucket/m is not one",
+                                                            "--credentials-origin")
+        assert hub.auth_seen == [] and bundles.auth_seen == []
+    finally:
+        (m / "model.sig").unlink()
+        hub.shutdown()
+        bundles.shutdown()
+
+
 @pytest.mark.parametrize("mode", ["stall", "truncate"])
 def test_stalled_or_truncated_transfers_are_retried_elsewhere(drun, tmp_path, published, nginx, node_key, mode):
     m, sig, pub = published

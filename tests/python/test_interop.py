@@ -393,6 +393,31 @@ def test_drun_applies_recorded_ignore_paths(drun, tmp_path, ref_keys):
     drun("verify", m, "--signature", m / "model.sig", "--public-key", pub).fails(1, "config.json")
 
 
+@pytest.mark.parametrize("method", ["shards", "files"])
+def test_reference_bundles_of_models_with_an_empty_file(drun, tmp_path, ref_keys, method):
+    """The reference implementation, like drun, gives an empty file no shard, and its verifier, which
+    compares re-serialized manifests, lets any empty file through in shards mode. drun does not
+    (security review, finding 6): a reference shards bundle of a model with an empty file verifies
+    with --allow-unsigned-empty-files only, which is the price of refusing planted empty files. A
+    files bundle lists empty files, so it verifies as it is, and a planted one is refused."""
+    key, _, pub = ref_keys["p256"]
+    m = make_model(tmp_path / "m")
+    (m / EMPTY_FILE).write_bytes(b"")
+    oms_ref.sign_model(m, key, m / "model.sig", method, "sha256", PIECE)
+    ref_verify_ok(m, m / "model.sig", pub)
+    names = {r["name"] for r in bundle_statement(m / "model.sig")["predicate"]["resources"]}
+    assert (EMPTY_FILE in names) == (method == "files"), names
+    args = ("verify", m, "--signature", m / "model.sig", "--public-key", pub)
+    if method == "shards":
+        drun(*args).fails(1, EMPTY_FILE, "empty file not in the manifest", "--allow-unsigned-empty-files")
+        r = drun(*args, "--allow-unsigned-empty-files").ok()
+        assert "WARNING" in r.err and EMPTY_FILE in r.err, r.err
+    else:
+        drun(*args).ok()
+        (m / "adapter_config.json").write_bytes(b"")
+        drun(*args, "--allow-unsigned-empty-files").fails(1, "adapter_config.json", "not in the manifest")
+
+
 def test_drun_manifest_reads_reference_bundle(drun, tmp_path, ref_keys):
     key, _, _ = ref_keys["p256"]
     m = make_model(tmp_path / "m")

@@ -1,4 +1,5 @@
 // Sign and verify end to end through the library, and every negative path of verification.
+#include <drun/log.hpp>
 #include <drun/sign.hpp>
 #include <drun/verify.hpp>
 
@@ -6,6 +7,9 @@
 #include "support.hpp"
 
 #include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <mutex>
 
 using namespace drun;
 using test::temp_dir;
@@ -187,4 +191,64 @@ TEST_CASE("check_piece: the per-piece check for fetchers") {
   auto back = std::move(*ok).release();
   CHECK(back.data() == where);
   CHECK(ok->bytes().empty());
+}
+
+TEST_CASE("verify_model: an empty file a shards manifest does not cover is unsigned") {
+  // Security review, finding 6: shards cannot sign an empty file, and verify used to let any
+  // empty file through, so an empty adapter_config.json planted in a model passed.
+  fixture f;
+  auto k = private_key::generate(key_type::ed25519);
+  REQUIRE(k);
+  auto trust = trust_store::from_public_key(k->public_key());
+  auto shards = verify_bundle(f.sign(*k), trust);
+  REQUIRE(shards);
+  write_file(f.d / "m/adapter_config.json", "");
+  auto refused = verify_model(*shards, f.model());
+  CHECK(test::error_of(refused).code() == errc::model_mismatch);
+  CHECK(refused.error().message().find("adapter_config.json: an empty file not in the manifest") != std::string::npos);
+
+  std::mutex m;
+  std::vector<std::string> logged;
+  set_log_sink([&](log_level level, std::string_view msg) {
+    std::lock_guard lock(m);
+    if (level == log_level::warning) logged.emplace_back(msg);
+  });
+  verify_options allow;
+  allow.allow_unsigned_empty_files = true;
+  CHECK(verify_model(*shards, f.model(), allow));
+  set_log_sink({});
+  REQUIRE(logged.size() == 1);
+  CHECK(logged[0].find("accepted 1 unsigned empty file") != std::string::npos);
+  CHECK(logged[0].find("adapter_config.json") != std::string::npos);
+
+  // Only empty files: a byte in it makes it an unsigned file like any other.
+  write_file(f.d / "m/adapter_config.json", "{}");
+  CHECK(test::error_of(verify_model(*shards, f.model(), allow)).message().find("adapter_config.json: not in the "
+                                                                             "manifest (unsigned file)") !=
+        std::string::npos);
+
+  // A files manifest lists empty files: one missing from it was added after signing, flag or not.
+  std::filesystem::remove(f.d / "m/adapter_config.json");
+  auto files = verify_bundle(f.sign(*k, serialization_method::files), trust);
+  REQUIRE(files);
+  write_file(f.d / "m/adapter_config.json", "");
+  CHECK(test::error_of(verify_model(*files, f.model(), allow)).code() == errc::model_mismatch);
+}
+
+TEST_CASE("verify_bundle: a hostile bundle is refused at its first problem, in time bounded by the limit") {
+  // Past the 4096-value limit, nlohmann's parser used to read on, rescanning the kept parent for
+  // every discarded child: 25 s of CPU for 32 MiB of "[{},{},...]". Now the parse stops there.
+  auto k = private_key::generate(key_type::ed25519);
+  REQUIRE(k);
+  auto trust = trust_store::from_public_key(k->public_key());
+  std::string head = R"({"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json", "x": [)";
+  std::string hostile = head;
+  for (std::size_t n = (max_bundle_size - head.size() - 8) / 3; n > 0; --n) hostile += "{},";
+  hostile += "{}]}";
+  REQUIRE(hostile.size() <= max_bundle_size);
+  auto start = std::chrono::steady_clock::now();
+  auto r = verify_bundle(hostile, trust);
+  auto secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CHECK(test::error_of(r).message().find("more than 4096 values") != std::string::npos);
+  CHECK(secs < 5.0);
 }

@@ -429,7 +429,7 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
                      std::optional<std::string> out, unsigned connections, std::optional<std::string> ca_cert,
                      std::optional<std::string> tls_cert, std::optional<std::string> tls_key,
                      std::optional<std::string> token, std::uint64_t limit_rate, std::vector<std::string> headers,
-                     bool rdma) {
+                     std::optional<std::string> credentials_origin, bool rdma) {
   if (signature.has_value() == artifact.has_value())
     raise(drun::error(drun::errc::invalid_argument, "give signature= (a URL or file), or artifact= with peers="));
   if (origins.empty() && peers.empty()) raise(drun::error(drun::errc::invalid_argument, "give origins= and/or peers="));
@@ -437,6 +437,27 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
   drun::source_options so;
   so.ca_file = ca_cert.value_or("");
   so.headers = std::move(headers);
+  // headers= are for one origin (scheme, host, port), as on the command line: credentials_origin=,
+  // else the first of origins= (else a signature= URL). Other origins and a bundle host elsewhere
+  // never see them.
+  if (!so.headers.empty()) {
+    auto target = credentials_origin;
+    if (!target && !origins.empty()) target = origins.front();
+    if (!target && signature) target = *signature;
+    auto scope = target ? drun::url_origin(*target) : std::string();
+    if (scope.empty())
+      raise(drun::error(drun::errc::invalid_argument, "headers= are for one http(s) origin" +
+                                                          (target ? ", and " + *target + " is not one" : std::string()) +
+                                                          ": give credentials_origin="));
+    bool used = signature && drun::url_origin(*signature) == scope;
+    for (const auto& o : origins) used = used || drun::url_origin(o) == scope;
+    if (!used)
+      raise(drun::error(drun::errc::invalid_argument,
+                        "credentials_origin= " + scope + " is the origin of no origins= or signature= URL"));
+    so.credentials_origin = scope;
+  } else if (credentials_origin) {
+    raise(drun::error(drun::errc::invalid_argument, "credentials_origin= says where headers= go: give headers="));
+  }
   drun::peer_client_options po;
   po.ca_file = so.ca_file;
   po.cert_file = tls_cert.value_or("");
@@ -529,10 +550,24 @@ PYBIND11_MODULE(_drun, m) {
         std::string sig = signature.value_or(drun::default_signature_path(model).string());
         if (auto rel = drun::signature_inside(model, sig)) o.policy.ignore_paths.push_back(*rel);
         auto k = take(drun::private_key::load(key), io_kind::config);
-        py::gil_scoped_release release;
-        auto man = py_store::take_nogil(drun::build_manifest(model, o), io_kind::input);
-        auto bundle = py_store::take_nogil(drun::sign_manifest(man, k));
-        py_store::take_nogil(drun::write_file_atomically(sig, bundle));
+        std::vector<std::string> uncovered;
+        {
+          py::gil_scoped_release release;
+          auto man = py_store::take_nogil(drun::build_manifest(model, o), io_kind::input);
+          auto bundle = py_store::take_nogil(drun::sign_manifest(man, k));
+          py_store::take_nogil(drun::write_file_atomically(sig, bundle));
+          uncovered = man.unsigned_empty_files();
+        }
+        // As `drun sign` does: the signer hears which empty files the shards format left out.
+        if (!uncovered.empty()) {
+          std::string names;
+          for (std::size_t i = 0; i < uncovered.size() && i < 10; ++i) names += (i ? ", " : "") + uncovered[i];
+          if (uncovered.size() > 10) names += " and " + std::to_string(uncovered.size() - 10) + " more";
+          std::string text = "the shards format cannot sign empty files; not covered: " + names +
+                             " (verifiers refuse them unless given allow_unsigned_empty_files=True; method=\"files\" "
+                             "covers them)";
+          if (PyErr_WarnEx(PyExc_UserWarning, text.c_str(), 1) < 0) throw py::error_already_set();
+        }
         return sig;
       },
       py::arg("model"), py::arg("key"), py::kw_only(), py::arg("signature") = py::none(), py::arg("piece_size") = 0,
@@ -564,8 +599,10 @@ PYBIND11_MODULE(_drun, m) {
         o.threads = threads;
         o.allow_unsigned_empty_files = allow_unsigned_empty_files;
         if (allow_unsigned_empty_files)
-          PyErr_WarnEx(PyExc_UserWarning, "allow_unsigned_empty_files: empty files the signature does not cover are "
-                       "accepted", 1);
+          // Under -W error the warning is an exception, which must propagate, not be left pending.
+          if (PyErr_WarnEx(PyExc_UserWarning, "allow_unsigned_empty_files: empty files the signature does not cover "
+                                              "are accepted", 1) < 0)
+            throw py::error_already_set();
         if (auto rel = drun::signature_inside(model, sig)) o.ignore_paths.push_back(*rel);
         py::gil_scoped_release release;
         auto text = py_store::take_nogil(drun::read_bundle_file(sig), io_kind::input);
@@ -602,7 +639,7 @@ PYBIND11_MODULE(_drun, m) {
         py::arg("progress") = py::none(), py::arg("out") = py::none(), py::arg("connections") = 0,
         py::arg("ca_cert") = py::none(), py::arg("tls_cert") = py::none(), py::arg("tls_key") = py::none(),
         py::arg("token") = py::none(), py::arg("limit_rate") = 0, py::arg("headers") = std::vector<std::string>{},
-        py::arg("rdma") = false);
+        py::arg("credentials_origin") = py::none(), py::arg("rdma") = false);
 
   py::class_<py_peer_server>(m, "PeerServer")
       .def(py::init<py_store&, const std::string&, const std::string&, const std::string&, const std::string&,
