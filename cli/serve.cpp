@@ -11,6 +11,7 @@ int cmd_serve(int argc, char** argv) {
   auto args = parse_args(argc, argv, 2, with_rdma_options(
                          {{"store", true}, {"key-source", true}, {"listen", true}, {"tls-cert", true}, {"tls-key", true},
                           {"client-ca", true}, {"policy", true}, {"jwks", true}, {"audience", true},
+                          {"token-issuer", true}, {"require-bound-tokens", false},
                           {"allow-token-only", false}, {"max-connections", true}, {"limit-rate", true},
                           {"requests-per-second", true}, {"idle-timeout", true}}));
   if (!args.positional.empty()) throw usage_error{"serve takes no positional arguments"};
@@ -26,6 +27,13 @@ int cmd_serve(int argc, char** argv) {
   if (o.require_client_certificate && o.client_ca_file.empty())
     throw usage_error{"--client-ca PEM is required (or --allow-token-only with --jwks)"};
   if (auto a = args.get("audience")) o.audience = *a;
+  if (auto i = args.get("token-issuer")) {
+    if (i->empty()) throw usage_error{"--token-issuer needs a value"};
+    o.token_issuer = *i;
+  }
+  o.require_bound_tokens = args.has("require-bound-tokens");
+  if ((o.require_bound_tokens || !o.token_issuer.empty()) && !args.has("jwks"))
+    throw usage_error{"--token-issuer and --require-bound-tokens are about tokens: give --jwks too"};
   if (auto j = args.get("jwks")) {
     auto keys = drun::jwks::load(*j);
     if (!keys) return fail("serve", keys.error());

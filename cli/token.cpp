@@ -1,5 +1,6 @@
-// `drun token ...`: mint EdDSA bearer tokens for peers, publish the JWKS that verifies them, and
-// check a token (from stdin, never from the command line, where other users can read it in ps).
+// `drun token ...`: mint EdDSA tokens for peers (bound to the holder's certificate, or explicitly
+// bearer), publish the JWKS that verifies them, and check a token (from stdin, never from the
+// command line, where other users can read it in ps).
 #include "common.hpp"
 
 #include <fmt/chrono.h>
@@ -32,7 +33,7 @@ std::string join(const std::vector<std::string>& v) {
 int token_issue(int argc, char** argv) {
   auto args = parse_args(argc, argv, 3,
                          {{"key", true}, {"subject", true}, {"audience", true}, {"artifact", true, true},
-                          {"ttl", true}, {"issuer", true}});
+                          {"ttl", true}, {"issuer", true}, {"bind-cert", true}, {"unbound", false}});
   if (!args.positional.empty()) throw usage_error{"token issue takes no positional arguments"};
   auto key_path = args.get("key");
   if (!key_path) throw usage_error{"--key KEY (an Ed25519 private key) is required"};
@@ -44,8 +45,19 @@ int token_issue(int argc, char** argv) {
   req.artifacts = args.all("artifact");
   // A token always says what it grants; "*" is an explicit choice, never a default.
   if (req.artifacts.empty()) throw usage_error{"give at least one --artifact ID (or --artifact '*' for all)"};
+  // Bound or bearer is an explicit choice too: a bearer token can be replayed by every peer it
+  // is sent to, and the holder's certificate is what makes it worthless to them.
+  auto bind_cert = args.get("bind-cert");
+  if (bind_cert.has_value() == args.has("unbound"))
+    throw usage_error{"give --bind-cert CERT.pem (the holder's TLS client certificate: the token is usable only "
+                      "with it) or --unbound (a bearer token: whoever holds it can use it)"};
   if (auto t = args.get("ttl")) req.ttl = parse_duration(*t, "--ttl");
   if (auto i = args.get("issuer")) req.issuer = *i;
+  if (bind_cert) {
+    auto thumb = drun::certificate_thumbprint(std::filesystem::path(*bind_cert));
+    if (!thumb) return fail("token issue", thumb.error());
+    req.certificate_thumbprint = std::move(*thumb);
+  }
   auto key = drun::private_key::load(*key_path);
   if (!key) return fail("token issue", key.error());
   auto token = drun::issue_token(*key, req);
@@ -68,7 +80,9 @@ int token_jwks(int argc, char** argv) {
 }
 
 int token_verify(int argc, char** argv) {
-  auto args = parse_args(argc, argv, 3, {{"jwks", true}, {"audience", true}, {"clock-skew", true}});
+  auto args = parse_args(argc, argv, 3,
+                         {{"jwks", true}, {"audience", true}, {"clock-skew", true}, {"issuer", true}, {"cert", true},
+                          {"require-bound", false}});
   if (!args.positional.empty())
     throw usage_error{"token verify reads the token from stdin; it takes no positional arguments"};
   auto jwks_path = args.get("jwks");
@@ -78,6 +92,17 @@ int token_verify(int argc, char** argv) {
   drun::token_check check;
   check.audience = *audience;
   if (auto s = args.get("clock-skew")) check.clock_skew = parse_duration(*s, "--clock-skew");
+  if (auto i = args.get("issuer")) {
+    if (i->empty()) throw usage_error{"--issuer needs a value"};
+    check.issuer = *i;
+  }
+  check.require_binding = args.has("require-bound");
+  // --cert: the certificate the token would be presented with (a bound token needs it).
+  if (auto c = args.get("cert")) {
+    auto thumb = drun::certificate_thumbprint(std::filesystem::path(*c));
+    if (!thumb) return fail("token verify", thumb.error());
+    check.certificate_thumbprint = std::move(*thumb);
+  }
   auto keys = drun::jwks::load(*jwks_path);
   if (!keys) return fail("token verify", keys.error());
   // Read a little past the limit so an oversized token is refused by the library, with its reason.
@@ -94,6 +119,9 @@ int token_verify(int argc, char** argv) {
   fmt::print("audience:  {}\n", join(claims->audience));
   fmt::print("expires:   {:%Y-%m-%dT%H:%M:%SZ}\n", fmt::gmtime(std::chrono::system_clock::to_time_t(claims->expires)));
   if (!claims->artifacts.empty()) fmt::print("artifacts: {}\n", join(claims->artifacts));
+  fmt::print("bound to:  {}\n", claims->certificate_thumbprint.empty()
+                                     ? std::string("nothing (a bearer token)")
+                                     : "the certificate with x5t#S256 " + claims->certificate_thumbprint);
   return exit_ok;
 }
 

@@ -32,7 +32,18 @@ struct peer_server_options {
   bool require_client_certificate = true;
   std::shared_ptr<const access_policy> policy;  // null: access_policy::authenticated_callers()
   std::shared_ptr<const jwks> token_keys;       // null: tokens are refused
-  std::string audience = "drun";                // tokens must be issued for it
+  // Tokens must be issued for it. One audience for every server that trusts the same key set
+  // makes a token good at all of them, and a client sends its token to every peer it dials, so
+  // a peer could replay an unbound token elsewhere: give each group of servers its own audience,
+  // and bind tokens to their holders' certificates (token.hpp), which makes a replay useless.
+  std::string audience = "drun";
+  // Non-empty: a token's "iss" must be exactly this (token_check::issuer).
+  std::string token_issuer;
+  // Refuse tokens not bound to the caller's certificate (token_check::require_binding). Off by
+  // default because token-only callers have no certificate to bind to and identity providers'
+  // tokens are unbound; a token bound to a certificate is checked against the connection's
+  // whatever this says.
+  bool require_bound_tokens = false;
   unsigned max_connections = 256;               // more are closed at once (counted as busy)
   double max_requests_per_second = 2000;        // per connection; faster callers are slowed down
   std::uint64_t max_upload_bytes_per_second = 0;  // the whole server; 0: unlimited
@@ -98,7 +109,11 @@ class DRUN_API peer_server {
 struct peer_client_options {
   std::string ca_file;              // peers' certificates must chain to these roots (required)
   std::string cert_file, key_file;  // this node's client certificate (optional with a token)
-  std::string token;                // bearer token sent in the hello; never logged
+  // Sent in the hello to every peer, and only after the TLS handshake has verified the peer's
+  // certificate against ca_file and the address dialled (--peers-dns members included); never
+  // logged. A peer that receives it could replay it elsewhere unless it is bound to cert_file
+  // (token.hpp), so bind it when there is a certificate.
+  std::string token;
   unsigned connections = 4;         // per peer: pieces in flight to one peer
   std::chrono::milliseconds connect_timeout{5000};
   std::chrono::milliseconds io_timeout{30000};  // a response with no bytes for this long fails

@@ -1,6 +1,6 @@
 // Access policies for the peer server: parsing (strict: every unknown field is an error) and the
-// authorization decision (roles from certificate and token bindings, narrowed by a token's
-// drun_artifacts claim).
+// authorization decision (the token's issuer and binding, roles from certificate and token
+// bindings combined by intersection or union, narrowed by a token's drun_artifacts claim).
 #include <drun/policy.hpp>
 #include <drun/verify.hpp>
 
@@ -146,6 +146,9 @@ std::string join(const std::set<std::string>& s) {
 
 struct access_policy::impl {
   bool authenticated_callers = false;
+  bool union_roles = false;      // "combine": "union"; else intersection
+  std::string token_issuer;      // "tokens.issuer"; empty: not checked here
+  bool require_binding = false;  // "tokens.require_binding" (its default follows "combine")
   std::map<std::string, role_def> roles;
   std::vector<binding> bindings;
   std::vector<publisher> publishers;
@@ -212,13 +215,39 @@ result<access_policy> access_policy::parse(std::string_view text, const std::fil
   auto doc = detail::parse_json_strict(text, "policy");
   if (!doc) return std::move(doc).error();
   if (!doc->is_object()) return bad_policy("is not a JSON object");
-  if (auto r = only_fields(*doc, {"roles", "bindings"}, "top level"); !r) return std::move(r).error();
+  if (auto r = only_fields(*doc, {"combine", "tokens", "roles", "bindings"}, "top level"); !r)
+    return std::move(r).error();
   auto roles = member(*doc, "roles", json::value_t::object, "policy");
   if (!roles) return std::move(roles).error();
   auto bindings = member(*doc, "bindings", json::value_t::array, "policy");
   if (!bindings) return std::move(bindings).error();
 
   auto p = std::make_unique<impl>();
+  if (doc->contains("combine")) {
+    auto c = string_member(*doc, "combine", "policy");
+    if (!c) return std::move(c).error();
+    if (*c != "intersection" && *c != "union")
+      return bad_policy(fmt::format("combine is \"{}\"; \"intersection\" or \"union\" expected", printable(*c)));
+    p->union_roles = *c == "union";
+  }
+  // Under union a token adds its roles to whatever certificate it arrives with, so an unbound
+  // one is worth as much to any node it was sent to as to its holder: binding is then the default.
+  p->require_binding = p->union_roles;
+  if (doc->contains("tokens")) {
+    auto t = member(*doc, "tokens", json::value_t::object, "policy");
+    if (!t) return std::move(t).error();
+    if (auto r = only_fields(**t, {"issuer", "require_binding"}, "tokens"); !r) return std::move(r).error();
+    if ((*t)->contains("issuer")) {
+      auto iss = string_member(**t, "issuer", "policy.tokens");
+      if (!iss) return std::move(iss).error();
+      p->token_issuer = std::move(*iss);
+    }
+    if ((*t)->contains("require_binding")) {
+      auto rb = member(**t, "require_binding", json::value_t::boolean, "policy.tokens");
+      if (!rb) return std::move(rb).error();
+      p->require_binding = (*rb)->get<bool>();
+    }
+  }
   for (const auto& [name, r] : (*roles)->items())
     if (auto ok = parse_role(*p, name, r, base_dir); !ok) return std::move(ok).error();
 
@@ -378,6 +407,24 @@ result<access_policy> access_policy::load(const std::filesystem::path& file) {
 
 bool access_policy::reads_bundles() const noexcept { return !impl_->publishers.empty(); }
 
+namespace {
+
+// What a set of roles grants, before any token narrowing. Cheap checks first; a publisher check
+// verifies the bundle's signature (then it is cached).
+bool roles_grant(const access_policy::impl& p, const std::set<std::string>& roles, const std::string& id,
+                 std::string_view bundle_json) {
+  bool allowed = std::any_of(roles.begin(), roles.end(), [&](const std::string& r) {
+    const auto& role = p.roles.at(r);
+    return role.all || role.artifacts.count(id) != 0;
+  });
+  for (auto it = roles.begin(); !allowed && it != roles.end(); ++it)
+    for (auto pub : p.roles.at(*it).publishers)
+      if ((allowed = p.published_by(pub, id, bundle_json))) break;
+  return allowed;
+}
+
+}  // namespace
+
 result<void> access_policy::authorize(const peer_identity& who, const std::string& artifact_id,
                                       std::string_view bundle_json) const {
   auto deny = [&](std::string_view why) {
@@ -386,6 +433,13 @@ result<void> access_policy::authorize(const peer_identity& who, const std::strin
   };
   if (!is_artifact_id(artifact_id)) return deny("not an artifact id (64 lowercase hex digits)");
   const auto& p = *impl_;
+
+  // verify_token() already refused a bound token presented with another certificate; this
+  // repeats it for identities assembled some other way, since the binding is what makes a
+  // token worth nothing to whoever it was sent to.
+  if (who.token && !who.token->certificate_thumbprint.empty() &&
+      who.token->certificate_thumbprint != who.certificate_thumbprint)
+    return deny("its token is bound to another certificate than the one it was presented with");
 
   if (p.authenticated_callers) {
     if (!who.has_certificate && !who.token) return deny("the caller presented neither a certificate nor a token");
@@ -396,23 +450,45 @@ result<void> access_policy::authorize(const peer_identity& who, const std::strin
     return {};
   }
 
-  std::set<std::string> roles;
-  for (const auto& b : p.bindings) {
-    bool hit = (b.certificate && who.has_certificate && matches(*b.certificate, who)) ||
-               (b.token && who.token && matches(*b.token, *who.token));
-    if (hit) roles.insert(b.roles.begin(), b.roles.end());
+  if (who.token) {
+    if (!p.token_issuer.empty() && who.token->issuer != p.token_issuer)
+      return deny(who.token->issuer.empty()
+                      ? fmt::format("its token has no issuer (\"iss\"); the policy requires \"{}\"",
+                                    printable(p.token_issuer))
+                      : fmt::format("its token's issuer \"{}\" is not \"{}\", the one the policy names",
+                                    printable(who.token->issuer), printable(p.token_issuer)));
+    if (p.require_binding && who.token->certificate_thumbprint.empty())
+      return deny(fmt::format("its token is not bound to a certificate (no cnf \"x5t#S256\"), and the policy "
+                              "requires bound tokens{}",
+                              p.union_roles ? " (\"combine\": \"union\" requires them unless \"tokens\" says "
+                                              "\"require_binding\": false)"
+                                            : ""));
   }
-  if (roles.empty()) return deny("no binding of the access policy matches the caller");
 
-  // Cheap checks first; a publisher check verifies the bundle's signature (then it is cached).
-  bool allowed = std::any_of(roles.begin(), roles.end(), [&](const std::string& r) {
-    const auto& role = p.roles.at(r);
-    return role.all || role.artifacts.count(artifact_id) != 0;
-  });
-  for (auto it = roles.begin(); !allowed && it != roles.end(); ++it)
-    for (auto pub : p.roles.at(*it).publishers)
-      if ((allowed = p.published_by(pub, artifact_id, bundle_json))) break;
-  if (!allowed) return deny(fmt::format("none of its roles ({}) grants this artifact", join(roles)));
+  std::set<std::string> cert_roles, token_roles;
+  for (const auto& b : p.bindings) {
+    if (b.certificate && who.has_certificate && matches(*b.certificate, who))
+      cert_roles.insert(b.roles.begin(), b.roles.end());
+    if (b.token && who.token && matches(*b.token, *who.token)) token_roles.insert(b.roles.begin(), b.roles.end());
+  }
+
+  if (who.has_certificate && who.token && !p.union_roles) {
+    // Intersection: each credential must grant the artifact on its own.
+    if (cert_roles.empty() && token_roles.empty()) return deny("no binding of the access policy matches the caller");
+    constexpr std::string_view rule =
+        " (\"combine\": \"intersection\": its certificate and its token must each grant it)";
+    for (auto [roles, what] : {std::pair{&cert_roles, "certificate"}, std::pair{&token_roles, "token"}}) {
+      if (roles->empty()) return deny(fmt::format("no binding of the access policy matches its {}{}", what, rule));
+      if (!roles_grant(p, *roles, artifact_id, bundle_json))
+        return deny(fmt::format("none of its {}'s roles ({}) grants this artifact{}", what, join(*roles), rule));
+    }
+  } else {
+    std::set<std::string> roles = std::move(cert_roles);
+    roles.insert(token_roles.begin(), token_roles.end());
+    if (roles.empty()) return deny("no binding of the access policy matches the caller");
+    if (!roles_grant(p, roles, artifact_id, bundle_json))
+      return deny(fmt::format("none of its roles ({}) grants this artifact", join(roles)));
+  }
 
   if (who.token && has_grant_claim(*who.token) && !token_grants(*who.token, artifact_id))
     return deny("its token's drun_artifacts claim does not include it");

@@ -1,8 +1,9 @@
 // JWT bearer tokens: compact JWS verification against a JWKS (EdDSA, ES256, RS256 through OpenSSL
-// EVP), and EdDSA minting with drun's own Ed25519 keys (libsodium, through key_access::sign).
+// EVP), certificate binding (RFC 8705 cnf x5t#S256), and EdDSA minting with drun's own Ed25519
+// keys (libsodium, through key_access::sign).
 //
 // The order of checks is fixed and fails closed: size, shape, header (alg, crit, typ), key
-// selection, signature, and only then the claims. Nothing from an unauthenticated payload is
+// selection, signature, and only then the claims (exp, nbf, aud, iss, cnf). Nothing from an unauthenticated payload is
 // looked at before the signature checks out, and no message quotes the token.
 #include <drun/token.hpp>
 
@@ -19,6 +20,7 @@
 #include <openssl/core_names.h>
 #include <openssl/ec.h>
 #include <openssl/param_build.h>
+#include <openssl/pem.h>
 
 #include <algorithm>
 #include <array>
@@ -329,6 +331,41 @@ bool valid_artifact_grant(const std::string& s) {
                       }));
 }
 
+// An x5t#S256 value: exactly the canonical base64url of 32 bytes (43 characters). Canonical, so
+// that comparing the text compares the digests.
+bool valid_thumbprint(std::string_view s) {
+  if (s.size() != 43) return false;
+  auto bytes = b64url_decode(s);
+  return bytes && bytes->size() == 32;
+}
+
+// "cnf" (RFC 7800), read once the signature is known good. drun checks one confirmation method,
+// RFC 8705's x5t#S256; a token confirmed by anything else (a key for DPoP or PoP, "jkt", "jwk",
+// "kid", "jku", "jwe") is refused rather than accepted as a bearer token, since its issuer meant
+// it to be usable only with a proof drun does not ask for.
+result<std::string> read_cnf(const json& payload) {
+  // Looked up directly, not with optional_field: "cnf": null is a malformed claim, never "unbound".
+  auto it = payload.find("cnf");
+  if (it == payload.end()) return std::string();
+  const json* cnf = &*it;
+  if (!cnf->is_object())
+    return bad_token(fmt::format("token claim \"cnf\" is not a JSON object ({} found)", cnf->type_name()));
+  if (cnf->empty()) return bad_token("token claim \"cnf\" names no confirmation method");
+  for (const auto& [method, value] : cnf->items())
+    if (method != "x5t#S256")
+      return refused(fmt::format("token is confirmed by cnf \"{}\", a method drun cannot check (only \"x5t#S256\", "
+                                 "a TLS client certificate thumbprint)",
+                                 printable(method)));
+  const auto& x5t = cnf->at("x5t#S256");
+  if (!x5t.is_string())
+    return bad_token(fmt::format("token claim cnf \"x5t#S256\" is not a string ({} found)", x5t.type_name()));
+  const auto& text = x5t.get_ref<const std::string&>();
+  if (!valid_thumbprint(text))
+    return bad_token("token claim cnf \"x5t#S256\" is not a certificate thumbprint (the base64url of 32 bytes, "
+                     "43 characters)");
+  return text;
+}
+
 result<token_claims> read_claims(const json& payload, const token_check& check) {
   token_claims c;
   auto now = now_or(check.now);
@@ -351,6 +388,9 @@ result<token_claims> read_claims(const json& payload, const token_check& check) 
     if (!iss->is_string()) return bad_token("token claim \"iss\" is not a string");
     c.issuer = iss->get<std::string>();
   }
+  auto cnf = read_cnf(payload);
+  if (!cnf) return std::move(cnf).error();
+  c.certificate_thumbprint = std::move(*cnf);
   if (const auto* aud = detail::optional_field(payload, "aud")) {
     if (aud->is_string()) {
       c.audience.push_back(aud->get<std::string>());
@@ -400,6 +440,28 @@ result<token_claims> read_claims(const json& payload, const token_check& check) 
                                utc(now), check.clock_skew.count()));
   if (std::find(c.audience.begin(), c.audience.end(), check.audience) == c.audience.end())
     return refused(fmt::format("wrong audience: the token's \"aud\" does not include \"{}\"", check.audience));
+  // One key set may hold the keys of more than one issuer (or an issuer that also signs for
+  // others): the issuer the operator named is checked, not inferred from the key.
+  if (!check.issuer.empty()) {
+    if (!payload.contains("iss"))
+      return refused(fmt::format("token has no \"iss\" claim; issuer \"{}\" is required", printable(check.issuer)));
+    if (c.issuer != check.issuer)
+      return refused(fmt::format("wrong issuer: the token's \"iss\" is \"{}\", not \"{}\"", printable(c.issuer),
+                                 printable(check.issuer)));
+  }
+  // The binding: whoever presents a bound token must hold the certificate it names, so a peer
+  // that was sent the token (every peer a client dials is) cannot use it on its own connection.
+  if (!c.certificate_thumbprint.empty()) {
+    if (check.certificate_thumbprint.empty())
+      return refused("token is bound to a certificate (cnf \"x5t#S256\"), but no client certificate was presented "
+                     "with it");
+    if (c.certificate_thumbprint != check.certificate_thumbprint)
+      return refused("token is bound to another certificate: its cnf \"x5t#S256\" is not the thumbprint of the "
+                     "client certificate it was presented with");
+  } else if (check.require_binding) {
+    return refused("token is not bound to a certificate (no cnf \"x5t#S256\" claim), and bound tokens are required: "
+                   "a bearer token can be replayed by anyone it was sent to");
+  }
   return c;
 }
 
@@ -512,6 +574,9 @@ result<token_claims> verify_token(std::string_view token, const jwks& keys, cons
     return error(errc::invalid_argument, "token check has no audience: say which audience tokens must be for");
   if (check.clock_skew < std::chrono::seconds(0))
     return error(errc::invalid_argument, "token check has a negative clock skew");
+  if (!check.certificate_thumbprint.empty() && !valid_thumbprint(check.certificate_thumbprint))
+    return error(errc::invalid_argument,
+                 "token check's certificate thumbprint is not the base64url SHA-256 of a certificate");
   if (token.size() > max_token_size)
     return bad_token(fmt::format("token is {} bytes; at most {} are accepted", token.size(), max_token_size));
   auto dot1 = token.find('.');
@@ -609,6 +674,10 @@ result<std::string> issue_token(const private_key& key, const token_request& req
     return error(errc::invalid_argument,
                  fmt::format("token lifetime {} s is outside (0, {} s]", request.ttl.count(),
                              std::chrono::seconds(max_ttl).count()));
+  if (!request.certificate_thumbprint.empty() && !valid_thumbprint(request.certificate_thumbprint))
+    return error(errc::invalid_argument,
+                 "the certificate thumbprint to bind the token to is not the base64url SHA-256 of a certificate "
+                 "(43 characters)");
   for (const auto& a : request.artifacts)
     if (!valid_artifact_grant(a))
       return error(errc::invalid_argument,
@@ -627,11 +696,36 @@ result<std::string> issue_token(const private_key& key, const token_request& req
   payload["exp"] = iat + request.ttl.count();
   // An empty list is left out: present, it would narrow access to nothing.
   if (!request.artifacts.empty()) payload["drun_artifacts"] = request.artifacts;
+  if (!request.certificate_thumbprint.empty()) payload["cnf"] = ojson{{"x5t#S256", request.certificate_thumbprint}};
 
   std::string input = b64url_encode(header.dump()) + "." + b64url_encode(payload.dump());
   auto sig = detail::key_access::sign(key, as_bytes(input));
   if (!sig) return std::move(sig).error();
   return input + "." + b64url_encode(*sig);
+}
+
+// ---- certificate thumbprints (RFC 8705 3.1) -----------------------------------------------
+
+std::string certificate_thumbprint(std::span<const std::byte> der) {
+  return b64url_encode(hash(hash_algorithm::sha256, der).bytes());
+}
+
+result<std::string> certificate_thumbprint(const std::filesystem::path& pem_file) {
+  constexpr std::size_t max_pem_size = 1 << 20;
+  auto text = detail::read_file(pem_file, max_pem_size, errc::key_error);
+  if (!text) return std::move(text).error().with_path(pem_file.string());
+  auto bio = detail::memory_bio(*text);
+  detail::x509_ptr cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
+  if (!cert) {
+    detail::openssl_errors();
+    return error(errc::key_error, "no PEM certificate in it").with_path(pem_file.string());
+  }
+  unsigned char* der = nullptr;
+  int len = i2d_X509(cert.get(), &der);
+  if (len <= 0) return error(errc::key_error, "cannot encode the certificate: " + detail::openssl_errors());
+  auto out = certificate_thumbprint(std::as_bytes(std::span(der, static_cast<std::size_t>(len))));
+  OPENSSL_free(der);
+  return out;
 }
 
 result<std::string> jwks_for(const public_key& key) {

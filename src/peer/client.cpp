@@ -231,6 +231,8 @@ class peer_source final : public source {
     c.tcp = transport::make_tcp_transport(*c.tls);
     auto* s = c.tls.get();
     if (auto r = s->connect(host_, deadline, cancel); !r) return error(r.error().code(), fmt::format("{}: {}", name_, r.error().detail()));
+    // The token goes only to a peer whose certificate the handshake above verified against
+    // ca_file and the address dialled; a bound token is worth nothing to that peer elsewhere.
     peer::writer w;
     w.text(peer::protocol_magic).u16(peer::protocol_version).u16(static_cast<std::uint16_t>(o_.token.size())).text(o_.token);
     auto sent = peer::write_frame(*s, frame::hello, w.view(), deadline, cancel);

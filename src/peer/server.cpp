@@ -456,7 +456,12 @@ void peer_server::impl::serve(detail::unique_fd fd, const std::string& source) {
       sodium_memzero(text.data(), text.size());
       return refuse(wire_error::unauthenticated, "this server accepts no tokens");
     }
-    auto claims = verify_token(text, *o.token_keys, token_check{o.audience, std::chrono::seconds(60), {}});
+    token_check check;
+    check.audience = o.audience;
+    check.issuer = o.token_issuer;
+    check.require_binding = o.require_bound_tokens;
+    check.certificate_thumbprint = who.certificate_thumbprint;  // a bound token must name this connection's
+    auto claims = verify_token(text, *o.token_keys, check);
     sodium_memzero(text.data(), text.size());
     if (!claims) return refuse(wire_error::unauthenticated, "token refused: " + claims.error().detail());
     who.token = std::move(*claims);

@@ -1,6 +1,8 @@
 // TLS 1.3 for peers, with OpenSSL over non-blocking sockets polled against deadlines.
 #include "peer/tls.hpp"
 
+#include <drun/token.hpp>
+
 #include "detail/openssl.hpp"
 
 #include <fmt/format.h>
@@ -250,6 +252,12 @@ peer_identity tls_stream::identity() const {
   X509* cert = SSL_get0_peer_certificate(ssl_.get());
   if (!cert) return id;
   id.has_certificate = true;
+  // What a bound token's cnf names (RFC 8705): the leaf's DER, hashed.
+  unsigned char* der = nullptr;
+  if (int len = i2d_X509(cert, &der); len > 0) {
+    id.certificate_thumbprint = certificate_thumbprint(std::as_bytes(std::span(der, static_cast<std::size_t>(len))));
+    OPENSSL_free(der);
+  }
   detail::bio_ptr bio(BIO_new(BIO_s_mem()));
   X509_NAME_print_ex(bio.get(), X509_get_subject_name(cert), 0, XN_FLAG_RFC2253);
   id.subject = detail::bio_contents(bio.get());

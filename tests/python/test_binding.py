@@ -816,6 +816,37 @@ def test_issue_token_and_jwks_for_round_trip_through_a_token_only_peer(tmp_path,
         assert srv.stats()["pieces_served"] == 7
 
 
+def test_bound_tokens_through_the_binding(tmp_path, seed, small, publisher, pki):
+    """issue_token(bind_cert=...) binds to the holder's certificate; PeerServer's
+    require_bound_tokens and token_issuer refuse bearer tokens and other issuers."""
+    root, sig, art, _ = small
+    cert, key = pki.issue("seed")
+    holder = pki.issue("holder", uri="spiffe://cluster/ns/ml/sa/holder")
+    thief = pki.issue("thief", uri="spiffe://cluster/ns/ml/sa/thief")
+    (tmp_path / "jwks.json").write_text(drun.jwks_for(str(publisher.pub)))
+    bound = drun.issue_token(str(publisher.key), subject="loader", audience="drun", artifacts=[art],
+                             bind_cert=str(holder[0]))
+    claims = json.loads(base64.urlsafe_b64decode(bound.split(".")[1] + "=" * (-len(bound.split(".")[1]) % 4)))
+    assert set(claims["cnf"]) == {"x5t#S256"} and len(claims["cnf"]["x5t#S256"]) == 43, claims
+    bearer = drun.issue_token(str(publisher.key), subject="loader", audience="drun", artifacts=[art])
+    assert "cnf" not in bearer.split(".")[1]  # a plain payload check: no binding asked, none made
+    with drun.PeerServer(seed, cert=str(cert), key=str(key), client_ca=str(pki.ca), jwks=str(tmp_path / "jwks.json"),
+                         require_bound_tokens=True, token_issuer="drun") as srv:
+        peer = f"127.0.0.1:{srv.port}"
+        got = drun.fetch(store=leecher(tmp_path, "l1"), artifact=art, public_key=str(publisher.pub), peers=[peer],
+                         token=bound, tls_cert=str(holder[0]), tls_key=str(holder[1]), ca_cert=str(pki.ca))
+        assert got == art
+        with pytest.raises(drun.AuthorizationError, match="bound to another certificate") as info:
+            drun.fetch(store=leecher(tmp_path, "l2"), artifact=art, public_key=str(publisher.pub), peers=[peer],
+                       token=bound, tls_cert=str(thief[0]), tls_key=str(thief[1]), ca_cert=str(pki.ca))
+        assert bound not in str(info.value)
+        with pytest.raises(drun.AuthorizationError, match="not bound to a certificate"):
+            drun.fetch(store=leecher(tmp_path, "l3"), artifact=art, public_key=str(publisher.pub), peers=[peer],
+                       token=bearer, tls_cert=str(holder[0]), tls_key=str(holder[1]), ca_cert=str(pki.ca))
+    with pytest.raises(drun.ConfigError, match="no PEM certificate"):
+        drun.issue_token(str(publisher.key), subject="x", audience="drun", artifacts=["*"], bind_cert=str(holder[1]))
+
+
 def test_token_and_peer_configuration_errors(tmp_path, seed, publisher, pki):
     with pytest.raises(drun.ConfigError, match="0644"):  # a public key is no signing key
         drun.issue_token(str(publisher.pub), subject="x", audience="drun", artifacts=["*"])

@@ -161,6 +161,8 @@ def token(drun, tmp_path, name, *args):
     if not key.exists():
         drun("keygen", "--type", "ed25519", "--out", key).ok()
         (tmp_path / "jwks.json").write_text(drun("token", "jwks", "--public-key", f"{key}.pub").ok().out)
+    if "--bind-cert" not in args:
+        args = (*args, "--unbound")
     out = drun("token", "issue", "--key", key, *args).ok().out.strip()
     path = tmp_path / name
     path.write_text(out + "\n")

@@ -1,5 +1,6 @@
-// Access policies: every matcher kind, role unions, publishers by key and by CA (with real signed
-// bundles), the token narrowing rule, the no-policy default, and strict parsing.
+// Access policies: every matcher kind, how certificate and token roles combine (intersection by
+// default, union on request), the token rules (issuer, binding), publishers by key and by CA
+// (with real signed bundles), the token narrowing rule, the no-policy default, and strict parsing.
 #include <drun/policy.hpp>
 #include <drun/sign.hpp>
 #include <drun/verify.hpp>
@@ -94,8 +95,9 @@ struct fixture {
     foreign = sign_model(d / "m2", stranger, 2);
   }
 
-  std::string text() const {
-    std::string t = R"({
+  // The policy below with `head` (e.g. R"("combine": "union",)") added at its top level.
+  std::string text(const std::string& head = "") const {
+    std::string t = R"({ HEAD
       "roles": {
         "reader":  { "artifacts": ["ID_X"] },
         "other":   { "artifacts": ["ID_Y"] },
@@ -114,13 +116,14 @@ struct fixture {
         { "token": { "subject": "root" },                                  "roles": ["admin"] }
       ]
     })";
+    t.replace(t.find("HEAD"), 4, head);
     t.replace(t.find("ID_X"), 4, id_x);
     t.replace(t.find("ID_Y"), 4, id_y);
     return t;
   }
 
-  access_policy policy() const {
-    auto p = access_policy::parse(text(), d.path());
+  access_policy policy(const std::string& head = "") const {
+    auto p = access_policy::parse(text(head), d.path());
     REQUIRE(p);
     return std::move(p).value();
   }
@@ -184,18 +187,130 @@ TEST_CASE("token matchers: subject, claims (arrays, numbers), all fields togethe
   denied(p.authorize(cert_caller("root"), id_x, ""), "root", id_x);
 }
 
-TEST_CASE("roles from certificate and token are united") {
+TEST_CASE("certificate and token: intersection by default, each must grant the artifact") {
   fixture f;
   auto p = f.policy();
+  auto intersection = f.policy(R"("combine": "intersection",)");
+  for (const auto* pol : {&p, &intersection}) {
+    // node-1's certificate: reader (id_x). The loader's token: team-ml (the publisher's).
+    auto who = cert_caller("CN=node-1,O=ml");
+    who.token = token("system:serviceaccount:ml:loader", {{"team", {"ml"}}});
+    auto r = pol->authorize(who, id_x, "");
+    denied(r, "CN=node-1,O=ml", id_x, "none of its token's roles (team-ml) grants this artifact");
+    CHECK(r.error().message().find("\"combine\": \"intersection\"") != std::string::npos);
+    denied(pol->authorize(who, f.published.id, f.published.bundle), "CN=node-1,O=ml", f.published.id,
+           "none of its certificate's roles (reader) grants this artifact");
+    // Both grant it: allowed. CN=both is admin; root's token is admin.
+    auto both = cert_caller("CN=both", {}, {"both.svc"});
+    both.token = token("root");
+    CHECK(pol->authorize(both, id_y, ""));
+    // A loader certificate and a loader token both grant the publisher's artifact.
+    auto loader = cert_caller("CN=l", {"spiffe://cluster/ns/ml/sa/loader"});
+    loader.token = token("system:serviceaccount:ml:loader", {{"team", {"ml"}}});
+    CHECK(pol->authorize(loader, f.published.id, f.published.bundle));
+    denied(pol->authorize(loader, f.foreign.id, f.foreign.bundle), "spiffe://cluster/ns/ml/sa/loader", f.foreign.id,
+           "none of its certificate's roles (team-ml)");
+    // A token that matches no binding grants nothing, so the pair grants nothing: a token
+    // presented with an admin's certificate can only narrow.
+    auto admin = cert_caller("CN=both", {}, {"both.svc"});
+    admin.token = token("nobody");
+    denied(pol->authorize(admin, id_x, ""), "CN=both", id_x, "no binding of the access policy matches its token");
+    // A certificate that matches no binding, with an admin token (a replayed one, say): nothing.
+    auto stranger = cert_caller("CN=stranger");
+    stranger.token = token("root");
+    denied(pol->authorize(stranger, id_x, ""), "CN=stranger", id_x,
+           "no binding of the access policy matches its certificate");
+    auto nobody = cert_caller("CN=stranger");
+    nobody.token = token("nobody");
+    denied(pol->authorize(nobody, id_x, ""), "CN=stranger", id_x, "no binding of the access policy matches the caller");
+    // One credential alone: its own roles.
+    CHECK(pol->authorize(cert_caller("CN=node-1,O=ml"), id_x, ""));
+    CHECK(pol->authorize(token_caller(token("root")), id_x, ""));
+    denied(pol->authorize(token_caller(token("system:serviceaccount:ml:loader", {{"team", {"ml"}}})), id_x, ""),
+           "token:system:serviceaccount:ml:loader", id_x, "none of its roles (team-ml)");
+  }
+}
+
+TEST_CASE("certificate and token: \"combine\": \"union\" adds the roles up, and then wants bound tokens") {
+  fixture f;
+  auto p = f.policy(R"("combine": "union", "tokens": {"require_binding": false},)");
   auto who = cert_caller("CN=node-1,O=ml");                                // reader: id_x
   who.token = token("system:serviceaccount:ml:loader", {{"team", {"ml"}}});  // team-ml: the publisher's
   CHECK(p.authorize(who, id_x, ""));
   CHECK(p.authorize(who, f.published.id, f.published.bundle));
   auto r = p.authorize(who, id_y, "");
   denied(r, "CN=node-1,O=ml", id_y);
-  CHECK(r.error().message().find("reader, team-ml") != std::string::npos);
+  CHECK(r.error().message().find("none of its roles (reader, team-ml)") != std::string::npos);
+  // A certificate that matches nothing still gets the token's roles: what a replayed bearer
+  // token would give, which is why union requires bound tokens unless told otherwise.
+  auto stranger = cert_caller("CN=stranger");
+  stranger.token = token("root");
+  CHECK(p.authorize(stranger, id_x, ""));
+
+  auto strict = f.policy(R"("combine": "union",)");
+  denied(strict.authorize(stranger, id_x, ""), "CN=stranger", id_x,
+         "its token is not bound to a certificate (no cnf \"x5t#S256\"), and the policy requires bound tokens "
+         "(\"combine\": \"union\" requires them");
+  // Bound to the certificate it comes with: the union applies.
+  stranger.certificate_thumbprint = std::string(43, 'S');
+  stranger.token->certificate_thumbprint = stranger.certificate_thumbprint;
+  CHECK(strict.authorize(stranger, id_x, ""));
+  // A certificate alone needs no token rule.
+  CHECK(strict.authorize(cert_caller("CN=node-1,O=ml"), id_x, ""));
+  denied(f.policy(R"("combine": "union", "tokens": {"require_binding": true},)").authorize(who, id_x, ""),
+         "CN=node-1,O=ml", id_x, "requires bound tokens");
 }
 
+TEST_CASE("tokens.issuer: the token's iss must be the one the policy names") {
+  fixture f;
+  auto p = f.policy(R"("tokens": {"issuer": "https://issuer.example"},)");
+  auto with_iss = [](std::string iss) {
+    auto t = token("root");
+    t.issuer = iss;
+    if (!iss.empty()) t.claims["iss"] = {iss};
+    return token_caller(std::move(t));
+  };
+  CHECK(p.authorize(with_iss("https://issuer.example"), id_x, ""));
+  denied(p.authorize(with_iss("https://evil.example"), id_x, ""), "token:root", id_x,
+         "its token's issuer \"https://evil.example\" is not \"https://issuer.example\", the one the policy names");
+  denied(p.authorize(with_iss(""), id_x, ""), "token:root", id_x,
+         "its token has no issuer (\"iss\"); the policy requires \"https://issuer.example\"");
+  // With a certificate too (intersection: admin and admin), the issuer still counts.
+  auto both = with_iss("https://evil.example");
+  both.has_certificate = true;
+  both.subject = "CN=both";
+  both.dns = {"both.svc"};
+  denied(p.authorize(both, id_x, ""), "CN=both", id_x, "is not \"https://issuer.example\"");
+  both.token->issuer = "https://issuer.example";
+  CHECK(p.authorize(both, id_x, ""));
+  // A certificate caller without a token is not asked for one.
+  CHECK(p.authorize(cert_caller("CN=node-1,O=ml"), id_x, ""));
+  // Without tokens.issuer, any issuer the key set vouches for.
+  CHECK(f.policy().authorize(with_iss("https://evil.example"), id_x, ""));
+}
+
+TEST_CASE("tokens.require_binding, and a bound token naming another certificate") {
+  fixture f;
+  auto p = f.policy(R"("tokens": {"require_binding": true},)");
+  auto root = token_caller(token("root"));
+  denied(p.authorize(root, id_x, ""), "token:root", id_x, "its token is not bound to a certificate");
+  // Bound to the caller's certificate (CN=both, admin): allowed.
+  auto bound = cert_caller("CN=both", {}, {"both.svc"});
+  bound.certificate_thumbprint = std::string(43, 'A');
+  bound.token = token("root");
+  bound.token->certificate_thumbprint = std::string(43, 'A');
+  CHECK(p.authorize(bound, id_x, ""));
+  // Bound to another one: denied by every policy, the no-policy default included.
+  auto replayed = bound;
+  replayed.certificate_thumbprint = std::string(43, 'B');
+  for (const auto& pol : {f.policy(), f.policy(R"("combine": "union",)"), access_policy::authenticated_callers()})
+    denied(pol.authorize(replayed, id_x, ""), "CN=both", id_x, "its token is bound to another certificate");
+  auto no_cert = token_caller(*bound.token);
+  denied(access_policy::authenticated_callers().authorize(no_cert, id_x, ""), "token:root", id_x,
+         "bound to another certificate");
+  // Intersection's default: unbound tokens are accepted (they can only narrow a certificate).
+  CHECK(f.policy().authorize(root, id_x, ""));
+}
 TEST_CASE("publishers: by public key, the bundle must be the artifact's own, results are cached") {
   fixture f;
   auto p = f.policy();
@@ -243,13 +358,21 @@ TEST_CASE("a token's drun_artifacts claim narrows, never widens") {
   auto empty = token("root");
   empty.claims["drun_artifacts"] = {};
   denied(p.authorize(token_caller(empty), id_y, ""), "token:root", id_y, "drun_artifacts");
-  // A token granting id_y does not widen what node-1's certificate (reader: id_x) allows.
+  // A token granting id_y does not widen what node-1's certificate (reader: id_x) allows, under
+  // union either.
+  auto u = f.policy(R"("combine": "union", "tokens": {"require_binding": false},)");
   auto who = cert_caller("CN=node-1,O=ml");
   who.token = token("nobody", {}, {id_y, "*"});
-  denied(p.authorize(who, id_y, ""), "CN=node-1,O=ml", id_y, "none of its roles");
+  denied(u.authorize(who, id_y, ""), "CN=node-1,O=ml", id_y, "none of its roles");
+  denied(p.authorize(who, id_y, ""), "CN=node-1,O=ml", id_y, "none of its certificate's roles (reader)");
+  who.token = token("nobody", {}, {id_x});  // the certificate grants id_x; the token matches no binding
+  denied(p.authorize(who, id_x, ""), "CN=node-1,O=ml", id_x, "no binding of the access policy matches its token");
   // And it narrows a certificate caller's roles too.
   auto narrowed = cert_caller("CN=both", {}, {"both.svc"});
   narrowed.token = token("nobody", {}, {id_x});
+  CHECK(u.authorize(narrowed, id_x, ""));
+  denied(u.authorize(narrowed, id_y, ""), "CN=both", id_y, "drun_artifacts");
+  narrowed.token = token("root", {}, {id_x});  // under intersection, a token with roles of its own
   CHECK(p.authorize(narrowed, id_x, ""));
   denied(p.authorize(narrowed, id_y, ""), "CN=both", id_y, "drun_artifacts");
 }
@@ -364,6 +487,20 @@ TEST_CASE("malformed policies name what is wrong") {
   fails(with_binding(R"({"certificate": {"subject": ""}, "roles": ["r"]})"), "subject is empty");
   fails(with_binding(R"({"token": {"claims": {"groups": ["a"]}}, "roles": ["r"]})"), "claims.groups must be");
   fails(R"({"roles": {"r": {"all": true}, "r": {"all": true}}, "bindings": []})", "duplicate key");
+
+  // combine and tokens.
+  auto top = [&](const std::string& t) { return "{" + t + ", " + roles + R"(, "bindings": []})"; };
+  CHECK(access_policy::parse(top(R"("combine": "union")"), d.path()));
+  CHECK(access_policy::parse(top(R"("combine": "intersection", "tokens": {})"), d.path()));
+  fails(top(R"("combine": "both")"), "combine is \"both\"; \"intersection\" or \"union\" expected");
+  fails(top(R"("combine": "Union")"), "\"intersection\" or \"union\" expected");
+  fails(top(R"("combine": true)"), "combine");
+  fails(top(R"("combine": "")"), "combine is empty");
+  fails(top(R"("tokens": [])"), "tokens");
+  fails(top(R"("tokens": {"iss": "x"})"), "tokens: unknown field \"iss\"");
+  fails(top(R"("tokens": {"issuer": ""})"), "issuer is empty");
+  fails(top(R"("tokens": {"issuer": 5})"), "issuer");
+  fails(top(R"("tokens": {"require_binding": "yes"})"), "require_binding");
 }
 
 // ---- publishers by CA: a real chain made here with OpenSSL ------------------------------------

@@ -1,6 +1,7 @@
 // JWT verification and minting: tokens drun mints, tokens signed here with OpenSSL directly (ES256,
-// RS256, EdDSA with hand-made headers), RFC 8037 known answers, and every refusal with its code
-// and the part of the message that says which check failed.
+// RS256, EdDSA with hand-made headers), RFC 8037 known answers, certificate binding (RFC 8705
+// cnf x5t#S256) and issuer checks, and every refusal with its code and the part of the message
+// that says which check failed.
 #include <drun/hash.hpp>
 #include <drun/token.hpp>
 
@@ -13,6 +14,8 @@
 #include <openssl/ec.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 
 #include <functional>
 #include <memory>
@@ -593,4 +596,231 @@ TEST_CASE("issue_token refuses what it cannot mint safely") {
   bad.ttl = 24h;
   bad.artifacts = {id_a, "*"};
   CHECK(issue_token(m.key, bad));
+}
+
+// ---- certificate binding (RFC 8705) and issuer -------------------------------------------------
+
+namespace {
+
+// A self-signed certificate made here with OpenSSL, written as PEM; returns its DER.
+std::string self_signed_pem(const std::filesystem::path& file, const char* cn) {
+  pkey k = gen_ec();
+  X509* c = X509_new();
+  REQUIRE(c);
+  X509_set_version(c, 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(c), 7);
+  X509_gmtime_adj(X509_getm_notBefore(c), -60);
+  X509_gmtime_adj(X509_getm_notAfter(c), 3600);
+  X509_set_pubkey(c, k.get());
+  X509_NAME_add_entry_by_txt(X509_get_subject_name(c), "CN", MBSTRING_ASC, reinterpret_cast<const unsigned char*>(cn),
+                             -1, -1, 0);
+  X509_set_issuer_name(c, X509_get_subject_name(c));
+  REQUIRE(X509_sign(c, k.get(), EVP_sha256()) > 0);
+  BIO* bio = BIO_new(BIO_s_mem());
+  PEM_write_bio_X509(bio, c);
+  char* data = nullptr;
+  long len = BIO_get_mem_data(bio, &data);
+  test::write_file(file, std::string(data, static_cast<std::size_t>(len)));
+  BIO_free(bio);
+  unsigned char* der = nullptr;
+  int dlen = i2d_X509(c, &der);
+  REQUIRE(dlen > 0);
+  std::string out(reinterpret_cast<char*>(der), static_cast<std::size_t>(dlen));
+  OPENSSL_free(der);
+  X509_free(c);
+  return out;
+}
+
+// base64url(SHA-256(der)) computed with OpenSSL directly, not with drun's hash or codec.
+std::string thumbprint_here(const std::string& der) {
+  unsigned char md[32];
+  unsigned int len = 0;
+  REQUIRE(EVP_Digest(der.data(), der.size(), md, &len, EVP_sha256(), nullptr) == 1);
+  return b64url(std::string(reinterpret_cast<const char*>(md), len));
+}
+
+}  // namespace
+
+TEST_CASE("certificate_thumbprint: base64url SHA-256 of the DER, from bytes or from a PEM file") {
+  test::temp_dir d;
+  auto der = self_signed_pem(d / "holder.pem", "holder");
+  auto expected = thumbprint_here(der);
+  CHECK(expected.size() == 43);
+  CHECK(certificate_thumbprint(as_bytes(std::string_view(der))) == expected);
+  auto from_file = certificate_thumbprint(d / "holder.pem");
+  REQUIRE(from_file);
+  CHECK(*from_file == expected);
+  // The first certificate of a chain file is the holder's (the leaf a TLS client sends).
+  self_signed_pem(d / "other.pem", "other");
+  test::write_file(d / "chain.pem", test::read_text(d / "holder.pem") + test::read_text(d / "other.pem"));
+  CHECK(*certificate_thumbprint(d / "chain.pem") == expected);
+
+  auto absent = certificate_thumbprint(d / "absent.pem");
+  CHECK(test::error_of(absent).code() == errc::not_found);
+  test::write_file(d / "junk.pem", "not a certificate");
+  auto junk = certificate_thumbprint(d / "junk.pem");
+  CHECK(test::error_of(junk).code() == errc::key_error);
+  CHECK(junk.error().message().find("junk.pem") != std::string::npos);
+  CHECK(junk.error().message().find("no PEM certificate") != std::string::npos);
+  ERR_clear_error();
+}
+
+TEST_CASE("a bound token is accepted only with the certificate it names") {
+  test::temp_dir d;
+  auto holder = thumbprint_here(self_signed_pem(d / "holder.pem", "holder"));
+  auto thief = thumbprint_here(self_signed_pem(d / "thief.pem", "thief"));
+  minted m;
+  token_request req;
+  req.subject = "node-7";
+  req.audience = "peers";
+  req.artifacts = {id_a};
+  req.now = t0;
+  req.certificate_thumbprint = holder;
+  auto token = issue_token(m.key, req);
+  REQUIRE(token);
+  auto dot1 = token->find('.'), dot2 = token->rfind('.');
+  auto payload = json::parse(unb64url(token->substr(dot1 + 1, dot2 - dot1 - 1)));
+  CHECK(payload["cnf"] == json{{"x5t#S256", holder}});
+
+  auto with = [&](std::string presenter) {
+    auto c = check_at(t0);
+    c.certificate_thumbprint = std::move(presenter);
+    return c;
+  };
+  auto ok = verify_token(*token, m.keys, with(holder));
+  REQUIRE(ok);
+  CHECK(ok->certificate_thumbprint == holder);
+  CHECK(ok->claims.count("cnf") == 0);  // an object: not something a policy matches on
+  // Replayed by a peer that holds another certificate, or by a caller with none.
+  check_fails(verify_token(*token, m.keys, with(thief)), errc::signature_invalid,
+              "token is bound to another certificate", *token);
+  check_fails(verify_token(*token, m.keys, check_at(t0)), errc::signature_invalid,
+              "no client certificate was presented", *token);
+  // Required binding is satisfied by it.
+  auto required = with(holder);
+  required.require_binding = true;
+  CHECK(verify_token(*token, m.keys, required));
+  // Rebinding to the thief's certificate breaks the signature.
+  payload["cnf"]["x5t#S256"] = thief;
+  auto rebound = token->substr(0, dot1 + 1) + b64url(payload.dump()) + token->substr(dot2);
+  check_fails(verify_token(rebound, m.keys, with(thief)), errc::signature_invalid, "bad signature", rebound);
+  // Removing cnf breaks it too.
+  payload.erase("cnf");
+  auto unbound = token->substr(0, dot1 + 1) + b64url(payload.dump()) + token->substr(dot2);
+  check_fails(verify_token(unbound, m.keys, with(thief)), errc::signature_invalid, "bad signature", unbound);
+
+  // An unbound token: accepted with or without a certificate, unless binding is required.
+  auto bearer = m.mint(t0);
+  CHECK(verify_token(bearer, m.keys, with(thief)));
+  CHECK(verify_token(bearer, m.keys, check_at(t0)));
+  auto strict = with(thief);
+  strict.require_binding = true;
+  check_fails(verify_token(bearer, m.keys, strict), errc::signature_invalid, "token is not bound to a certificate",
+              bearer);
+  auto strict_none = check_at(t0);
+  strict_none.require_binding = true;
+  check_fails(verify_token(bearer, m.keys, strict_none), errc::signature_invalid, "not bound");
+
+  // Thumbprints that are not one: refused when minting and when checking.
+  for (std::string bad : {std::string("abc"), holder + "=", holder.substr(0, 42), std::string(43, '+'),
+                          b64url(std::string(31, 'x')), b64url(std::string(33, 'x'))}) {
+    CAPTURE(bad);
+    auto r = req;
+    r.certificate_thumbprint = bad;
+    auto t = issue_token(m.key, r);
+    CHECK(test::error_of(t).code() == errc::invalid_argument);
+    CHECK(t.error().message().find("thumbprint") != std::string::npos);
+    check_fails(verify_token(bearer, m.keys, with(bad)), errc::invalid_argument, "thumbprint");
+  }
+}
+
+TEST_CASE("hostile cnf claims are refused with what is wrong") {
+  auto ed = gen_ed25519();
+  auto keys = set_of({jwk_ed25519(ed.get(), "")});
+  test::temp_dir d;
+  auto holder = thumbprint_here(self_signed_pem(d / "holder.pem", "holder"));
+  auto check = check_at(t0);
+  check.certificate_thumbprint = holder;
+  auto with_cnf = [&](const json& cnf) {
+    auto p = claims_at(t0);
+    p["cnf"] = cnf;
+    return sign_jws({{"alg", "EdDSA"}}, p, ed.get(), "EdDSA");
+  };
+  CHECK(verify_token(with_cnf({{"x5t#S256", holder}}), keys, check));
+
+  check_fails(verify_token(with_cnf(holder), keys, check), errc::malformed_bundle, "\"cnf\" is not a JSON object");
+  check_fails(verify_token(with_cnf(nullptr), keys, check), errc::malformed_bundle, "\"cnf\" is not a JSON object");
+  check_fails(verify_token(with_cnf(json::array({holder})), keys, check), errc::malformed_bundle,
+              "\"cnf\" is not a JSON object");
+  check_fails(verify_token(with_cnf(json::object()), keys, check), errc::malformed_bundle,
+              "names no confirmation method");
+  check_fails(verify_token(with_cnf({{"x5t#S256", 42}}), keys, check), errc::malformed_bundle,
+              "\"x5t#S256\" is not a string");
+  check_fails(verify_token(with_cnf({{"x5t#S256", {{"v", holder}}}}), keys, check), errc::malformed_bundle,
+              "\"x5t#S256\" is not a string");
+  for (std::string bad : {std::string(), std::string("short"), holder + "=", holder + "A", holder.substr(0, 42) + "+",
+                          b64url(std::string(48, 'x'))}) {
+    CAPTURE(bad);
+    check_fails(verify_token(with_cnf({{"x5t#S256", bad}}), keys, check), errc::malformed_bundle,
+                "is not a certificate thumbprint");
+  }
+  // A stray bit in the last character: another spelling of the same digest, refused.
+  auto last = holder.back();
+  auto stray = holder.substr(0, 42) + static_cast<char>(last == 'A' ? 'B' : last ^ 1);
+  if (stray != holder) {
+    auto r = verify_token(with_cnf({{"x5t#S256", stray}}), keys, check);
+    REQUIRE_FALSE(r);
+    CHECK((r.error().code() == errc::malformed_bundle || r.error().code() == errc::signature_invalid));
+  }
+  // Confirmation methods drun cannot check: the token is refused, not used as a bearer token.
+  check_fails(verify_token(with_cnf({{"jkt", holder}}), keys, check), errc::signature_invalid,
+              "cnf \"jkt\", a method drun cannot check");
+  check_fails(verify_token(with_cnf({{"jwk", {{"kty", "OKP"}}}}), keys, check), errc::signature_invalid,
+              "cnf \"jwk\"");
+  check_fails(verify_token(with_cnf({{"x5t#S256", holder}, {"kid", "k"}}), keys, check), errc::signature_invalid,
+              "cnf \"kid\"");
+  check_fails(verify_token(with_cnf({{"x5t", holder}}), keys, check), errc::signature_invalid, "cnf \"x5t\"");
+  // Non-printable method names are not echoed raw.
+  auto r = verify_token(with_cnf({{"bad\nname", 1}}), keys, check);
+  REQUIRE_FALSE(r);
+  CHECK(r.error().message().find('\n') == std::string::npos);
+  // Duplicate members are refused by the strict parser (one meaning per token).
+  auto p = claims_at(t0).dump();
+  p.pop_back();
+  p += R"(,"cnf":{"x5t#S256":")" + holder + R"(","x5t#S256":")" + holder + R"("}})";
+  std::string input = b64url(json{{"alg", "EdDSA"}}.dump()) + "." + b64url(p);
+  auto dup = input + "." + b64url(evp_sign(ed.get(), nullptr, input));
+  check_fails(verify_token(dup, keys, check), errc::malformed_bundle, "duplicate key");
+}
+
+TEST_CASE("issuer: checked exactly when the check names one") {
+  auto ed = gen_ed25519();
+  auto keys = set_of({jwk_ed25519(ed.get(), "")});
+  auto sign = [&](std::optional<json> iss) {
+    auto p = claims_at(t0);
+    if (iss) p["iss"] = *iss;
+    return sign_jws({{"alg", "EdDSA"}}, p, ed.get(), "EdDSA");
+  };
+  auto check = check_at(t0);
+  CHECK(verify_token(sign(json("https://evil.example")), keys, check));  // no issuer named: any
+  CHECK(verify_token(sign(std::nullopt), keys, check));
+  check.issuer = "https://issuer.example";
+  auto good = verify_token(sign(json("https://issuer.example")), keys, check);
+  REQUIRE(good);
+  CHECK(good->issuer == "https://issuer.example");
+  check_fails(verify_token(sign(json("https://evil.example")), keys, check), errc::signature_invalid,
+              "wrong issuer: the token's \"iss\" is \"https://evil.example\", not \"https://issuer.example\"");
+  check_fails(verify_token(sign(std::nullopt), keys, check), errc::signature_invalid,
+              "token has no \"iss\" claim; issuer \"https://issuer.example\" is required");
+  check_fails(verify_token(sign(json("")), keys, check), errc::signature_invalid, "wrong issuer");
+  check_fails(verify_token(sign(json("https://issuer.example/")), keys, check), errc::signature_invalid,
+              "wrong issuer");  // exact, not a prefix
+  check_fails(verify_token(sign(json(7)), keys, check), errc::malformed_bundle, "\"iss\" is not a string");
+  // drun's own tokens say "drun" unless told otherwise.
+  minted m;
+  auto drun_check = check_at(t0);
+  drun_check.issuer = "drun";
+  CHECK(verify_token(m.mint(t0), m.keys, drun_check));
+  drun_check.issuer = "other";
+  check_fails(verify_token(m.mint(t0), m.keys, drun_check), errc::signature_invalid, "wrong issuer");
 }

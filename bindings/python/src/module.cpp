@@ -378,7 +378,8 @@ class py_peer_server {
  public:
   py_peer_server(py_store& store, const std::string& listen, const std::string& cert, const std::string& key,
                  const std::string& client_ca, std::optional<std::string> policy, std::optional<std::string> jwks,
-                 const std::string& audience, bool allow_token_only, bool rdma)
+                 const std::string& audience, bool allow_token_only, bool rdma, const std::string& token_issuer,
+                 bool require_bound_tokens)
       : store_(store.shared()) {
     drun::peer_server_options o;
     o.rdma.enabled = rdma;
@@ -387,6 +388,8 @@ class py_peer_server {
     o.key_file = key;
     o.client_ca_file = client_ca;
     o.audience = audience;
+    o.token_issuer = token_issuer;
+    o.require_bound_tokens = require_bound_tokens;
     o.require_client_certificate = !allow_token_only;
     if (policy)
       o.policy = std::make_shared<const drun::access_policy>(take(drun::access_policy::load(*policy), io_kind::config));
@@ -643,10 +646,12 @@ PYBIND11_MODULE(_drun, m) {
 
   py::class_<py_peer_server>(m, "PeerServer")
       .def(py::init<py_store&, const std::string&, const std::string&, const std::string&, const std::string&,
-                    std::optional<std::string>, std::optional<std::string>, const std::string&, bool, bool>(),
+                    std::optional<std::string>, std::optional<std::string>, const std::string&, bool, bool,
+                    const std::string&, bool>(),
            py::arg("store"), py::kw_only(), py::arg("listen") = "127.0.0.1:0", py::arg("cert"), py::arg("key"),
            py::arg("client_ca") = "", py::arg("policy") = py::none(), py::arg("jwks") = py::none(),
-           py::arg("audience") = "drun", py::arg("allow_token_only") = false, py::arg("rdma") = false)
+           py::arg("audience") = "drun", py::arg("allow_token_only") = false, py::arg("rdma") = false,
+           py::arg("token_issuer") = "", py::arg("require_bound_tokens") = false)
       .def_property_readonly("port", &py_peer_server::port)
       .def("stats", &py_peer_server::stats)
       .def("stop", &py_peer_server::stop)
@@ -656,9 +661,12 @@ PYBIND11_MODULE(_drun, m) {
   m.def(
       "issue_token",
       [](const std::string& key, const std::string& subject, const std::string& audience,
-         std::vector<std::string> artifacts, double ttl_seconds) {
+         std::vector<std::string> artifacts, double ttl_seconds, std::optional<std::string> bind_cert) {
         auto k = take(drun::private_key::load(key), io_kind::config);
         drun::token_request r;
+        if (bind_cert)
+          r.certificate_thumbprint =
+              take(drun::certificate_thumbprint(std::filesystem::path(*bind_cert)), io_kind::config);
         r.subject = subject;
         r.audience = audience;
         r.artifacts = std::move(artifacts);
@@ -666,7 +674,7 @@ PYBIND11_MODULE(_drun, m) {
         return take(drun::issue_token(k, r));
       },
       py::arg("key"), py::kw_only(), py::arg("subject"), py::arg("audience"), py::arg("artifacts"),
-      py::arg("ttl_seconds") = 900.0);
+      py::arg("ttl_seconds") = 900.0, py::arg("bind_cert") = py::none());
   m.def("rdma_status", [] {
     auto st = drun::rdma_probe();
     py::dict d;
