@@ -154,13 +154,13 @@ result<void> pwrite_all(int fd, std::span<const std::byte> data, std::uint64_t o
 // user, and no directory may be writable by group or others.
 result<void> check_owned(const struct stat& st, const std::filesystem::path& p, bool directory) {
   if (st.st_uid != ::geteuid())
-    return error(errc::permission_denied,
+    return error(errc::invalid_argument,
                  fmt::format("is owned by uid {}, not by this user (uid {}): a store must belong to the user "
                              "that runs drun",
                              st.st_uid, ::geteuid()))
         .with_path(p.string());
   if (directory && (st.st_mode & 022) != 0)
-    return error(errc::permission_denied, fmt::format("is writable by group or others (mode {:04o}): chmod 700 it",
+    return error(errc::invalid_argument, fmt::format("is writable by group or others (mode {:04o}): chmod 700 it",
                                                       st.st_mode & 07777))
         .with_path(p.string());
   return {};

@@ -941,6 +941,21 @@ def test_missing_key_file_is_a_configuration_error(drun, tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+def test_store_shared_with_others_is_a_configuration_error(store, drun_keys, tmp_path):
+    # A store directory others can write into (or, as root, one owned by another user) is refused
+    # with exit 2 and its path named, before anything is read from it.
+    store.dir.mkdir()
+    store.dir.chmod(0o777)
+    store("ls").fails(2, "writable by group or others")
+    if os.geteuid() == 0:
+        store.dir.chmod(0o700)
+        os.chown(store.dir, 65534, 65534)
+        store("ls").fails(2, "owned by uid 65534")
+        os.chown(store.dir, 0, 0)
+    store.dir.chmod(0o700)
+    store("ls").ok()
+
+
 def test_memory_stays_bounded_with_huge_pieces(drun, drun_keys, store, tmp_path):
     # 300 MiB in pieces of 256 MiB (model_signing's default shards are 1 GB): import, verify and
     # export stream every piece, so none of them may hold a whole piece in memory.
