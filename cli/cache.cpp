@@ -36,7 +36,7 @@ std::string when(std::int64_t t) {
   return buf;
 }
 
-const std::vector<option_spec> store_opts = {{"store", true}, {"key-source", true}};
+const std::vector<option_spec> store_opts = {{"store", true}, {"key-source", true}, {"metrics-file", true}};
 
 std::vector<option_spec> with_store(std::vector<option_spec> more) {
   more.insert(more.end(), store_opts.begin(), store_opts.end());

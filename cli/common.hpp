@@ -51,6 +51,12 @@ struct parsed_args {
   }
 };
 
+// Where --metrics-file asked the figures to go (set by parse_args for the commands that take it).
+inline std::optional<std::string>& metrics_file_request() {
+  static std::optional<std::string> file;
+  return file;
+}
+
 inline parsed_args parse_args(int argc, char** argv, int first, const std::vector<option_spec>& specs) {
   parsed_args out;
   for (int i = first; i < argc; ++i) {
@@ -82,7 +88,24 @@ inline parsed_args parse_args(int argc, char** argv, int first, const std::vecto
     if (!spec->repeatable && out.has(name)) throw usage_error{fmt::format("--{} given twice", name)};
     out.values[name].push_back(value);
   }
+  if (auto f = out.get("metrics-file")) {
+    if (f->empty()) throw usage_error{"--metrics-file needs a file name"};
+    metrics_file_request() = *f;
+  }
   return out;
+}
+
+// --metrics-file FILE (fetch, the cache commands): the process's metrics are written there when
+// the command has ended, whatever its result (a failed fetch is a figure too), atomically, for
+// node_exporter's textfile collector. Failing to write it fails a command that had succeeded.
+inline int write_requested_metrics(std::string_view command, int status) {
+  const auto& file = metrics_file_request();
+  if (!file) return status;
+  if (auto r = drun::write_metrics_file(*file); !r) {
+    fmt::print(stderr, "drun {}: --metrics-file: {}\n", command, r.error().message());
+    return status == exit_ok ? exit_io : status;
+  }
+  return status;
 }
 
 inline std::uint64_t parse_size(const std::string& text, const char* what) {

@@ -15,7 +15,7 @@ int cmd_fetch(int argc, char** argv) {
                           {"limit-rate", true}, {"stall-timeout", true}, {"s3-endpoint", true},
                           {"proxy-auth-file", true}, {"proxy-auth-env", true}, {"peer", true, true},
                           {"peers-dns", true, true}, {"tls-cert", true}, {"tls-key", true}, {"token-file", true},
-                          {"artifact", true}, {"swarm-self", true}})));
+                          {"artifact", true}, {"swarm-self", true}, {"metrics-file", true}})));
   if (!args.positional.empty()) throw usage_error{"fetch takes no positional arguments"};
   auto sig = args.get("signature");
   auto origins = args.all("origin");

@@ -198,11 +198,13 @@ void print_usage(std::FILE* to) {
              "           [--tls-min 1.2|1.3] [--proxy URL] [--proxy-auth-file FILE | --proxy-auth-env NAME]\n"
              "           [--header-file FILE] [--bearer-env NAME] [--credentials-origin URL]\n"
              "           [--limit-rate BYTES/s] [--stall-timeout S] [--attempts N] [--insecure]\n"
+             "           [--metrics-file FILE]   (Prometheus text, written when the fetch ends)\n"
              "           [--rdma [--rdma-device DEV] [--rdma-port N] [--rdma-gid-index N] [--rdma-qps N]]\n"
              "  serve    --store DIR --key-source SPEC --listen ADDR:PORT --tls-cert PEM --tls-key PEM\n"
              "           --client-ca PEM [--policy FILE] [--jwks FILE [--audience A] [--token-issuer I]\n"
              "           [--require-bound-tokens]] [--allow-token-only]\n"
              "           [--max-connections N] [--limit-rate BYTES/s] [--requests-per-second N]\n"
+             "           [--metrics-listen [ADDR:]PORT]   (GET /metrics; PORT alone is on 127.0.0.1)\n"
              "           [--rdma [--rdma-device DEV] [--rdma-port N] [--rdma-gid-index N] [--rdma-qps N]]\n"
              "  token issue --key ED25519_KEY --subject S --audience A --artifact ID|'*' [--artifact ...]\n"
              "           (--bind-cert HOLDER_CERT.pem | --unbound) [--ttl 15m] [--issuer I]\n"
@@ -215,7 +217,8 @@ void print_usage(std::FILE* to) {
              "  cache export ARTIFACT DEST [--umask-modes] | ls [--json] | show ARTIFACT [--json] | verify [ARTIFACT]\n"
              "  cache gc [--ttl SECONDS] [--high BYTES --low BYTES] | rm ARTIFACT... | pin | unpin ARTIFACT\n"
              "  cache rotate-key --new-key-source SPEC\n"
-             "        every cache command takes --store DIR --key-source file:PATH|env:NAME|cmd:COMMAND\n\n"
+             "        every cache command takes --store DIR --key-source file:PATH|env:NAME|cmd:COMMAND\n"
+             "        [--metrics-file FILE]\n\n"
              "exit status: 0 ok, 1 integrity/authenticity failure, 2 usage/configuration, 3 I/O or network,\n"
              "             4 refused by a peer's policy, 130 interrupted\n");
 }
@@ -233,8 +236,8 @@ int main(int argc, char** argv) {
     if (command == "sign") return cmd_sign(argc, argv);
     if (command == "verify") return cmd_verify(argc, argv);
     if (command == "manifest") return cmd_manifest(argc, argv);
-    if (command == "cache") return drun::cli::cmd_cache(argc, argv);
-    if (command == "fetch") return drun::cli::cmd_fetch(argc, argv);
+    if (command == "cache") return drun::cli::write_requested_metrics(command, drun::cli::cmd_cache(argc, argv));
+    if (command == "fetch") return drun::cli::write_requested_metrics(command, drun::cli::cmd_fetch(argc, argv));
     if (command == "serve") return drun::cli::cmd_serve(argc, argv);
     if (command == "token") return drun::cli::cmd_token(argc, argv);
     if (command == "help" || command == "--help" || command == "-h") {

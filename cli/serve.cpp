@@ -13,7 +13,7 @@ int cmd_serve(int argc, char** argv) {
                           {"client-ca", true}, {"policy", true}, {"jwks", true}, {"audience", true},
                           {"token-issuer", true}, {"require-bound-tokens", false},
                           {"allow-token-only", false}, {"max-connections", true}, {"limit-rate", true},
-                          {"requests-per-second", true}, {"idle-timeout", true}}));
+                          {"requests-per-second", true}, {"idle-timeout", true}, {"metrics-listen", true}}));
   if (!args.positional.empty()) throw usage_error{"serve takes no positional arguments"};
   for (const char* required : {"store", "key-source", "listen", "tls-cert", "tls-key"})
     if (!args.has(required)) throw usage_error{fmt::format("--{} is required", required)};
@@ -51,6 +51,10 @@ int cmd_serve(int argc, char** argv) {
   }
   if (auto l = args.get("limit-rate")) o.max_upload_bytes_per_second = std::max<std::uint64_t>(1, parse_size(*l, "--limit-rate"));
   if (auto r = args.get("requests-per-second")) o.max_requests_per_second = static_cast<double>(std::max<std::uint64_t>(1, parse_size(*r, "--requests-per-second")));
+  if (auto m = args.get("metrics-listen")) {
+    if (m->empty()) throw usage_error{"--metrics-listen needs [ADDR:]PORT"};
+    o.metrics_listen = *m;
+  }
   if (auto t = args.get("idle-timeout")) o.idle_timeout = std::chrono::seconds(std::max<std::uint64_t>(1, parse_size(*t, "--idle-timeout")));
 
   auto key = drun::node_key::from_source(*args.get("key-source"));
@@ -69,6 +73,7 @@ int cmd_serve(int argc, char** argv) {
   if (!server) return fail("serve", server.error());
   fmt::print("serving {} on port {}{}\n", *args.get("store"), server->port(),
              has_policy ? "" : " (no --policy: every caller certified by the client CA may read every artifact)");
+  if (server->metrics_port()) fmt::print("metrics on port {} (GET /metrics)\n", server->metrics_port());
   std::fflush(stdout);
   int sig = 0;
   sigwait(&set, &sig);

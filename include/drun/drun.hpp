@@ -7,6 +7,7 @@
 #include <drun/keys.hpp>
 #include <drun/log.hpp>
 #include <drun/manifest.hpp>
+#include <drun/metrics.hpp>
 #include <drun/node_key.hpp>
 #include <drun/peer.hpp>
 #include <drun/piece.hpp>

@@ -67,6 +67,9 @@ struct peer_server_options {
   // Offered to callers that ask for it, after their hello; without a usable device the server
   // says so once (log.hpp) and serves everyone over TCP+TLS. See the WARNING in transport.hpp.
   rdma_options rdma;
+  // Non-empty: also serve the process's metrics (metrics.hpp) at http://ADDR:PORT/metrics, for as
+  // long as the server runs. "PORT" alone is on loopback; another address has to be named.
+  std::string metrics_listen;
 };
 
 struct peer_server_stats {
@@ -95,6 +98,7 @@ class DRUN_API peer_server {
   peer_server& operator=(peer_server&&) noexcept;
 
   std::uint16_t port() const noexcept;
+  std::uint16_t metrics_port() const noexcept;  // 0 without metrics_listen
   peer_server_stats stats() const noexcept;
   // Closes the listener and every connection, and joins the threads. Idempotent.
   void stop() noexcept;

@@ -88,6 +88,9 @@ class DRUN_API source {
     return error(errc::unsupported, name() + " does not serve bundles by artifact id");
   }
   virtual bool is_peer() const noexcept { return false; }
+  // Whether this peer's pieces move over RDMA now (it was offered and has not failed): the
+  // fetch's metrics count its pieces as rdma rather than peer.
+  virtual bool carried_by_rdma() const noexcept { return false; }
 };
 
 // The origin of an http(s) URL, the unit credentials are scoped to: "scheme://host:port",

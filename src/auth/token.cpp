@@ -12,6 +12,7 @@
 #include "detail/json.hpp"
 #include "detail/openssl.hpp"
 #include "key_data.hpp"
+#include "metrics/registry.hpp"
 
 #include <drun/hash.hpp>
 
@@ -568,6 +569,27 @@ result<jwks> jwks::load(const std::filesystem::path& file) {
 }
 
 // ---- verify ------------------------------------------------------------------------------
+
+}  // namespace drun
+
+namespace drun::metrics {
+
+// By the messages read_claims() and verify_token() write: malformed input is malformed_bundle,
+// and each claim check's refusal begins with its own words.
+token_failure token_failure_of(const error& e) noexcept {
+  if (e.code() != errc::signature_invalid) return token_failure::malformed;
+  std::string_view d = e.detail();
+  auto starts = [&](std::string_view p) { return d.substr(0, p.size()) == p; };
+  if (starts("token expired") || starts("token is not yet valid")) return token_failure::expired;
+  if (starts("wrong audience")) return token_failure::audience;
+  if (starts("wrong issuer") || starts("token has no \"iss\"")) return token_failure::issuer;
+  if (starts("token is bound") || starts("token is not bound")) return token_failure::binding;
+  return token_failure::signature;  // alg, kid, key type, signature, confirmation method
+}
+
+}  // namespace drun::metrics
+
+namespace drun {
 
 result<token_claims> verify_token(std::string_view token, const jwks& keys, const token_check& check) {
   if (check.audience.empty())

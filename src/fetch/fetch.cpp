@@ -4,6 +4,7 @@
 #include <drun/fetch.hpp>
 
 #include "detail/thread_pool.hpp"
+#include "metrics/registry.hpp"
 
 #include <fmt/format.h>
 #include <sodium.h>
@@ -49,8 +50,16 @@ constexpr unsigned max_peer_errors = 3;  // a peer failing this often in a row i
 
 }  // namespace
 
-result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_view bundle_json,
-                           const std::vector<std::unique_ptr<source>>& sources, const fetch_options& options) {
+namespace {
+
+metrics::source_kind kind_of(const source& src) {
+  if (!src.is_peer()) return metrics::source_kind::origin;
+  return src.carried_by_rdma() ? metrics::source_kind::rdma : metrics::source_kind::peer;
+}
+
+result<fetch_report> fetch_session(store& s, const verified_manifest& m, std::string_view bundle_json,
+                                   const std::vector<std::unique_ptr<source>>& sources, const fetch_options& options) {
+  auto& counts = metrics::global();
   if (sources.empty()) return error(errc::invalid_argument, "no sources to fetch from");
   if (auto r = s.add_artifact(m, bundle_json); !r) return std::move(r).error();
   auto plan = s.missing(m);
@@ -120,6 +129,7 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
     changed.notify_all();
   };
   auto drop_source = [&](std::size_t k, bool banned) {  // under the mutex
+    if (src[k].usable) (banned ? counts.peers_banned : counts.peers_dropped).add();  // once per peer
     src[k].usable = false;
     (banned ? report.sources[k].banned : report.sources[k].dropped) = true;
     changed.notify_all();
@@ -329,6 +339,9 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
         break;
       }
       if (got && *verified && put) {
+        const auto kind = kind_of(*sources[k]);
+        counts.fetch_pieces[kind].add();
+        counts.fetch_bytes[kind].add(mp.range->size());
         tally.pieces += 1;
         tally.bytes += mp.range->size();
         src[k].consecutive_errors = 0;
@@ -350,6 +363,7 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
         // Bytes that do not match the signature are charged to the source that sent them; a peer
         // that sends one is banned for the session.
         tally.rejected += 1;
+        counts.fetch_rejected[kind_of(*sources[k])].add();
         sl.last = error(errc::digest_mismatch, fmt::format("{} digest mismatch in what {} sent",
                                                            to_string(m.hash_type()), sources[k]->name()))
                       .with_path(name)
@@ -379,6 +393,7 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
         finish(t, piece_state::failed);
         continue;
       }
+      counts.fetch_retries.add();
       if (!src[k].peer) {
         // Exponential backoff with jitter, so retries from many workers do not arrive together.
         auto jitter = std::chrono::milliseconds(rng() % static_cast<std::uint64_t>(sl.backoff.count() + 1));
@@ -418,6 +433,21 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
         .with_piece(index);
   }
   return report;
+}
+
+}  // namespace
+
+result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_view bundle_json,
+                           const std::vector<std::unique_ptr<source>>& sources, const fetch_options& options) {
+  const auto start = clock::now();
+  auto r = fetch_session(s, m, bundle_json, sources, options);
+  auto& counts = metrics::global();
+  counts.fetch_duration.observe(std::chrono::duration<double>(clock::now() - start).count());
+  const auto outcome = r                                       ? metrics::fetch_result::ok
+                       : r.error().code() == errc::cancelled ? metrics::fetch_result::cancelled
+                                                             : metrics::fetch_result::failed;
+  counts.fetches[outcome].add();
+  return r;
 }
 
 std::vector<std::size_t> swarm_origin_owners(std::vector<std::string> members, const std::string& self,

@@ -5,6 +5,7 @@
 #include <drun/peer.hpp>
 
 #include "detail/log.hpp"
+#include "metrics/registry.hpp"
 #include "peer/tls.hpp"
 #include "peer/wire.hpp"
 #include "transport/rdma.hpp"
@@ -39,6 +40,7 @@ class peer_source final : public source {
 
   const std::string& name() const noexcept override { return name_; }
   bool is_peer() const noexcept override { return true; }
+  bool carried_by_rdma() const noexcept override { return rdma_up_.load() && !rdma_off_.load(); }
 
   result<void> fetch(const piece_request& p, std::span<std::byte> out, const std::atomic<bool>* cancel) override {
     auto id = peer::artifact_to_wire(p.artifact_id);
@@ -149,6 +151,7 @@ class peer_source final : public source {
   // Ends RDMA for this peer, once: its remaining pieces come over TCP+TLS.
   void stop_rdma(const std::string& why) {
     if (rdma_off_.exchange(true)) return;
+    metrics::global().rdma_fallbacks.add();
     detail::log(log_level::warning, fmt::format("RDMA to {} ended ({}); its pieces continue over TCP+TLS", name_, why));
   }
 
@@ -182,6 +185,7 @@ class peer_source final : public source {
       return error(errc::io_error, r.error().detail());
     }
     c.rdma = std::move(*ep);
+    rdma_up_ = true;
     return {};
   }
 
@@ -265,6 +269,7 @@ class peer_source final : public source {
   peer::ssl_ctx_ptr ctx_;
   std::shared_ptr<rdma::device> rdma_device_;  // null: RDMA not asked for, or not available here
   std::atomic<bool> rdma_off_;
+  std::atomic<bool> rdma_up_{false};  // some connection set RDMA up (for the metrics' source kind)
   std::mutex mutex_;
   std::vector<connection> idle_;
 };

@@ -2,8 +2,10 @@
 // max_connections); every wait has a deadline and notices stop(), and piece buffers come from a
 // server-wide budget, so slow or hostile callers cannot exhaust threads or memory.
 #include <drun/peer.hpp>
+#include <drun/metrics.hpp>
 
 #include "detail/log.hpp"
+#include "metrics/registry.hpp"
 #include "peer/tls.hpp"
 #include "peer/wire.hpp"
 #include "transport/rdma.hpp"
@@ -39,9 +41,30 @@ struct artifact_info {
   std::vector<std::uint64_t> piece_length;
 };
 
+// The server's own figures (stats()) and the process's metrics: each event is counted here, once.
 struct counters {
   std::atomic<std::uint64_t> connections{0}, active{0}, handshake_failures{0}, busy{0}, requests{0}, denied{0},
       protocol_errors{0}, pieces_served{0}, bytes_served{0}, rdma_connections{0}, pieces_served_rdma{0};
+
+  static metrics::registry& process() noexcept { return metrics::global(); }
+  void accepted() noexcept { connections++, process().peer_connections_total.add(); }
+  void opened() noexcept { active++, process().peer_connections.add(1); }
+  void closed() noexcept { active--, process().peer_connections.add(-1); }
+  // A connection turned away: at the accept (limit, rate) or in its handshake (tls, authorization).
+  void refused(metrics::refusal why) noexcept {
+    (why == metrics::refusal::limit || why == metrics::refusal::rate ? busy : handshake_failures)++;
+    process().peer_refused[why].add();
+  }
+  void token_refused(const error& e) noexcept { process().token_failures[metrics::token_failure_of(e)].add(); }
+  void buffers_busy() noexcept { busy++; }
+  void protocol_error() noexcept { protocol_errors++, process().peer_protocol_errors.add(); }
+  void request() noexcept { requests++, process().peer_requests.add(); }
+  void denial() noexcept { denied++, process().peer_denials.add(); }
+  void served(std::uint64_t bytes, bool rdma) noexcept {
+    pieces_served++, bytes_served += bytes;
+    process().peer_pieces_served.add(), process().peer_bytes_served.add(bytes);
+    if (rdma) pieces_served_rdma++, process().rdma_bytes_served.add(bytes);
+  }
 };
 
 // One connection's data paths: TCP+TLS always, RDMA once the caller set it up. Its registered
@@ -62,6 +85,7 @@ struct connection {
 
 struct peer_server::impl {
   store* st = nullptr;
+  std::optional<metrics_server> metrics;
   peer_server_options o;
   peer::ssl_ctx_ptr ctx;
   std::shared_ptr<const access_policy> policy;
@@ -215,13 +239,13 @@ bool peer_server::impl::setup_rdma(connection& c, const peer::frame_in& f) {
   };
   if (!rdma_device) return unavailable("this server offers no RDMA");
   if (c.rdma) {
-    n.protocol_errors++;
+    n.protocol_error();
     (void)send_error(c.tls, wire_error::bad_request, "RDMA is already set up on this connection", io, &stopping);
     return false;
   }
   auto remote = rdma::decode(f.body, true);
   if (!remote) {
-    n.protocol_errors++;
+    n.protocol_error();
     (void)send_error(c.tls, wire_error::bad_request, remote.error().detail(), io, &stopping);
     return false;
   }
@@ -249,7 +273,7 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
   auto& s = c.tls;
   auto io = [&] { return clock::now() + o.io_timeout; };
   auto bad = [&](std::string why) {
-    n.protocol_errors++;
+    n.protocol_error();
     (void)send_error(s, wire_error::bad_request, why, io(), &stopping);
     return false;
   };
@@ -271,7 +295,7 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
   if (policy->reads_bundles()) info.emplace(artifact(id));
   auto allowed = policy->authorize(who, id, info && *info ? std::string_view((**info)->bundle) : std::string_view());
   if (!allowed) {
-    n.denied++;
+    n.denial();
     return send_error(s, wire_error::denied, allowed.error().message(), io(), &stopping).has_value();
   }
   if (!info) info.emplace(artifact(id));
@@ -314,16 +338,12 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
   auto taken = take_buffer(hold, caller);
   if (!taken) {
     if (stopping.load()) return false;
-    n.busy++;
+    n.buffers_busy();
     return send_error(s, wire_error::busy, "the server's piece buffers are all in use; try again", io(), &stopping)
         .has_value();
   }
   auto& buf = *taken;
-  auto served = [&] {
-    n.pieces_served++;
-    n.bytes_served += length;
-    if (c.rdma) n.pieces_served_rdma++;
-  };
+  auto served = [&] { n.served(length, c.rdma != nullptr); };
   auto cannot_read = [&](const error& e) {  // nothing of the answer went out: say why, and carry on
     bool absent = e.code() == errc::model_mismatch;
     return send_error(s, absent ? wire_error::not_found : wire_error::internal,
@@ -400,7 +420,7 @@ void peer_server::impl::serve(detail::unique_fd fd, const std::string& source) {
     while (!stopping.load() && (ready = ::poll(&p, 1, 100)) == 0 && clock::now() < until) {
     }
     if (ready <= 0) {
-      n.handshake_failures++;
+      n.refused(metrics::refusal::tls);
       return;
     }
   }
@@ -409,11 +429,11 @@ void peer_server::impl::serve(detail::unique_fd fd, const std::string& source) {
   peer::tls_stream s(std::move(fd), std::move(ssl));
   auto hs_deadline = clock::now() + o.handshake_timeout;
   auto refuse = [&](wire_error code, const std::string& why) {
-    n.handshake_failures++;
+    n.refused(code == wire_error::unauthenticated ? metrics::refusal::authorization : metrics::refusal::tls);
     (void)send_error(s, code, why, clock::now() + o.io_timeout, &stopping);
   };
   if (!s.accept(hs_deadline, &stopping)) {
-    n.handshake_failures++;
+    n.refused(metrics::refusal::tls);
     return;
   }
   peer_identity who = s.identity();
@@ -421,13 +441,13 @@ void peer_server::impl::serve(detail::unique_fd fd, const std::string& source) {
   auto head = peer::read_header(s, hs_deadline, &stopping);
   if (!head) {
     if (head.error().code() == errc::malformed_bundle) return refuse(wire_error::bad_request, head.error().detail());
-    n.handshake_failures++;
+    n.refused(metrics::refusal::tls);
     return;
   }
   if (static_cast<frame>(head->type) != frame::hello) return refuse(wire_error::bad_request, "expected a HELLO frame");
   std::vector<std::byte> hello(head->length);
   if (auto r = s.read_exact(hello, hs_deadline, &stopping); !r) {
-    n.handshake_failures++;
+    n.refused(metrics::refusal::tls);
     return;
   }
   struct wipe_hello {  // the body holds the token
@@ -463,6 +483,7 @@ void peer_server::impl::serve(detail::unique_fd fd, const std::string& source) {
     check.certificate_thumbprint = who.certificate_thumbprint;  // a bound token must name this connection's
     auto claims = verify_token(text, *o.token_keys, check);
     sodium_memzero(text.data(), text.size());
+    if (!claims) n.token_refused(claims.error());
     if (!claims) return refuse(wire_error::unauthenticated, "token refused: " + claims.error().detail());
     who.token = std::move(*claims);
   }
@@ -485,7 +506,7 @@ void peer_server::impl::serve(detail::unique_fd fd, const std::string& source) {
       h = error(errc::malformed_bundle, fmt::format("frame type 0x{:02x} is not a request", h->type));
     if (!h) {
       if (h.error().code() == errc::malformed_bundle) {
-        n.protocol_errors++;
+        n.protocol_error();
         (void)send_error(s, wire_error::bad_request, h.error().detail(), clock::now() + o.io_timeout, &stopping);
       }
       return;
@@ -494,10 +515,11 @@ void peer_server::impl::serve(detail::unique_fd fd, const std::string& source) {
     if (!s.read_exact(f.body, deadline, &stopping)) return;
     // A token is good until it expires, also on a connection opened before.
     if (who.token && std::chrono::system_clock::now() > who.token->expires + std::chrono::seconds(60)) {
+      metrics::global().token_failures[metrics::token_failure::expired].add();
       (void)send_error(s, wire_error::unauthenticated, "the token has expired", clock::now() + o.io_timeout, &stopping);
       return;
     }
-    n.requests++;
+    n.request();
     auto now = clock::now();
     if (next > now) std::this_thread::sleep_until(next);
     next = std::max(now, next) + gap;
@@ -538,7 +560,7 @@ void peer_server::impl::accept_loop() {
     // answer until the caller's delayed ACK (tens of milliseconds per piece).
     int one = 1;
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    n.connections++;
+    n.accepted();
     {
       std::lock_guard lock(threads_mutex);
       // Connections still in their handshake get a quarter of the slots: callers with no
@@ -547,13 +569,13 @@ void peer_server::impl::accept_loop() {
       // single host cannot take them all (and a burst from one host is fine while there is room).
       const unsigned cap = std::max(4u, o.max_connections / 4);
       auto& mine = handshaking_from[source];
-      if (n.active.load() >= o.max_connections || handshaking >= cap ||
-          (handshaking >= cap / 2 && mine >= std::max(1u, o.max_handshakes_per_address))) {
+      const bool full = n.active.load() >= o.max_connections || handshaking >= cap;
+      if (full || (handshaking >= cap / 2 && mine >= std::max(1u, o.max_handshakes_per_address))) {
         if (mine == 0) handshaking_from.erase(source);
-        n.busy++;
+        n.refused(full ? metrics::refusal::limit : metrics::refusal::rate);
         continue;  // closed at once: a connection beyond the limit costs no thread
       }
-      n.active++;
+      n.opened();
       handshaking++;
       mine++;
     }
@@ -564,16 +586,16 @@ void peer_server::impl::accept_loop() {
         } catch (...) {  // out of memory, say: this connection ends, the server and its host live on
         }
         std::lock_guard lock(threads_mutex);
-        n.active--;
+        n.closed();
         threads_cv.notify_all();
       }).detach();
     } catch (const std::system_error&) {  // no thread to be had
       std::lock_guard lock(threads_mutex);
-      n.active--;
+      n.closed();
       handshaking--;
       if (auto it = handshaking_from.find(source); it != handshaking_from.end() && --it->second == 0)
         handshaking_from.erase(it);
-      n.busy++;
+      n.refused(metrics::refusal::limit);
     }
   }
 }
@@ -601,6 +623,11 @@ result<peer_server> peer_server::start(store& s, peer_server_options options) {
                                                      dev.error().detail()));
   }
 
+  if (!p->o.metrics_listen.empty()) {
+    auto ms = metrics_server::start(p->o.metrics_listen);
+    if (!ms) return std::move(ms).error();
+    p->metrics.emplace(std::move(*ms));
+  }
   auto l = peer::tcp_listen(hp->first, hp->second, 512);
   if (!l) return std::move(l).error();
   p->port = l->port;
@@ -621,6 +648,9 @@ peer_server& peer_server::operator=(peer_server&& o) noexcept {
 }
 
 std::uint16_t peer_server::port() const noexcept { return impl_ ? impl_->port : 0; }
+std::uint16_t peer_server::metrics_port() const noexcept {
+  return impl_ && impl_->metrics ? impl_->metrics->port() : 0;
+}
 
 peer_server_stats peer_server::stats() const noexcept {
   if (!impl_) return {};
@@ -637,6 +667,8 @@ void peer_server::stop() noexcept {
   // Connection threads notice `stopping` within one poll slice.
   std::unique_lock lock(impl_->threads_mutex);
   impl_->threads_cv.wait(lock, [&] { return impl_->n.active.load() == 0; });
+  lock.unlock();
+  impl_->metrics.reset();
 }
 
 }  // namespace drun

@@ -12,6 +12,7 @@
 #include "detail/encoding.hpp"
 #include "detail/file.hpp"
 #include "detail/thread_pool.hpp"
+#include "metrics/registry.hpp"
 #include "store/fault.hpp"
 #include "store/seal.hpp"
 #include "store/sqlite.hpp"
@@ -198,6 +199,25 @@ struct piece_row {
 }  // namespace
 
 struct store::impl {
+  // While a store is open its holdings show in the process's metrics. The collector is removed
+  // first thing on destruction, before the database it reads closes.
+  std::uint64_t metrics_collector = 0;
+  ~impl() {
+    if (metrics_collector) metrics::remove_store_collector(metrics_collector);
+  }
+  metrics::store_usage usage() {
+    metrics::store_usage u;
+    std::lock_guard lock(db_mutex);
+    auto st = db.prepare("SELECT count(*), coalesce(sum(length), 0) FROM pieces WHERE state = ?");
+    if (!st) return u;
+    st->bind(1, state_stored);
+    (void)st->each([&] {
+      u.pieces = static_cast<std::uint64_t>(st->int64(0));
+      u.bytes = static_cast<std::uint64_t>(st->int64(1));
+    });
+    return u;
+  }
+
   std::filesystem::path dir;
   database db;
   std::mutex db_mutex;  // one connection, many threads: transactions must not interleave
@@ -351,6 +371,7 @@ struct store::impl {
     }
     // Never release bytes that did not authenticate; forget the piece so it gets fetched again.
     auto drop = [&](errc code, std::string why) {
+      metrics::global().store_open_failures.add();
       sodium_memzero(out.data(), out.size());
       std::lock_guard lock(db_mutex);
       auto txn = transaction::begin(db);
@@ -533,6 +554,7 @@ result<store> store::open(const std::filesystem::path& dir, node_key key) {
   if (!p) return std::move(p).error();
   (*p)->owned_key.emplace(std::move(key));
   (*p)->key = &*(*p)->owned_key;
+  (*p)->metrics_collector = metrics::add_store_collector([raw = p->get()] { return raw->usage(); });
   return store(std::move(*p));
 }
 
@@ -701,6 +723,19 @@ static result<bool> write_piece(store::impl& s, const verified_manifest& m, std:
   return true;
 }
 
+namespace {
+
+// A seal that failed for the store's sake (disk, index), not for the bytes' (a mismatch in a
+// streamed piece is the sender's fault, counted by whoever fetched it).
+result<bool> counted_seal(result<bool> r) {
+  if (r && *r) metrics::global().store_pieces_sealed.add();
+  if (!r && r.error().code() != errc::digest_mismatch && r.error().code() != errc::cancelled)
+    metrics::global().store_seal_failures.add();
+  return r;
+}
+
+}  // namespace
+
 result<bool> store::put_piece(const verified_manifest& m, const verified_piece& piece) {
   // A piece verified for another artifact, or another piece of this one, carries a valid digest
   // for the wrong place: sealing it here would make the store serve it as this piece.
@@ -712,16 +747,16 @@ result<bool> store::put_piece(const verified_manifest& m, const verified_piece& 
                  fmt::format("piece {} was verified for artifact {}, not for piece {} of artifact {}", i,
                              piece.artifact_id().substr(0, 12), i, m.artifact_id().substr(0, 12)));
   auto bytes = piece.bytes();
-  return write_piece(*impl_, m, piece.index(),
+  return counted_seal(write_piece(*impl_, m, piece.index(),
                      [&](std::span<std::byte> chunk, std::uint64_t offset) -> result<void> {
                        std::copy_n(bytes.begin() + static_cast<std::ptrdiff_t>(offset), chunk.size(), chunk.begin());
                        return {};
                      },
-                     /*check_digest=*/false);
+                     /*check_digest=*/false));
 }
 
 result<bool> store::put_piece_streamed(const verified_manifest& m, std::size_t index, const piece_source& source) {
-  return write_piece(*impl_, m, index, source, /*check_digest=*/true);
+  return counted_seal(write_piece(*impl_, m, index, source, /*check_digest=*/true));
 }
 
 result<std::vector<bool>> store::stored_pieces(const std::string& artifact) {
@@ -918,6 +953,7 @@ result<gc_report> store::gc(const gc_options& options) {
   auto try_remove = [&](const artifact_summary& a) -> result<bool> {
     auto r = remove(a.id);
     if (r) {
+      metrics::global().store_gc_evictions.add();
       report.removed.push_back(a.id);
       report.bytes_freed += a.bytes;
       total -= a.bytes;
@@ -1021,6 +1057,7 @@ result<std::vector<scrub_failure>> store::scrub(const std::optional<std::string>
       // Only a piece that is bad is a failure; a bad key or a failing disk stops the scrub.
       auto code = opened.error().code();
       if (code != errc::digest_mismatch && code != errc::model_mismatch) return std::move(opened).error();
+      metrics::global().store_scrub_findings.add();
       failures.push_back({w.id, row.file_name, w.piece, {row.offset, row.offset + row.length}, opened.error().detail()});
     }
   }
@@ -1428,6 +1465,7 @@ result<void> store::rotate_key(const std::filesystem::path& dir, const node_key&
   // The journal held whole pieces; give their pages back (best effort: another process may be
   // holding a read transaction open).
   (void)s.db.exec("VACUUM");
+  metrics::global().store_key_rotations.add();
   return {};
 }
 

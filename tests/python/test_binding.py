@@ -708,6 +708,49 @@ def test_peer_server_serves_a_seeded_store_over_mutual_tls(tmp_path, seed, small
         srv.stop()  # idempotent
 
 
+def _metric(text, name):
+    """The value of one sample ("name" or "name{labels}") in an exposition text."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in the exposition")
+
+
+def test_metrics_of_the_process_and_of_an_in_process_server(tmp_path, seed, small, publisher, pki):
+    import urllib.request
+    root, sig, art, files = small
+    cert, key = pki.issue("seed")
+    ccert, ckey = pki.issue("loader")
+    before = drun.metrics()
+    with drun.PeerServer(seed, cert=str(cert), key=str(key), client_ca=str(pki.ca),
+                         metrics_listen="127.0.0.1:0") as srv:
+        mport = srv.metrics_port
+        assert mport > 0
+        drun.fetch(store=leecher(tmp_path, "l"), artifact=art, public_key=str(publisher.pub),
+                   peers=[f"127.0.0.1:{srv.port}"], tls_cert=str(ccert), tls_key=str(ckey), ca_cert=str(pki.ca))
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            scraped = r.read().decode()
+    after = drun.metrics()
+    size = sum(map(len, files.values()))
+    # One process: the fetch and the server that answered it count in the same registry.
+    for name, grew in [('drun_fetch_bytes_total{source="peer"}', size), ("drun_peer_bytes_served_total", size),
+                       ('drun_fetch_pieces_total{source="peer"}', 7), ('drun_fetches_total{result="ok"}', 1)]:
+        assert _metric(after, name) - _metric(before, name) == grew, name
+        assert _metric(scraped, name) == _metric(after, name), name
+    # The endpoint closes with the server.
+    assert srv.metrics_port == 0
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=2)
+    out = tmp_path / "m.prom"
+    drun.write_metrics_file(str(out))
+    assert out.read_text().startswith("# HELP drun_")
+    with pytest.raises(drun.Error, match="metrics"):
+        drun.write_metrics_file(str(tmp_path / "absent" / "m.prom"))
+    with pytest.raises(drun.ConfigError, match="metrics address"):
+        drun.PeerServer(seed, cert=str(cert), key=str(key), client_ca=str(pki.ca), metrics_listen="no-port-here")
+
+
 def test_rdma_is_asked_for_with_rdma_true_and_falls_back_where_there_is_none(tmp_path, seed, small, publisher, pki,
                                                                               capfd):
     root, sig, art, files = small

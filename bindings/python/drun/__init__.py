@@ -23,9 +23,11 @@ from ._drun import (  # noqa: F401
     issue_token,
     jwks_for,
     keygen,
+    metrics,
     rdma_status,
     sign,
     verify,
+    write_metrics_file,
 )
 from ._drun import _safetensors_layout, _safetensors_read
 from ._errors import (  # noqa: F401
@@ -40,7 +42,7 @@ from ._errors import (  # noqa: F401
 __all__ = [
     "AuthorizationError", "ConfigError", "Error", "PeerServer", "SourceError", "Store", "StoreError",
     "VerificationError", "VerifiedManifest", "fetch", "issue_token", "jwks_for", "keygen", "load_safetensors",
-    "metadata", "rdma_status", "sign", "verify",
+    "metadata", "metrics", "rdma_status", "sign", "verify", "write_metrics_file",
 ]
 
 # safetensors dtypes as numpy spells them. numpy has no bfloat16: BF16 tensors come back as uint16

@@ -379,9 +379,10 @@ class py_peer_server {
   py_peer_server(py_store& store, const std::string& listen, const std::string& cert, const std::string& key,
                  const std::string& client_ca, std::optional<std::string> policy, std::optional<std::string> jwks,
                  const std::string& audience, bool allow_token_only, bool rdma, const std::string& token_issuer,
-                 bool require_bound_tokens)
+                 bool require_bound_tokens, const std::string& metrics_listen)
       : store_(store.shared()) {
     drun::peer_server_options o;
+    o.metrics_listen = metrics_listen;
     o.rdma.enabled = rdma;
     o.listen = listen;
     o.cert_file = cert;
@@ -397,6 +398,7 @@ class py_peer_server {
     server_.emplace(take(drun::peer_server::start(*store_, std::move(o)), io_kind::config));
   }
   std::uint16_t port() const { return server_ ? server_->port() : 0; }
+  std::uint16_t metrics_port() const { return server_ ? server_->metrics_port() : 0; }
   py::dict stats() const {
     auto s = server_ ? server_->stats() : drun::peer_server_stats{};
     py::dict d;
@@ -647,12 +649,13 @@ PYBIND11_MODULE(_drun, m) {
   py::class_<py_peer_server>(m, "PeerServer")
       .def(py::init<py_store&, const std::string&, const std::string&, const std::string&, const std::string&,
                     std::optional<std::string>, std::optional<std::string>, const std::string&, bool, bool,
-                    const std::string&, bool>(),
+                    const std::string&, bool, const std::string&>(),
            py::arg("store"), py::kw_only(), py::arg("listen") = "127.0.0.1:0", py::arg("cert"), py::arg("key"),
            py::arg("client_ca") = "", py::arg("policy") = py::none(), py::arg("jwks") = py::none(),
            py::arg("audience") = "drun", py::arg("allow_token_only") = false, py::arg("rdma") = false,
-           py::arg("token_issuer") = "", py::arg("require_bound_tokens") = false)
+           py::arg("token_issuer") = "", py::arg("require_bound_tokens") = false, py::arg("metrics_listen") = "")
       .def_property_readonly("port", &py_peer_server::port)
+      .def_property_readonly("metrics_port", &py_peer_server::metrics_port)
       .def("stats", &py_peer_server::stats)
       .def("stop", &py_peer_server::stop)
       .def("__enter__", [](py_peer_server& s) -> py_peer_server& { return s; }, py::return_value_policy::reference)
@@ -675,6 +678,11 @@ PYBIND11_MODULE(_drun, m) {
       },
       py::arg("key"), py::kw_only(), py::arg("subject"), py::arg("audience"), py::arg("artifacts"),
       py::arg("ttl_seconds") = 900.0, py::arg("bind_cert") = py::none());
+  m.def("metrics", [] { return drun::metrics_text(); });
+  m.def(
+      "write_metrics_file",
+      [](const std::string& file) { take(drun::write_metrics_file(file)); },
+      py::arg("file"));
   m.def("rdma_status", [] {
     auto st = drun::rdma_probe();
     py::dict d;
