@@ -145,11 +145,11 @@ int cache_verify(int argc, char** argv) {
   auto failures = o->scrub(id);
   if (!failures) return fail("cache verify", failures.error());
   for (const auto& f : *failures)
-    fmt::print(stderr, "drun cache verify: {} {} bytes [{}, {}): {}\n", f.artifact.substr(0, 16), f.file,
-               f.range.begin, f.range.end, f.reason);
+    diag(drun::log_level::error, "cache verify",
+         fmt::format("{} {} bytes [{}, {}): {}", f.artifact.substr(0, 16), f.file, f.range.begin, f.range.end, f.reason));
   if (!failures->empty()) {
-    fmt::print(stderr, "drun cache verify: {} pieces failed and were dropped; import or fetch again to repair\n",
-               failures->size());
+    diag(drun::log_level::error, "cache verify",
+         fmt::format("{} pieces failed and were dropped; import or fetch again to repair", failures->size()));
     return exit_integrity;
   }
   // Pieces that were never stored, or dropped earlier, are not failures; say so all the same.

@@ -29,6 +29,17 @@ struct usage_error {
   std::string message;
 };
 
+// A diagnostic on stderr: "drun COMMAND: message", or, under --log-format json, a line of the
+// library's JSON log (so one stream carries both). Warnings and errors are written at the
+// default level; a warning that an insecure option is on is written at every level.
+inline void diag(drun::log_level level, std::string_view command, std::string_view message) {
+  if (drun::logging_settings().format == drun::log_format::json) {
+    drun::emit_log(std::max(level, drun::log_level::warning), message, {{"command", std::string(command)}});
+    return;
+  }
+  fmt::print(stderr, "drun {}: {}\n", command, message);
+}
+
 // A small option parser: --name VALUE, --name=VALUE, flags, repeatable options, positionals.
 struct option_spec {
   std::string name;
@@ -102,7 +113,7 @@ inline int write_requested_metrics(std::string_view command, int status) {
   const auto& file = metrics_file_request();
   if (!file) return status;
   if (auto r = drun::write_metrics_file(*file); !r) {
-    fmt::print(stderr, "drun {}: --metrics-file: {}\n", command, r.error().message());
+    diag(drun::log_level::error, command, fmt::format("--metrics-file: {}", r.error().message()));
     return status == exit_ok ? exit_io : status;
   }
   return status;
@@ -161,10 +172,9 @@ inline drun::rdma_options rdma_from_args(const parsed_args& args, const char* co
     if (v < 1 || v > 16) throw usage_error{"--rdma-qps must be between 1 and 16"};
     o.queue_pairs = static_cast<unsigned>(v);
   }
-  fmt::print(stderr,
-             "drun {}: WARNING: --rdma: piece bytes cross the RDMA fabric unencrypted (each is still verified on "
-             "arrival); use it only inside a fabric you trust\n",
-             command);
+  diag(drun::log_level::warning, command,
+       "WARNING: --rdma: piece bytes cross the RDMA fabric unencrypted (each is still verified on arrival); use it "
+       "only inside a fabric you trust");
   return o;
 }
 
@@ -183,7 +193,7 @@ inline int exit_status(drun::errc c) {
 }
 
 inline int fail(std::string_view command, const drun::error& e) {
-  fmt::print(stderr, "drun {}: {}\n", command, e.message());
+  diag(drun::log_level::error, command, e.message());
   return exit_status(e.code());
 }
 
@@ -310,5 +320,16 @@ int cmd_cache(int argc, char** argv);
 int cmd_fetch(int argc, char** argv);
 int cmd_serve(int argc, char** argv);
 int cmd_token(int argc, char** argv);  // cli/token.cpp
+int cmd_audit(int argc, char** argv);  // cli/audit.cpp
+
+// Options every command takes (logging) or that the commands making security decisions take
+// (the audit log); main() takes them out of argv before the command parses the rest.
+struct global_options {
+  drun::log_settings log;
+  drun::audit_options audit;                 // file empty: no audit log
+  std::optional<std::string> audit_key;      // --audit-key KEY (Ed25519 PEM)
+};
+global_options take_global_options(int& argc, char** argv);
+drun::result<std::shared_ptr<drun::audit_log>> open_audit_log(global_options& g);
 
 }  // namespace drun::cli

@@ -15,7 +15,8 @@ int cmd_fetch(int argc, char** argv) {
                           {"limit-rate", true}, {"stall-timeout", true}, {"s3-endpoint", true},
                           {"proxy-auth-file", true}, {"proxy-auth-env", true}, {"peer", true, true},
                           {"peers-dns", true, true}, {"tls-cert", true}, {"tls-key", true}, {"token-file", true},
-                          {"artifact", true}, {"swarm-self", true}, {"metrics-file", true}})));
+                          {"artifact", true}, {"swarm-self", true}, {"metrics-file", true},
+                          {"traceparent", true}})));
   if (!args.positional.empty()) throw usage_error{"fetch takes no positional arguments"};
   auto sig = args.get("signature");
   auto origins = args.all("origin");
@@ -101,8 +102,19 @@ int cmd_fetch(int argc, char** argv) {
   }
   if (auto t = args.get("stall-timeout")) so.stall_timeout = std::chrono::seconds(parse_size(*t, "--stall-timeout"));
   if (so.insecure)
-    fmt::print(stderr, "drun fetch: WARNING: --insecure: TLS certificates are NOT verified for this fetch\n");
+    diag(drun::log_level::warning, "fetch", "WARNING: --insecure: TLS certificates are NOT verified for this fetch");
   drun::fetch_options fo;
+  // The trace this fetch belongs to: --traceparent, else $TRACEPARENT (as OpenTelemetry's
+  // environment carrier has it), else a new one. A malformed flag is an error; a malformed
+  // environment value is ignored with a warning, as W3C Trace Context asks of a receiver.
+  if (auto tp = args.get("traceparent")) {
+    auto parsed = drun::trace_context::parse(*tp);
+    if (!parsed) throw usage_error{"--traceparent: " + parsed.error().detail()};
+    fo.traceparent = *tp;
+  } else if (const char* env = std::getenv("TRACEPARENT"); env && *env) {
+    if (auto parsed = drun::trace_context::parse(env)) fo.traceparent = env;
+    else diag(drun::log_level::warning, "fetch", "TRACEPARENT is ignored: " + parsed.error().detail());
+  }
   if (auto c = args.get("connections")) {
     auto n = parse_size(*c, "--connections");
     if (n == 0 || n > 256) throw usage_error{"--connections must be between 1 and 256"};

@@ -85,10 +85,10 @@ int cmd_sign(int argc, char** argv) {
     std::string names;
     for (std::size_t i = 0; i < empty.size() && i < 10; ++i) names += (i ? ", " : "") + empty[i];
     if (empty.size() > 10) names += fmt::format(" and {} more", empty.size() - 10);
-    fmt::print(stderr,
-               "drun sign: WARNING: the shards format cannot sign empty files; not covered: {} (verifiers refuse "
-               "them unless given --allow-unsigned-empty-files; sign with --method files to cover them)\n",
-               names);
+    diag(drun::log_level::warning, "sign",
+         fmt::format("WARNING: the shards format cannot sign empty files; not covered: {} (verifiers refuse them "
+                     "unless given --allow-unsigned-empty-files; sign with --method files to cover them)",
+                     names));
   }
   auto bundle = drun::sign_manifest(*m, *key, chain ? &*chain : nullptr);
   if (!bundle) return fail("sign", bundle.error());
@@ -115,8 +115,8 @@ int cmd_verify(int argc, char** argv) {
   opts.ignore_unsigned_files = args.has("ignore-unsigned-files");
   opts.allow_unsigned_empty_files = args.has("allow-unsigned-empty-files");
   if (opts.allow_unsigned_empty_files)
-    fmt::print(stderr, "drun verify: WARNING: --allow-unsigned-empty-files: empty files the signature does not cover "
-                       "are accepted\n");
+    diag(drun::log_level::warning, "verify",
+         "WARNING: --allow-unsigned-empty-files: empty files the signature does not cover are accepted");
   opts.threads = parse_threads(args);
   if (auto rel = signature_inside(model, sig)) opts.ignore_paths.push_back(*rel);
 
@@ -198,7 +198,7 @@ void print_usage(std::FILE* to) {
              "           [--tls-min 1.2|1.3] [--proxy URL] [--proxy-auth-file FILE | --proxy-auth-env NAME]\n"
              "           [--header-file FILE] [--bearer-env NAME] [--credentials-origin URL]\n"
              "           [--limit-rate BYTES/s] [--stall-timeout S] [--attempts N] [--insecure]\n"
-             "           [--metrics-file FILE]   (Prometheus text, written when the fetch ends)\n"
+             "           [--metrics-file FILE]   (Prometheus text, written when the fetch ends) [--traceparent TP]\n"
              "           [--rdma [--rdma-device DEV] [--rdma-port N] [--rdma-gid-index N] [--rdma-qps N]]\n"
              "  serve    --store DIR --key-source SPEC --listen ADDR:PORT --tls-cert PEM --tls-key PEM\n"
              "           --client-ca PEM [--policy FILE] [--jwks FILE [--audience A] [--token-issuer I]\n"
@@ -219,8 +219,40 @@ void print_usage(std::FILE* to) {
              "  cache rotate-key --new-key-source SPEC\n"
              "        every cache command takes --store DIR --key-source file:PATH|env:NAME|cmd:COMMAND\n"
              "        [--metrics-file FILE]\n\n"
+             "  audit verify FILE --public-key PUB [--json]   the chain and the signed checkpoints\n"
+             "  audit show FILE [--json] [--artifact ID] [--since TIME|AGE]\n\n"
+             "every command takes --log-format text|json and --log-level debug|info|warning|error;\n"
+             "verify, fetch, serve and cache take --audit-log FILE [--audit-key ED25519_KEY]\n"
+             "[--audit-checkpoint-every N]; fetch takes --traceparent (default: $TRACEPARENT)\n\n"
              "exit status: 0 ok, 1 integrity/authenticity failure, 2 usage/configuration, 3 I/O or network,\n"
              "             4 refused by a peer's policy, 130 interrupted\n");
+}
+
+}  // namespace
+
+namespace {
+
+int run(const std::string& command, int argc, char** argv) {
+  if (command == "keygen") return cmd_keygen(argc, argv);
+  if (command == "sign") return cmd_sign(argc, argv);
+  if (command == "verify") return cmd_verify(argc, argv);
+  if (command == "manifest") return cmd_manifest(argc, argv);
+  if (command == "cache") return drun::cli::write_requested_metrics(command, drun::cli::cmd_cache(argc, argv));
+  if (command == "fetch") return drun::cli::write_requested_metrics(command, drun::cli::cmd_fetch(argc, argv));
+  if (command == "serve") return drun::cli::cmd_serve(argc, argv);
+  if (command == "token") return drun::cli::cmd_token(argc, argv);
+  if (command == "audit") return drun::cli::cmd_audit(argc, argv);
+  if (command == "help" || command == "--help" || command == "-h") {
+    print_usage(stdout);
+    return exit_ok;
+  }
+  if (command == "version" || command == "--version") {
+    fmt::print("drun {}.{}.{}\n", DRUN_VERSION_MAJOR, DRUN_VERSION_MINOR, DRUN_VERSION_PATCH);
+    return exit_ok;
+  }
+  fmt::print(stderr, "drun: unknown command \"{}\"\n", command);
+  print_usage(stderr);
+  return exit_usage;
 }
 
 }  // namespace
@@ -232,30 +264,35 @@ int main(int argc, char** argv) {
   }
   std::string command = argv[1];
   try {
-    if (command == "keygen") return cmd_keygen(argc, argv);
-    if (command == "sign") return cmd_sign(argc, argv);
-    if (command == "verify") return cmd_verify(argc, argv);
-    if (command == "manifest") return cmd_manifest(argc, argv);
-    if (command == "cache") return drun::cli::write_requested_metrics(command, drun::cli::cmd_cache(argc, argv));
-    if (command == "fetch") return drun::cli::write_requested_metrics(command, drun::cli::cmd_fetch(argc, argv));
-    if (command == "serve") return drun::cli::cmd_serve(argc, argv);
-    if (command == "token") return drun::cli::cmd_token(argc, argv);
-    if (command == "help" || command == "--help" || command == "-h") {
-      print_usage(stdout);
-      return exit_ok;
+    auto g = drun::cli::take_global_options(argc, argv);
+    drun::configure_logging(g.log);
+    std::shared_ptr<drun::audit_log> audit;
+    if (!g.audit.file.empty()) {
+      if (command != "verify" && command != "fetch" && command != "serve" && command != "cache")
+        throw drun::cli::usage_error{"--audit-log is for verify, fetch, serve and the cache commands"};
+      auto opened = drun::cli::open_audit_log(g);
+      if (!opened) return fail(command, opened.error());
+      audit = std::move(*opened);
+      if (!g.audit.key)
+        diag(drun::log_level::warning, command,
+             "WARNING: --audit-log without --audit-key: the records chain, but no signed checkpoint shows a rewrite");
+      drun::set_audit_log(audit);
     }
-    if (command == "version" || command == "--version") {
-      fmt::print("drun {}.{}.{}\n", DRUN_VERSION_MAJOR, DRUN_VERSION_MINOR, DRUN_VERSION_PATCH);
-      return exit_ok;
+    int status = run(command, argc, argv);
+    if (audit) {
+      // The closing checkpoint: a log that ends without one was cut short, or its writer killed.
+      drun::set_audit_log(nullptr);
+      if (auto r = audit->close(); !r) {
+        diag(drun::log_level::error, command, fmt::format("--audit-log: {}", r.error().message()));
+        if (status == exit_ok) status = exit_io;
+      }
     }
-    fmt::print(stderr, "drun: unknown command \"{}\"\n", command);
-    print_usage(stderr);
-    return exit_usage;
+    return status;
   } catch (const drun::cli::usage_error& e) {
-    fmt::print(stderr, "drun {}: {}\n", command, e.message);
+    diag(drun::log_level::error, command, e.message);
     return exit_usage;
   } catch (const std::exception& e) {
-    fmt::print(stderr, "drun {}: internal error: {}\n", command, e.what());
+    diag(drun::log_level::error, command, fmt::format("internal error: {}", e.what()));
     return exit_io;
   }
 }

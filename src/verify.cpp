@@ -3,6 +3,7 @@
 #include <drun/sign.hpp>
 #include <drun/verify.hpp>
 
+#include "detail/audit.hpp"
 #include "detail/encoding.hpp"
 #include "detail/file.hpp"
 #include "detail/json.hpp"
@@ -254,7 +255,9 @@ result<std::string> read_bundle_file(const std::filesystem::path& file) {
   return detail::read_file(file, max_bundle_size, errc::malformed_bundle);
 }
 
-result<verified_manifest> verify_bundle(std::string_view bundle_json, const trust_store& trust) {
+namespace {
+
+result<verified_manifest> check_bundle(std::string_view bundle_json, const trust_store& trust) {
   auto b = parse_bundle(bundle_json);
   if (!b) return std::move(b).error();
 
@@ -314,6 +317,25 @@ result<verified_manifest> verify_bundle(std::string_view bundle_json, const trus
   if (!data) return std::move(data).error();
   return detail::verified_access::make(hash(hash_algorithm::sha256, as_bytes(b->payload)).hex(),
                                        std::move(*data), std::move(b->signer));
+}
+
+}  // namespace
+
+result<verified_manifest> verify_bundle(std::string_view bundle_json, const trust_store& trust) {
+  auto r = check_bundle(bundle_json, trust);
+  if (!detail::auditing()) return r;
+  // The artifact id is the payload's digest: what a refused bundle claims to be, for the record.
+  std::string claimed;
+  if (auto s = inspect_bundle(bundle_json)) claimed = s->artifact_id;
+  if (!r) {
+    detail::audit("bundle.refused", {{"artifact", claimed}, {"reason", r.error().message()}});
+    return r;
+  }
+  const auto& who = r->signer();
+  detail::audit("bundle.verified", {{"artifact", r->artifact_id()}, {"subject", r->subject_name()},
+                                    {"signer.method", who.method}, {"signer.key_hint", who.key_hint},
+                                    {"signer.subject", who.subject}, {"signer.issuer", who.issuer}});
+  return r;
 }
 
 result<bundle_summary> inspect_bundle(std::string_view bundle_json) {

@@ -1,6 +1,7 @@
 // Everything drun offers, in one include.
 #pragma once
 
+#include <drun/audit.hpp>
 #include <drun/error.hpp>
 #include <drun/fetch.hpp>
 #include <drun/hash.hpp>
@@ -17,6 +18,7 @@
 #include <drun/source.hpp>
 #include <drun/store.hpp>
 #include <drun/token.hpp>
+#include <drun/trace.hpp>
 #include <drun/transport.hpp>
 #include <drun/trust.hpp>
 #include <drun/verify.hpp>

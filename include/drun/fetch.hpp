@@ -55,6 +55,9 @@ struct fetch_options {
   // peer is gone, or after peer_wait; and one piece at a time per origin, so that pieces become
   // tradeable early. Empty: every node takes any piece no peer holds.
   std::vector<std::size_t> origin_owners;
+  // W3C traceparent of the caller's trace (trace.hpp); empty: the fetch starts a new trace. A
+  // malformed one is invalid_argument.
+  std::string traceparent;
 };
 
 inline constexpr std::size_t fetch_self = static_cast<std::size_t>(-1);

@@ -5,6 +5,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <random>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -103,6 +104,20 @@ result<void> write_new_file(const std::filesystem::path& file, std::string_view 
   if (r && ::fsync(fd.get()) != 0) r = sys_error("cannot fsync", file, errno);
   if (!r) ::unlink(file.c_str());
   return r;
+}
+
+result<void> replace_file(const std::filesystem::path& file, std::string_view content, unsigned mode,
+                          std::string_view what) {
+  auto dir = file.parent_path().empty() ? std::filesystem::path(".") : file.parent_path();
+  thread_local std::mt19937_64 rng{std::random_device{}()};
+  auto tmp = dir / fmt::format(".{}.{:016x}.tmp", file.filename().string(), rng());
+  if (auto r = write_new_file(tmp, content, mode); !r) return r;
+  if (::rename(tmp.c_str(), file.c_str()) != 0) {
+    int err = errno;
+    ::unlink(tmp.c_str());
+    return sys_error(what, file, err);
+  }
+  return {};
 }
 
 }  // namespace drun::detail

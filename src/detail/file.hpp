@@ -56,4 +56,9 @@ result<void> write_all(int fd, std::string_view data, const std::filesystem::pat
 // content and fsyncs; removes the file again on failure.
 result<void> write_new_file(const std::filesystem::path& file, std::string_view content, unsigned mode);
 
+// Replaces `file` atomically (a new file beside it, fsynced, renamed over it): a reader sees the
+// old content or the new, never a part. `what` starts the error message.
+result<void> replace_file(const std::filesystem::path& file, std::string_view content, unsigned mode,
+                          std::string_view what);
+
 }  // namespace drun::detail

@@ -3,8 +3,12 @@
 // and failures are charged to the source that caused them.
 #include <drun/fetch.hpp>
 
+#include "detail/audit.hpp"
+#include "detail/log.hpp"
 #include "detail/thread_pool.hpp"
 #include "metrics/registry.hpp"
+
+#include <drun/trace.hpp>
 
 #include <fmt/format.h>
 #include <sodium.h>
@@ -129,7 +133,14 @@ result<fetch_report> fetch_session(store& s, const verified_manifest& m, std::st
     changed.notify_all();
   };
   auto drop_source = [&](std::size_t k, bool banned) {  // under the mutex
-    if (src[k].usable) (banned ? counts.peers_banned : counts.peers_dropped).add();  // once per peer
+    if (src[k].usable) {  // once per peer
+      (banned ? counts.peers_banned : counts.peers_dropped).add();
+      detail::log(log_level::warning,
+                  banned ? "peer banned for this fetch: it sent bytes that do not match the signed digest"
+                         : "peer dropped for this fetch",
+                  {{"peer", sources[k]->name()}, {"artifact", m.artifact_id()},
+                   {"reason", banned ? std::string("digest mismatch") : src[k].last_error}});
+    }
     src[k].usable = false;
     (banned ? report.sources[k].banned : report.sources[k].dropped) = true;
     changed.notify_all();
@@ -301,7 +312,9 @@ result<fetch_report> fetch_session(store& s, const verified_manifest& m, std::st
   };
 
   std::vector<std::vector<std::byte>> buffers(workers);
+  const trace_context* trace = detail::current_trace();  // the fetch's, for the workers' messages
   detail::parallel_for(workers, workers, [&](std::size_t, unsigned w) {
+    detail::trace_scope in_trace(trace);
     std::mt19937_64 rng(randombytes_random() + w);
     auto& buf = buffers[w];
     std::unique_lock lock(mutex);
@@ -349,6 +362,8 @@ result<fetch_report> fetch_session(store& s, const verified_manifest& m, std::st
         done_bytes += mp.range->size();
         done_pieces += 1;
         last_progress = clock::now();
+        if (log_enabled(log_level::debug))
+          detail::log(log_level::debug, "piece stored", {{"source", sources[k]->name()}, {"piece", index}, {"bytes", mp.range->size()}});
         finish(t, piece_state::done);
         report_progress();
         continue;
@@ -364,6 +379,8 @@ result<fetch_report> fetch_session(store& s, const verified_manifest& m, std::st
         // that sends one is banned for the session.
         tally.rejected += 1;
         counts.fetch_rejected[kind_of(*sources[k])].add();
+        detail::log(log_level::warning, "piece rejected: its bytes do not match the signed digest",
+                    {{"source", sources[k]->name()}, {"artifact", m.artifact_id()}, {"piece", index}, {"file", name}});
         sl.last = error(errc::digest_mismatch, fmt::format("{} digest mismatch in what {} sent",
                                                            to_string(m.hash_type()), sources[k]->name()))
                       .with_path(name)
@@ -439,14 +456,49 @@ result<fetch_report> fetch_session(store& s, const verified_manifest& m, std::st
 
 result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_view bundle_json,
                            const std::vector<std::unique_ptr<source>>& sources, const fetch_options& options) {
+  // The fetch's span: a child of the caller's trace, or a new trace. Every message about this
+  // fetch, here and on the peers it asks (they read it from the HELLO), carries its trace id.
+  trace_context trace = trace_context::fresh();
+  if (!options.traceparent.empty()) {
+    auto parent = trace_context::parse(options.traceparent);
+    if (!parent) return std::move(parent).error();
+    trace = parent->child();
+  }
+  detail::trace_scope in_trace(&trace);
+  detail::log(log_level::info, "fetch started",
+              {{"artifact", m.artifact_id()}, {"subject", m.subject_name()}, {"sources", sources.size()}});
   const auto start = clock::now();
   auto r = fetch_session(s, m, bundle_json, sources, options);
+  const double seconds = std::chrono::duration<double>(clock::now() - start).count();
   auto& counts = metrics::global();
-  counts.fetch_duration.observe(std::chrono::duration<double>(clock::now() - start).count());
+  counts.fetch_duration.observe(seconds);
   const auto outcome = r                                       ? metrics::fetch_result::ok
                        : r.error().code() == errc::cancelled ? metrics::fetch_result::cancelled
                                                              : metrics::fetch_result::failed;
   counts.fetches[outcome].add();
+  if (!r) {
+    detail::log(r.error().code() == errc::cancelled ? log_level::info : log_level::error, "fetch failed",
+                {{"artifact", m.artifact_id()}, {"error", r.error().message()}, {"seconds", seconds}});
+    detail::audit("fetch.failed", {{"artifact", m.artifact_id()}, {"subject", m.subject_name()},
+                                   {"error", r.error().message()}, {"trace_id", trace.trace_id_hex()}});
+    return r;
+  }
+  // Pieces and bytes by source, and the peers banned: what the audit trail must be able to show.
+  std::uint64_t from_origins = 0, from_peers = 0;
+  std::size_t pieces_origins = 0, pieces_peers = 0;
+  std::string banned;
+  for (const auto& t : r->sources) {
+    (t.peer ? from_peers : from_origins) += t.bytes;
+    (t.peer ? pieces_peers : pieces_origins) += t.pieces;
+    if (t.banned) banned += (banned.empty() ? "" : ",") + t.source;
+  }
+  detail::log(log_level::info, "fetch completed",
+              {{"artifact", m.artifact_id()}, {"pieces", r->fetched}, {"already_stored", r->already_stored},
+               {"bytes", r->bytes}, {"bytes.origin", from_origins}, {"bytes.peer", from_peers}, {"seconds", seconds}});
+  detail::audit("fetch.completed", {{"artifact", m.artifact_id()}, {"subject", m.subject_name()},
+                                    {"pieces_from_origins", pieces_origins}, {"pieces_from_peers", pieces_peers},
+                                    {"pieces_already_stored", r->already_stored}, {"bytes", r->bytes},
+                                    {"peers_banned", banned}, {"trace_id", trace.trace_id_hex()}});
   return r;
 }
 

@@ -190,21 +190,14 @@ std::string metrics_text() {
   w.counter("drun_rdma_bytes_served_total", "Piece bytes the peer servers sent over RDMA.", r.rdma_bytes_served);
   w.counter("drun_rdma_fallbacks_total", "Connections that asked for RDMA and moved their pieces over TLS instead.",
             r.rdma_fallbacks);
+  w.counter("drun_audit_records_total", "Records this process appended to the audit log.", r.audit_records);
+  w.counter("drun_audit_write_failures_total", "Audit records this process could not write (the decision stood).",
+            r.audit_write_failures);
   return w.take();
 }
 
 result<void> write_metrics_file(const std::filesystem::path& file) {
-  auto text = metrics_text();
-  auto dir = file.parent_path().empty() ? std::filesystem::path(".") : file.parent_path();
-  thread_local std::mt19937_64 rng{std::random_device{}()};
-  auto tmp = dir / fmt::format(".{}.{:016x}.tmp", file.filename().string(), rng());
-  if (auto r = detail::write_new_file(tmp, text, 0644); !r) return r;
-  if (::rename(tmp.c_str(), file.c_str()) != 0) {
-    int err = errno;
-    ::unlink(tmp.c_str());
-    return detail::sys_error("cannot write metrics file", file, err);
-  }
-  return {};
+  return detail::replace_file(file, metrics_text(), 0644, "cannot write metrics file");
 }
 
 struct metrics_server::impl {

@@ -88,6 +88,8 @@ struct registry {
   labeled<token_failure> token_failures;
   // RDMA
   counter rdma_bytes_served, rdma_fallbacks;
+  // the audit log
+  counter audit_records, audit_write_failures;
 };
 
 registry& global() noexcept;

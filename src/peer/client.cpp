@@ -24,6 +24,7 @@ using peer::clock;
 using peer::frame;
 
 struct connection {
+  std::string traceparent;  // what its HELLO said: it serves only that trace's fetches
   std::unique_ptr<peer::tls_stream> tls;
   std::unique_ptr<transport::data_path> tcp;
   std::unique_ptr<rdma::endpoint> rdma;
@@ -214,13 +215,17 @@ class peer_source final : public source {
 
   result<connection> take(const std::atomic<bool>* cancel, bool allow_pooled, bool& pooled) {
     pooled = false;
+    // The peer logs what it serves under the trace it was told in the HELLO, so a connection
+    // opened for another fetch (another trace) is not reused.
+    const auto* trace = detail::current_trace();
+    std::string traceparent = trace ? trace->traceparent() : std::string();
     if (allow_pooled) {
       std::lock_guard lock(mutex_);
       // A connection set up for RDMA before RDMA ended for this peer is not used again.
       while (!idle_.empty()) {
         auto c = std::move(idle_.back());
         idle_.pop_back();
-        if (c.rdma && rdma_off_.load()) continue;
+        if ((c.rdma && rdma_off_.load()) || c.traceparent != traceparent) continue;
         pooled = true;
         return c;
       }
@@ -231,24 +236,41 @@ class peer_source final : public source {
     peer::ssl_ptr ssl(SSL_new(ctx_.get()));
     if (!ssl) return error(errc::io_error, "cannot create a TLS session");
     connection c;
+    c.traceparent = traceparent;
     c.tls = std::make_unique<peer::tls_stream>(std::move(*fd), std::move(ssl));
     c.tcp = transport::make_tcp_transport(*c.tls);
     auto* s = c.tls.get();
     if (auto r = s->connect(host_, deadline, cancel); !r) return error(r.error().code(), fmt::format("{}: {}", name_, r.error().detail()));
     // The token goes only to a peer whose certificate the handshake above verified against
     // ca_file and the address dialled; a bound token is worth nothing to that peer elsewhere.
+    const std::uint16_t version = hello_version_.load();
     peer::writer w;
-    w.text(peer::protocol_magic).u16(peer::protocol_version).u16(static_cast<std::uint16_t>(o_.token.size())).text(o_.token);
+    w.text(peer::protocol_magic).u16(version).u16(static_cast<std::uint16_t>(o_.token.size())).text(o_.token);
+    if (version >= 2) w.u8(static_cast<std::uint8_t>(traceparent.size())).text(traceparent);
     auto sent = peer::write_frame(*s, frame::hello, w.view(), deadline, cancel);
     w.wipe();  // it holds the token
     if (!sent) return error(errc::io_error, fmt::format("{}: {}", name_, sent.error().detail()));
     auto answer = peer::read_frame(*s, clock::now() + o_.io_timeout, cancel);
     if (!answer) return error(errc::io_error, fmt::format("{}: {}", name_, answer.error().detail()));
-    if (static_cast<frame>(answer->type) == frame::error) return decode_error(answer->body);
+    if (static_cast<frame>(answer->type) == frame::error) {
+      peer::reader code(answer->body);
+      // A server from before version 2 refuses the trace context as trailing bytes (bad_request)
+      // or the version itself: say the HELLO again in version 1, for this peer from now on.
+      auto why = code.u16();
+      if (version > peer::oldest_protocol_version &&
+          (why == static_cast<std::uint16_t>(peer::wire_error::unsupported_version) ||
+           why == static_cast<std::uint16_t>(peer::wire_error::bad_request))) {
+        hello_version_.store(peer::oldest_protocol_version);
+        return take(cancel, false, pooled);
+      }
+      return decode_error(answer->body);
+    }
     peer::reader rd(answer->body);
     auto features = std::optional<std::uint16_t>();
-    if (static_cast<frame>(answer->type) != frame::welcome || rd.u16() != peer::protocol_version ||
-        !(features = rd.u16()) || !rd.done())
+    // A server may answer in an older version than ours (it then ignores the trace context).
+    auto spoken = std::optional<std::uint16_t>();
+    if (static_cast<frame>(answer->type) != frame::welcome || !(spoken = rd.u16()) ||
+        *spoken < peer::oldest_protocol_version || *spoken > version || !(features = rd.u16()) || !rd.done())
       return error(errc::io_error, fmt::format("{}: protocol error in the handshake", name_));
     if ((*features & peer::feature_rdma) && !rdma_off_.load())
       if (auto r = setup_rdma(c, clock::now() + o_.io_timeout, cancel); !r) {
@@ -269,7 +291,8 @@ class peer_source final : public source {
   peer::ssl_ctx_ptr ctx_;
   std::shared_ptr<rdma::device> rdma_device_;  // null: RDMA not asked for, or not available here
   std::atomic<bool> rdma_off_;
-  std::atomic<bool> rdma_up_{false};  // some connection set RDMA up (for the metrics' source kind)
+  std::atomic<bool> rdma_up_{false};
+  std::atomic<std::uint16_t> hello_version_{peer::protocol_version};  // some connection set RDMA up (for the metrics' source kind)
   std::mutex mutex_;
   std::vector<connection> idle_;
 };

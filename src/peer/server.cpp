@@ -2,8 +2,11 @@
 // max_connections); every wait has a deadline and notices stop(), and piece buffers come from a
 // server-wide budget, so slow or hostile callers cannot exhaust threads or memory.
 #include <drun/peer.hpp>
-#include <drun/metrics.hpp>
 
+#include <drun/metrics.hpp>
+#include <drun/trace.hpp>
+
+#include "detail/audit.hpp"
 #include "detail/log.hpp"
 #include "metrics/registry.hpp"
 #include "peer/tls.hpp"
@@ -24,6 +27,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <set>
 #include <sys/socket.h>
 #include <thread>
 
@@ -75,6 +79,8 @@ struct connection {
   std::unique_ptr<rdma::endpoint> rdma;
   std::atomic<std::uint64_t>* rdma_budget_used = nullptr;
   std::uint64_t rdma_bytes = 0;
+  std::uint64_t pieces = 0, bytes = 0;  // served on it, for its log line
+  std::set<std::string> granted;        // artifacts whose grant the audit log has for it
   ~connection() {
     rdma.reset();
     if (rdma_budget_used) *rdma_budget_used -= rdma_bytes;
@@ -296,7 +302,14 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
   auto allowed = policy->authorize(who, id, info && *info ? std::string_view((**info)->bundle) : std::string_view());
   if (!allowed) {
     n.denial();
+    detail::log(log_level::warning, "request denied by the policy",
+                {{"caller", who.display()}, {"artifact", id}, {"reason", allowed.error().message()}});
+    detail::audit("peer.denied", {{"caller", who.display()}, {"artifact", id}, {"reason", allowed.error().message()}});
     return send_error(s, wire_error::denied, allowed.error().message(), io(), &stopping).has_value();
+  }
+  if (c.granted.size() < 64 && c.granted.insert(id).second) {  // once per artifact and connection
+    detail::log(log_level::debug, "request granted", {{"caller", who.display()}, {"artifact", id}});
+    detail::audit("peer.granted", {{"caller", who.display()}, {"artifact", id}});
   }
   if (!info) info.emplace(artifact(id));
   if (!*info) {
@@ -343,7 +356,10 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
         .has_value();
   }
   auto& buf = *taken;
-  auto served = [&] { n.served(length, c.rdma != nullptr); };
+  auto served = [&] {
+    n.served(length, c.rdma != nullptr);
+    c.pieces++, c.bytes += length;
+  };
   auto cannot_read = [&](const error& e) {  // nothing of the answer went out: say why, and carry on
     bool absent = e.code() == errc::model_mismatch;
     return send_error(s, absent ? wire_error::not_found : wire_error::internal,
@@ -459,17 +475,34 @@ void peer_server::impl::serve(detail::unique_fd fd, const std::string& source) {
   auto version = rd.u16();
   auto token_len = rd.u16();
   std::span<const std::byte> token;
-  bool well_formed = magic && version && token_len;
+  bool well_formed = magic && version && token_len && std::memcmp(magic->data(), peer::protocol_magic.data(), 4) == 0;
+  if (well_formed && (*version < peer::oldest_protocol_version || *version > peer::protocol_version))
+    return refuse(wire_error::unsupported_version,
+                  fmt::format("this server speaks protocol versions {} to {}, not {}", peer::oldest_protocol_version,
+                              peer::protocol_version, *version));
+  std::span<const std::byte> traceparent;  // version 2: the caller's trace context, 0 or 55 bytes
   if (well_formed) {
     auto t = rd.bytes(*token_len);
-    well_formed = t.has_value() && rd.done() && std::memcmp(magic->data(), peer::protocol_magic.data(), 4) == 0;
     if (t) token = *t;
+    if (t && *version >= 2) {
+      auto tp_len = rd.u8();
+      auto tp = tp_len && (*tp_len == 0 || *tp_len == peer::traceparent_size) ? rd.bytes(*tp_len) : std::nullopt;
+      if (tp) traceparent = *tp;
+      well_formed = tp.has_value();
+    }
+    well_formed = well_formed && t.has_value() && rd.done();
   }
   if (!well_formed)
     return refuse(wire_error::bad_request, "expected a HELLO frame");
-  if (*version != peer::protocol_version)
-    return refuse(wire_error::unsupported_version,
-                  fmt::format("this server speaks protocol version {}, not {}", peer::protocol_version, *version));
+  // The connection's span: in the caller's trace when it named one, so that what this server
+  // logs about serving a fetch joins the fetch's own lines.
+  trace_context trace = trace_context::fresh();
+  if (!traceparent.empty()) {
+    auto parent = trace_context::parse(std::string_view(reinterpret_cast<const char*>(traceparent.data()), traceparent.size()));
+    if (!parent) return refuse(wire_error::bad_request, "the HELLO's " + parent.error().detail());
+    trace = parent->child();
+  }
+  detail::trace_scope in_trace(&trace);
   if (!token.empty()) {
     std::string text(reinterpret_cast<const char*>(token.data()), token.size());
     if (!o.token_keys) {
@@ -483,16 +516,33 @@ void peer_server::impl::serve(detail::unique_fd fd, const std::string& source) {
     check.certificate_thumbprint = who.certificate_thumbprint;  // a bound token must name this connection's
     auto claims = verify_token(text, *o.token_keys, check);
     sodium_memzero(text.data(), text.size());
-    if (!claims) n.token_refused(claims.error());
-    if (!claims) return refuse(wire_error::unauthenticated, "token refused: " + claims.error().detail());
+    if (!claims) {
+      n.token_refused(claims.error());
+      detail::log(log_level::warning, "token refused",
+                  {{"caller", who.has_certificate ? who.display() : std::string("(no certificate)")},
+                   {"reason", claims.error().detail()}});
+      detail::audit("token.refused", {{"caller", who.has_certificate ? who.display() : std::string("(no certificate)")},
+                                      {"reason", claims.error().detail()}});
+      return refuse(wire_error::unauthenticated, "token refused: " + claims.error().detail());
+    }
     who.token = std::move(*claims);
   }
   if (!who.has_certificate && !who.token) return refuse(wire_error::unauthenticated, "no certificate and no token");
   peer::writer w;
-  w.u16(peer::protocol_version).u16(rdma_device ? peer::feature_rdma : 0);
+  w.u16(*version).u16(rdma_device ? peer::feature_rdma : 0);
   if (!peer::write_frame(s, frame::welcome, w.view(), clock::now() + o.io_timeout, &stopping)) return;
   handshake_over();
-  connection conn{s, transport::make_tcp_transport(s), nullptr};
+  connection conn{s, transport::make_tcp_transport(s), nullptr, nullptr, 0, 0, 0, {}};
+  struct log_on_close {  // one line per connection, however it ends
+    const connection& c;
+    const peer_identity& who;
+    clock::time_point start = clock::now();
+    ~log_on_close() {
+      detail::log(log_level::info, "connection closed",
+                  {{"caller", who.display()}, {"pieces", c.pieces}, {"bytes", c.bytes},
+                   {"seconds", std::chrono::duration<double>(clock::now() - start).count()}});
+    }
+  } summary{conn, who};
 
   // Requests, each slowed to the per-connection rate.
   auto gap = std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(1.0 / std::max(o.max_requests_per_second, 0.001)));
@@ -516,6 +566,7 @@ void peer_server::impl::serve(detail::unique_fd fd, const std::string& source) {
     // A token is good until it expires, also on a connection opened before.
     if (who.token && std::chrono::system_clock::now() > who.token->expires + std::chrono::seconds(60)) {
       metrics::global().token_failures[metrics::token_failure::expired].add();
+      detail::audit("token.refused", {{"caller", who.display()}, {"reason", "the token expired during the connection"}});
       (void)send_error(s, wire_error::unauthenticated, "the token has expired", clock::now() + o.io_timeout, &stopping);
       return;
     }

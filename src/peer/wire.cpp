@@ -13,7 +13,7 @@ namespace drun::peer {
 
 std::size_t max_body(std::uint8_t type) noexcept {
   switch (static_cast<frame>(type)) {
-    case frame::hello: return 8 + 8192;
+    case frame::hello: return 8 + 8192 + 1 + traceparent_size;
     case frame::get_bundle:
     case frame::get_have: return 32;
     case frame::get_piece: return 40;
@@ -65,6 +65,10 @@ result<void> write_frame(tls_stream& s, frame type, std::span<const std::byte> b
   return s.write_all(body, deadline, stop);
 }
 
+writer& writer::u8(std::uint8_t v) {
+  buf_.push_back(static_cast<std::byte>(v));
+  return *this;
+}
 writer& writer::u16(std::uint16_t v) {
   buf_.push_back(static_cast<std::byte>(v >> 8));
   buf_.push_back(static_cast<std::byte>(v));
@@ -91,6 +95,11 @@ std::optional<std::span<const std::byte>> reader::bytes(std::size_t n) {
   auto out = b_.subspan(pos_, n);
   pos_ += n;
   return out;
+}
+std::optional<std::uint8_t> reader::u8() {
+  auto b = bytes(1);
+  if (!b) return std::nullopt;
+  return std::to_integer<std::uint8_t>((*b)[0]);
 }
 std::optional<std::uint16_t> reader::u16() {
   auto b = bytes(2);

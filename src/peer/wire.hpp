@@ -15,7 +15,11 @@
 
 namespace drun::peer {
 
-inline constexpr std::uint16_t protocol_version = 1;
+// Version 2 adds the caller's trace context to the HELLO; a server speaks both, and a client that
+// is told a server speaks only 1 says its HELLO again in version 1 (with no trace context).
+inline constexpr std::uint16_t protocol_version = 2;
+inline constexpr std::uint16_t oldest_protocol_version = 1;
+inline constexpr std::size_t traceparent_size = 55;  // W3C version 00
 inline constexpr std::string_view protocol_magic = "DRUN";
 
 enum class frame : std::uint8_t {
@@ -74,6 +78,7 @@ result<void> write_frame(tls_stream& s, frame type, std::span<const std::byte> b
 // Big-endian encoding into a growing buffer, and bounds-checked decoding.
 class writer {
  public:
+  writer& u8(std::uint8_t v);
   writer& u16(std::uint16_t v);
   writer& u32(std::uint32_t v);
   writer& u64(std::uint64_t v);
@@ -89,6 +94,7 @@ class writer {
 class reader {
  public:
   explicit reader(std::span<const std::byte> b) : b_(b) {}
+  std::optional<std::uint8_t> u8();
   std::optional<std::uint16_t> u16();
   std::optional<std::uint32_t> u32();
   std::optional<std::uint64_t> u64();

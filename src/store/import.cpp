@@ -2,6 +2,7 @@
 // parallel with bounded memory.
 #include <drun/store.hpp>
 
+#include "detail/audit.hpp"
 #include "detail/file.hpp"
 #include "detail/thread_pool.hpp"
 
@@ -81,8 +82,13 @@ result<import_report> import_model(store& s, const verified_manifest& m, std::st
     error e(first_failure->code(), std::move(detail));
     e.with_path(first_failure->path());
     if (auto r = first_failure->range()) e.with_range(r->first, r->second);
+    detail::audit("store.import_failed", {{"artifact", m.artifact_id()}, {"model", model.string()},
+                                          {"pieces_sealed", report.stored}, {"pieces_failed", report.failed},
+                                          {"error", e.message()}});
     return e;
   }
+  detail::audit("store.imported", {{"artifact", m.artifact_id()}, {"subject", m.subject_name()}, {"model", model.string()},
+                                   {"pieces_sealed", report.stored}, {"pieces_already_stored", report.already_stored}});
   return report;
 }
 

@@ -9,6 +9,7 @@
 //   artifacts/<id>/data/<file>       one ciphertext file per model file, at plaintext offsets
 #include <drun/store.hpp>
 
+#include "detail/audit.hpp"
 #include "detail/encoding.hpp"
 #include "detail/file.hpp"
 #include "detail/thread_pool.hpp"
@@ -938,8 +939,11 @@ result<void> store::remove(const std::string& artifact) {
   std::error_code ec;
   std::filesystem::remove_all(adir, ec);
   if (ec) return error(errc::io_error, "cannot remove the artifact's files").with_path(adir.string()).with_errno(ec.value());
-  std::lock_guard lock(impl_->keys_mutex);
-  impl_->data_keys.erase(artifact);
+  {
+    std::lock_guard lock(impl_->keys_mutex);
+    impl_->data_keys.erase(artifact);
+  }
+  detail::audit("store.removed", {{"store", impl_->dir.string()}, {"artifact", artifact}});
   return {};
 }
 
@@ -1000,6 +1004,9 @@ result<gc_report> store::gc(const gc_options& options) {
     auto row = st->step();
     if (row && !*row) std::filesystem::remove_all(entry.path(), ec);
   }
+  if (!report.removed.empty())
+    detail::audit("store.gc", {{"store", impl_->dir.string()}, {"removed", report.removed.size()},
+                               {"bytes_freed", report.bytes_freed}});
   return report;
 }
 
@@ -1059,6 +1066,8 @@ result<std::vector<scrub_failure>> store::scrub(const std::optional<std::string>
       if (code != errc::digest_mismatch && code != errc::model_mismatch) return std::move(opened).error();
       metrics::global().store_scrub_findings.add();
       failures.push_back({w.id, row.file_name, w.piece, {row.offset, row.offset + row.length}, opened.error().detail()});
+      detail::audit("store.scrub_finding", {{"store", impl_->dir.string()}, {"artifact", w.id}, {"file", row.file_name},
+                                            {"piece", w.piece}, {"reason", opened.error().detail()}});
     }
   }
   sodium_memzero(buf.data(), buf.size());
@@ -1466,6 +1475,7 @@ result<void> store::rotate_key(const std::filesystem::path& dir, const node_key&
   // holding a read transaction open).
   (void)s.db.exec("VACUUM");
   metrics::global().store_key_rotations.add();
+  detail::audit("store.key_rotated", {{"store", dir.string()}});
   return {};
 }
 

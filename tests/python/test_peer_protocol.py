@@ -136,18 +136,22 @@ class Client:
 
     # messages
 
-    def hello(self, version=1, token=b"", magic=b"DRUN"):
-        self.send_frame(HELLO, magic + struct.pack(">HH", version, len(token)) + token)
+    def hello(self, version=1, token=b"", magic=b"DRUN", traceparent=b""):
+        body = magic + struct.pack(">HH", version, len(token)) + token
+        if version >= 2:  # version 2: the caller's W3C traceparent, 0 or 55 bytes
+            body += struct.pack(">B", len(traceparent)) + traceparent
+        self.send_frame(HELLO, body)
 
-    def welcome(self, version=1, token=b"", features=0):
-        """HELLO, then expect WELCOME (version 1, these features: 0 unless RDMA is offered)."""
-        self.hello(version, token)
+    def welcome(self, version=1, token=b"", features=0, traceparent=b""):
+        """HELLO, then expect WELCOME (in the caller's version, these features: 0 unless RDMA is
+        offered)."""
+        self.hello(version, token, traceparent=traceparent)
         ftype, body = self.read_frame()
         if ftype == ERROR:
             raise PeerError(*parse_error(body))
         assert ftype == WELCOME, f"expected WELCOME, got frame 0x{ftype:02x} {body!r}"
         assert len(body) == 4, body
-        assert struct.unpack(">HH", body) == (1, features), body
+        assert struct.unpack(">HH", body) == (version, features), body
         return self
 
     def read_answer(self):
@@ -420,18 +424,66 @@ def test_hello_with_wrong_magic(world):
     assert st["handshakes_refused"] + st["protocol_errors"] >= PROBE_REFUSALS + 1, st
 
 
-def test_hello_with_version_2(world):
+def test_hello_with_version_3(world):
     w = world
     srv = serve(w)
     with client(w, srv) as c:
-        c.hello(version=2)
+        c.hello(version=3)
         msg = c.expect_error(UNSUPPORTED_VERSION)
-        assert re.search(r"version\D*\b1\b", msg), \
-            f"the refusal does not name the server's version 1: {msg!r}"
+        assert re.search(r"versions 1 to 2\b", msg), \
+            f"the refusal does not name the server's versions 1 to 2: {msg!r}"
         c.expect_closed()
     assert_serves(w, srv)
     st = stop(srv)
     assert st["handshakes_refused"] + st["protocol_errors"] >= PROBE_REFUSALS + 1, st
+
+
+TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_hello_version_2_carries_a_trace_context(world):
+    """Version 2 adds the caller's traceparent; version 1 (no trace) is still spoken."""
+    w = world
+    srv = serve(w)
+    for tp in (TRACEPARENT, b""):
+        with client(w, srv) as c:
+            c.welcome(version=2, traceparent=tp)
+            count, _ = c.get_have(w.artifact)
+            assert count > 0
+    with client(w, srv) as c:
+        c.welcome(version=1)
+    stop(srv)
+
+
+@pytest.mark.parametrize("name,body", [
+    ("traceparent_not_hex", b"00-4bf92f3577b34da6a3ce929d0e0e473x-00f067aa0ba902b7-01"),
+    ("traceparent_upper_case", TRACEPARENT.upper()),
+    ("trace_id_all_zero", b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01"),
+    ("version_ff", b"ff" + TRACEPARENT[2:]),
+])
+def test_hello_with_a_malformed_traceparent_is_refused(world, name, body):
+    w = world
+    srv = serve(w)
+    with client(w, srv) as c:
+        c.hello(version=2, traceparent=body)
+        msg = c.expect_error(BAD_REQUEST)
+        assert "traceparent" in msg, msg
+        c.expect_closed()
+    assert_serves(w, srv)
+    stop(srv)
+
+
+@pytest.mark.parametrize("length", [1, 54, 56, 255])
+def test_hello_with_a_traceparent_of_the_wrong_length_is_refused(world, length):
+    """The length byte says 0 or 55; anything else (even with that many bytes following) is a bad HELLO."""
+    w = world
+    srv = serve(w)
+    with client(w, srv) as c:
+        c.send_frame(HELLO, b"DRUN" + struct.pack(">HHB", 2, 0, length) + b"a" * length)
+        c.expect_error(BAD_REQUEST)
+        c.expect_closed()
+    assert_serves(w, srv)
+    stop(srv)
 
 
 def test_request_before_hello(world):
@@ -448,11 +500,11 @@ def test_request_before_hello(world):
 
 
 def test_hello_too_long_is_refused_before_reading_it(world):
-    """A HELLO announcing more than 8 + 8192 bytes: refused from the header alone."""
+    """A HELLO announcing more than 8 + 8192 + 56 bytes: refused from the header alone."""
     w = world
     srv = serve(w)
     with client(w, srv, timeout=5) as c:
-        c.send_raw(struct.pack(">BI", HELLO, 8 + 8192 + 1))
+        c.send_raw(struct.pack(">BI", HELLO, 8 + 8192 + 56 + 1))
         c.expect_error(BAD_REQUEST)
         c.expect_closed()
     assert_serves(w, srv)

@@ -187,10 +187,14 @@ def test_token_only_callers(swarm, drun, tmp_path):
 
 
 class LyingPeer:
-    """A peer that speaks the protocol correctly and serves every piece with one byte flipped."""
+    """A peer that speaks the protocol correctly and serves every piece with one byte flipped.
+    It speaks version 1; strict_v1 makes it refuse any other HELLO as a server from before
+    version 2 did (the trace context read as trailing bytes: bad_request)."""
 
-    def __init__(self, pki, model, sig, manifest, refuse=False):
+    def __init__(self, pki, model, sig, manifest, refuse=False, strict_v1=False):
         self.refuse = refuse  # announce every piece, then answer "not found" to every request
+        self.strict_v1 = strict_v1
+        self.hellos = []      # the version of each HELLO received
         cert, key = pki.issue("liar")
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -240,7 +244,14 @@ class LyingPeer:
         try:
             s = self.ctx.wrap_socket(conn, server_side=True)
             t, n = struct.unpack(">BI", self.read_exact(s, 5))
-            self.read_exact(s, n)
+            hello = self.read_exact(s, n)
+            version, token_len = struct.unpack(">HH", hello[4:8])
+            self.hellos.append(version)
+            if self.strict_v1 and len(hello) != 8 + token_len:
+                msg = b"expected a HELLO frame"
+                self.send(s, 0x84, struct.pack(">H", 1) + msg)
+                s.close()
+                return
             self.send(s, 0x81, struct.pack(">HH", 1, 0))
             while True:
                 t, n = struct.unpack(">BI", self.read_exact(s, 5))

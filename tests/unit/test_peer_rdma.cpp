@@ -315,7 +315,7 @@ TEST_CASE("peer rdma: a malformed or repeated RDMA_SETUP is a protocol error") {
     auto st = std::make_unique<peer::tls_stream>(std::move(*fd), peer::ssl_ptr(SSL_new(ctx->get())));
     REQUIRE(st->connect("127.0.0.1", deadline(), nullptr));
     peer::writer w;
-    w.text(peer::protocol_magic).u16(peer::protocol_version).u16(0);
+    w.text(peer::protocol_magic).u16(peer::protocol_version).u16(0).u8(0);  // no trace context
     REQUIRE(peer::write_frame(*st, peer::frame::hello, w.view(), deadline(), nullptr));
     auto welcome = peer::read_frame(*st, deadline(), nullptr);
     REQUIRE(welcome);

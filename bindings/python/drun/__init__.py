@@ -16,15 +16,19 @@ release the GIL; Ctrl-C cancels a fetch cleanly (what was stored stays stored).
 from typing import Any, Dict, Optional
 
 from ._drun import (  # noqa: F401
+    AuditLog,
     PeerServer,
     Store,
     VerifiedManifest,
+    audit_verify,
+    configure_logging,
     fetch,
     issue_token,
     jwks_for,
     keygen,
     metrics,
     rdma_status,
+    set_audit_log,
     sign,
     verify,
     write_metrics_file,
@@ -40,9 +44,10 @@ from ._errors import (  # noqa: F401
 )
 
 __all__ = [
-    "AuthorizationError", "ConfigError", "Error", "PeerServer", "SourceError", "Store", "StoreError",
-    "VerificationError", "VerifiedManifest", "fetch", "issue_token", "jwks_for", "keygen", "load_safetensors",
-    "metadata", "metrics", "rdma_status", "sign", "verify", "write_metrics_file",
+    "AuditLog", "AuthorizationError", "ConfigError", "Error", "PeerServer", "SourceError", "Store", "StoreError",
+    "VerificationError", "VerifiedManifest", "audit_verify", "configure_logging", "fetch", "issue_token",
+    "jwks_for", "keygen", "load_safetensors", "metadata", "metrics", "rdma_status", "set_audit_log", "sign",
+    "verify", "write_metrics_file",
 ]
 
 # safetensors dtypes as numpy spells them. numpy has no bfloat16: BF16 tensors come back as uint16

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -434,7 +435,7 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
                      std::optional<std::string> out, unsigned connections, std::optional<std::string> ca_cert,
                      std::optional<std::string> tls_cert, std::optional<std::string> tls_key,
                      std::optional<std::string> token, std::uint64_t limit_rate, std::vector<std::string> headers,
-                     std::optional<std::string> credentials_origin, bool rdma) {
+                     std::optional<std::string> credentials_origin, bool rdma, std::optional<std::string> traceparent) {
   if (signature.has_value() == artifact.has_value())
     raise(drun::error(drun::errc::invalid_argument, "give signature= (a URL or file), or artifact= with peers="));
   if (origins.empty() && peers.empty()) raise(drun::error(drun::errc::invalid_argument, "give origins= and/or peers="));
@@ -480,6 +481,10 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
   if (connections) fo.connections = connections;
   fo.max_bytes_per_second = limit_rate;
   fo.cancel = &cancel;
+  if (traceparent) {
+    take(drun::trace_context::parse(*traceparent), io_kind::config);  // before anything is fetched
+    fo.traceparent = *traceparent;
+  }
   if (!progress.is_none()) fo.progress = [&cb](const drun::fetch_progress& p) { cb.call(p); };
   auto& s = store.get();
   std::function<std::string()> work = [&]() -> std::string {
@@ -644,7 +649,7 @@ PYBIND11_MODULE(_drun, m) {
         py::arg("progress") = py::none(), py::arg("out") = py::none(), py::arg("connections") = 0,
         py::arg("ca_cert") = py::none(), py::arg("tls_cert") = py::none(), py::arg("tls_key") = py::none(),
         py::arg("token") = py::none(), py::arg("limit_rate") = 0, py::arg("headers") = std::vector<std::string>{},
-        py::arg("credentials_origin") = py::none(), py::arg("rdma") = false);
+        py::arg("credentials_origin") = py::none(), py::arg("rdma") = false, py::arg("traceparent") = py::none());
 
   py::class_<py_peer_server>(m, "PeerServer")
       .def(py::init<py_store&, const std::string&, const std::string&, const std::string&, const std::string&,
@@ -679,6 +684,73 @@ PYBIND11_MODULE(_drun, m) {
       py::arg("key"), py::kw_only(), py::arg("subject"), py::arg("audience"), py::arg("artifacts"),
       py::arg("ttl_seconds") = 900.0, py::arg("bind_cert") = py::none());
   m.def("metrics", [] { return drun::metrics_text(); });
+  m.def(
+      "configure_logging",
+      [](const std::string& level, const std::string& format, const std::string& service_name) {
+        drun::log_settings ls;
+        static const std::map<std::string, drun::log_level> levels = {{"debug", drun::log_level::debug},
+                                                                      {"info", drun::log_level::info},
+                                                                      {"warning", drun::log_level::warning},
+                                                                      {"error", drun::log_level::error}};
+        auto l = levels.find(level);
+        if (l == levels.end()) raise(drun::error(drun::errc::invalid_argument, "level is debug, info, warning or error"));
+        if (format != "text" && format != "json") raise(drun::error(drun::errc::invalid_argument, "format is text or json"));
+        ls.level = l->second;
+        ls.format = format == "json" ? drun::log_format::json : drun::log_format::text;
+        ls.service_name = service_name;
+        drun::configure_logging(ls);
+      },
+      py::kw_only(), py::arg("level") = "warning", py::arg("format") = "text", py::arg("service_name") = "drun");
+  py::class_<drun::audit_log, std::shared_ptr<drun::audit_log>>(m, "AuditLog")
+      .def(py::init([](const std::string& file, std::optional<std::string> key, std::size_t checkpoint_every) {
+             drun::audit_options o;
+             o.file = file;
+             o.checkpoint_every = checkpoint_every;
+             if (key) o.key = std::make_shared<const drun::private_key>(take(drun::private_key::load(*key), io_kind::config));
+             return take(drun::audit_log::open(std::move(o)), io_kind::config);
+           }),
+           py::arg("file"), py::kw_only(), py::arg("key") = py::none(), py::arg("checkpoint_every") = 64)
+      .def(
+          "append",
+          [](drun::audit_log& a, const std::string& event, const py::dict& fields) {
+            // Keys and values are held here for the call: log_attribute refers to its key.
+            std::vector<std::string> keys;
+            keys.reserve(fields.size());
+            std::vector<drun::log_attribute> attrs;
+            attrs.reserve(fields.size());
+            for (auto [k, v] : fields) {
+              keys.push_back(py::str(k));
+              if (py::isinstance<py::bool_>(v)) attrs.emplace_back(keys.back(), v.cast<bool>() ? "true" : "false");
+              else if (py::isinstance<py::int_>(v)) attrs.emplace_back(keys.back(), v.cast<long long>());
+              else if (py::isinstance<py::float_>(v)) attrs.emplace_back(keys.back(), v.cast<double>());
+              else attrs.emplace_back(keys.back(), std::string(py::str(v)));
+            }
+            take(a.append(event, attrs), io_kind::store);
+          },
+          py::arg("event"), py::arg("fields") = py::dict())
+      .def("checkpoint", [](drun::audit_log& a) { take(a.checkpoint(), io_kind::store); })
+      .def("close", [](drun::audit_log& a) { take(a.close(), io_kind::store); })
+      .def_property_readonly("file", [](const drun::audit_log& a) { return a.file().string(); })
+      .def("__enter__", [](std::shared_ptr<drun::audit_log> a) { return a; })
+      .def("__exit__", [](drun::audit_log& a, py::object, py::object, py::object) { take(a.close(), io_kind::store); });
+  m.def(
+      "set_audit_log", [](std::shared_ptr<drun::audit_log> log) { drun::set_audit_log(std::move(log)); },
+      py::arg("log").none(true));
+  m.def(
+      "audit_verify",
+      [](const std::string& file, const std::string& public_key) {
+        auto key = take(drun::public_key::load(public_key), io_kind::config);
+        auto rep = take(drun::audit_verify(file, key), io_kind::input);
+        py::dict d;
+        d["records"] = rep.records;
+        d["checkpoints"] = rep.checkpoints;
+        d["last_checkpoint"] = rep.last_checkpoint;
+        d["unsealed"] = rep.unsealed;
+        d["torn_lines"] = rep.torn_lines;
+        d["torn_tail"] = rep.torn_tail;
+        return d;
+      },
+      py::arg("file"), py::arg("public_key"));
   m.def(
       "write_metrics_file",
       [](const std::string& file) { take(drun::write_metrics_file(file)); },
