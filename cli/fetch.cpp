@@ -105,16 +105,19 @@ int cmd_fetch(int argc, char** argv) {
     diag(drun::log_level::warning, "fetch", "WARNING: --insecure: TLS certificates are NOT verified for this fetch");
   drun::fetch_options fo;
   // The trace this fetch belongs to: --traceparent, else $TRACEPARENT (as OpenTelemetry's
-  // environment carrier has it), else a new one. A malformed flag is an error; a malformed
-  // environment value is ignored with a warning, as W3C Trace Context asks of a receiver.
+  // environment carrier has it), else a new one; the whole command is in it (the bundle from a
+  // peer included). A malformed flag is an error; a malformed environment value is ignored with a
+  // warning, as W3C Trace Context asks of a receiver.
+  std::optional<drun::trace_context> trace;
   if (auto tp = args.get("traceparent")) {
     auto parsed = drun::trace_context::parse(*tp);
     if (!parsed) throw usage_error{"--traceparent: " + parsed.error().detail()};
-    fo.traceparent = *tp;
+    trace = *parsed;
   } else if (const char* env = std::getenv("TRACEPARENT"); env && *env) {
-    if (auto parsed = drun::trace_context::parse(env)) fo.traceparent = env;
+    if (auto parsed = drun::trace_context::parse(env)) trace = *parsed;
     else diag(drun::log_level::warning, "fetch", "TRACEPARENT is ignored: " + parsed.error().detail());
   }
+  drun::trace_scope in_trace(trace ? trace->child() : drun::trace_context::fresh());
   if (auto c = args.get("connections")) {
     auto n = parse_size(*c, "--connections");
     if (n == 0 || n > 256) throw usage_error{"--connections must be between 1 and 256"};

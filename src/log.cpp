@@ -175,6 +175,9 @@ const trace_context* current_trace() noexcept { return current; }
 
 }  // namespace detail
 
+trace_scope::trace_scope(const trace_context& t) noexcept : context_(t), previous_(current) { current = &context_; }
+trace_scope::~trace_scope() { current = previous_; }
+
 // ---- trace context ---------------------------------------------------------------------------
 
 namespace {

@@ -55,8 +55,8 @@ struct fetch_options {
   // peer is gone, or after peer_wait; and one piece at a time per origin, so that pieces become
   // tradeable early. Empty: every node takes any piece no peer holds.
   std::vector<std::size_t> origin_owners;
-  // W3C traceparent of the caller's trace (trace.hpp); empty: the fetch starts a new trace. A
-  // malformed one is invalid_argument.
+  // W3C traceparent of the caller's trace (trace.hpp); empty: the calling thread's trace_scope,
+  // else a new trace. A malformed one is invalid_argument.
   std::string traceparent;
 };
 

@@ -456,9 +456,10 @@ result<fetch_report> fetch_session(store& s, const verified_manifest& m, std::st
 
 result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_view bundle_json,
                            const std::vector<std::unique_ptr<source>>& sources, const fetch_options& options) {
-  // The fetch's span: a child of the caller's trace, or a new trace. Every message about this
+  // The fetch's span: a child of the caller's trace (options, else the thread's), or a new trace. Every message about this
   // fetch, here and on the peers it asks (they read it from the HELLO), carries its trace id.
-  trace_context trace = trace_context::fresh();
+  const trace_context* caller = detail::current_trace();
+  trace_context trace = caller ? caller->child() : trace_context::fresh();
   if (!options.traceparent.empty()) {
     auto parent = trace_context::parse(options.traceparent);
     if (!parent) return std::move(parent).error();

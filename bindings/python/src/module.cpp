@@ -438,6 +438,9 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
                      std::optional<std::string> credentials_origin, bool rdma, std::optional<std::string> traceparent) {
   if (signature.has_value() == artifact.has_value())
     raise(drun::error(drun::errc::invalid_argument, "give signature= (a URL or file), or artifact= with peers="));
+  // One trace for the whole call (the bundle from a peer included): traceparent=, else new.
+  auto trace = traceparent ? take(drun::trace_context::parse(*traceparent), io_kind::config)
+                           : drun::trace_context::fresh();
   if (origins.empty() && peers.empty()) raise(drun::error(drun::errc::invalid_argument, "give origins= and/or peers="));
   auto trust = trust_from(public_key, ca_bundle, trusted_root, identity, identity_provider);
   drun::source_options so;
@@ -481,13 +484,11 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
   if (connections) fo.connections = connections;
   fo.max_bytes_per_second = limit_rate;
   fo.cancel = &cancel;
-  if (traceparent) {
-    take(drun::trace_context::parse(*traceparent), io_kind::config);  // before anything is fetched
-    fo.traceparent = *traceparent;
-  }
+
   if (!progress.is_none()) fo.progress = [&cb](const drun::fetch_progress& p) { cb.call(p); };
   auto& s = store.get();
   std::function<std::string()> work = [&]() -> std::string {
+    drun::trace_scope in_trace(trace);  // on the thread that does the work
     std::string text;
     std::string name = signature.value_or("");
     if (artifact) {
