@@ -27,7 +27,8 @@ int audit_verify_command(int argc, char** argv) {
                  {"torn_lines", rep->torn_lines}, {"torn_tail", rep->torn_tail}};
     fmt::print("{}\n", out.dump(2));
   } else {
-    fmt::print("{}: {} records chain intact, {} checkpoints verify", file, rep->records, rep->checkpoints);
+    fmt::print("{}: {} record{} chain intact, {} checkpoint{} verif{}", file, rep->records, rep->records == 1 ? "" : "s",
+               rep->checkpoints, rep->checkpoints == 1 ? "" : "s", rep->checkpoints == 1 ? "ies" : "y");
     if (rep->last_checkpoint)
       fmt::print("; the last covers records 1 to {}{}\n", rep->last_checkpoint - 1,
                  rep->unsealed ? fmt::format(", {} after it are not covered by a checkpoint yet", rep->unsealed) : "");
@@ -97,6 +98,7 @@ int audit_show_command(int argc, char** argv) {
       if (v.is_string() && v.get<std::string>().empty()) continue;
       fields += fmt::format(" {}={}", k, v.is_string() ? v.get<std::string>() : v.dump());
     }
+    if (j.contains("trace_id")) fields += " trace=" + j.value("trace_id", "");
     fmt::print("{}  {:>6}  {:<20} {}{}\n", time, j.value("seq", 0), j.value("event", "?"),
                j.contains("host") ? fmt::format("{}[{}]", j.value("host", ""), j.value("pid", 0)) : "", fields);
   }

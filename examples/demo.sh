@@ -69,13 +69,20 @@ nginx -c "$work/origin/nginx.conf" -p "$work/origin" &
 nginx_pid=$!
 trap 'kill $nginx_pid 2>/dev/null || true' EXIT
 for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$port/config.json" && break; sleep 0.1; done
+"$drun" keygen --type ed25519 --out audit.key >/dev/null
 show "$drun" fetch --signature sample-model/model.sig --public-key publisher.key.pub \
-  --origin "http://127.0.0.1:$port" --store fetched-store --key-source file:node.key --out fetched-model
+  --origin "http://127.0.0.1:$port" --store fetched-store --key-source file:node.key --out fetched-model \
+  --metrics-file fetch.prom --audit-log audit.log --audit-key audit.key
 diff -r sample-model fetched-model --exclude model.sig
 echo "fetched-model/ is bit-identical to sample-model/"
 kill $nginx_pid
 wait $nginx_pid 2>/dev/null || true
 trap - EXIT
+
+step "what the fetch left for operators: its metrics (node_exporter textfile format) and audit records"
+grep -E '^drun_fetch(es|_bytes)_total' fetch.prom
+show "$drun" audit show audit.log
+show "$drun" audit verify audit.log --public-key audit.key.pub
 
 step "peers: a test CA and a certificate for this node (mutual TLS 1.3 between peers)"
 mkdir -p pki

@@ -215,18 +215,16 @@ result<std::shared_ptr<audit_log>> audit_log::open(audit_options options) {
   if (options.key && options.key->type() != key_type::ed25519)
     return error(errc::key_error, fmt::format("the audit key is {}; checkpoints are signed with Ed25519 (drun keygen "
                                               "--type ed25519)", to_string(options.key->type())));
-  int fd = ::open(options.file.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0640);
+  // Read and write: a writer reads the end of the log to continue the chain.
+  int fd = ::open(options.file.c_str(), O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0640);
   if (fd < 0) return detail::sys_error("cannot open the audit log", options.file, errno);
   detail::unique_fd f(fd);
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
     return error(errc::invalid_argument, "the audit log is not a regular file").with_path(options.file);
-  // Reading the tail needs a readable descriptor too.
-  int rfd = ::open(options.file.c_str(), O_RDWR | O_APPEND | O_CLOEXEC | O_NOFOLLOW);
-  if (rfd < 0) return detail::sys_error("cannot open the audit log", options.file, errno);
   auto p = std::make_unique<impl>();
   p->o = std::move(options);
-  p->fd = detail::unique_fd(rfd);
+  p->fd = std::move(f);
   return std::shared_ptr<audit_log>(new audit_log(std::move(p)));
 }
 

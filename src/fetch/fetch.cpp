@@ -481,10 +481,11 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
     detail::log(r.error().code() == errc::cancelled ? log_level::info : log_level::error, "fetch failed",
                 {{"artifact", m.artifact_id()}, {"error", r.error().message()}, {"seconds", seconds}});
     detail::audit("fetch.failed", {{"artifact", m.artifact_id()}, {"subject", m.subject_name()},
-                                   {"error", r.error().message()}, {"trace_id", trace.trace_id_hex()}});
+                                   {"error", r.error().message()}});
     return r;
   }
-  // Pieces and bytes by source, and the peers banned: what the audit trail must be able to show.
+  // Pieces and bytes by source, and the peers banned: what the audit trail must be able to show
+  // (the record carries the trace id itself, from the scope above).
   std::uint64_t from_origins = 0, from_peers = 0;
   std::size_t pieces_origins = 0, pieces_peers = 0;
   std::string banned;
@@ -499,7 +500,7 @@ result<fetch_report> fetch(store& s, const verified_manifest& m, std::string_vie
   detail::audit("fetch.completed", {{"artifact", m.artifact_id()}, {"subject", m.subject_name()},
                                     {"pieces_from_origins", pieces_origins}, {"pieces_from_peers", pieces_peers},
                                     {"pieces_already_stored", r->already_stored}, {"bytes", r->bytes},
-                                    {"peers_banned", banned}, {"trace_id", trace.trace_id_hex()}});
+                                    {"peers_banned", banned}});
   return r;
 }
 

@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 from conftest import flip_byte
+from test_fetch import Tinyproxy, nginx, node_key, published  # noqa: F401 (fixtures)
 from test_peers import N, LyingPeer, manifest_json, swarm, write_policy  # noqa: F401 (swarm is a fixture)
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -172,6 +173,56 @@ def test_no_secret_appears_at_the_most_verbose_level(swarm, drun, drun_keys, tmp
             assert secret not in t, f"the {name} appears in the output"
 
 
+def test_no_origin_credential_or_store_key_appears_at_the_most_verbose_level(drun, tmp_path, published, nginx,  # noqa: F811
+                                                                              node_key):  # noqa: F811
+    """Through a proxy that wants credentials, with a header and a bearer token for the origin,
+    then the cache commands that handle store keys: nothing secret in any output or log."""
+    m, sig, pub = published
+    proxy = Tinyproxy(tmp_path, auth=("drun", "pr0xy-pa55-91"))
+    creds = tmp_path / "proxy-auth"
+    creds.write_text("drun:pr0xy-pa55-91\n")
+    creds.chmod(0o600)
+    headers = tmp_path / "headers"
+    headers.write_text("X-Api-Key: hdr-s3cr3t-77\n")
+    headers.chmod(0o600)
+    os.environ["DRUN_TEST_BEARER"] = "b3arer-t0ken-55"
+    new_key = tmp_path / "new.key"
+    drun("cache", "keygen", "--out", new_key).ok()
+    audit_key = tmp_path / "audit.key"
+    drun("keygen", "--type", "ed25519", "--out", audit_key).ok()
+    secrets = ["pr0xy-pa55-91", "hdr-s3cr3t-77", "b3arer-t0ken-55", (tmp_path / "node.key").read_text().strip(),
+               new_key.read_text().strip(), pem_body(audit_key)]
+    texts = []
+    try:
+        for fmt in ("text", "json"):
+            verbose = ["--log-format", fmt, "--log-level", "debug", "--audit-log", tmp_path / "audit.log",
+                       "--audit-key", audit_key]
+            store = tmp_path / f"s-{fmt}"
+            r = drun("fetch", "--signature", sig, "--public-key", pub, "--store", store, "--key-source", node_key,
+                     "--origin", nginx.url(), "--proxy", f"http://127.0.0.1:{proxy.port}", "--proxy-auth-file", creds,
+                     "--header-file", headers, "--bearer-env", "DRUN_TEST_BEARER", "--metrics-file",
+                     tmp_path / "m.prom", *verbose).ok()
+            texts += [r.out + r.err, (tmp_path / "m.prom").read_text()]
+            ks = ["--store", store, "--key-source", node_key]
+            for cmd in (["cache", "import", m, "--signature", sig, "--public-key", pub],
+                        ["cache", "export", published_id(drun, sig), tmp_path / f"out-{fmt}"], ["cache", "gc", "--ttl", "86400"]):
+                texts.append(str(drun(*cmd, *ks, *verbose).ok()))
+            r = drun("cache", "rotate-key", *ks, "--new-key-source", f"file:{new_key}", *verbose).ok()
+            texts.append(str(r))
+    finally:
+        proxy.stop()
+        del os.environ["DRUN_TEST_BEARER"]
+    texts.append((tmp_path / "audit.log").read_text())
+    assert any("fetch completed" in t for t in texts)
+    for secret in secrets:
+        for t in texts:
+            assert secret not in t, f"{secret[:12]}... appears in the output"
+
+
+def published_id(drun, sig):
+    return json.loads(drun("manifest", sig, "--json").ok().out)["artifact_id"]
+
+
 def pem_body(path):
     """The base64 of a PEM file's body."""
     lines = [ln for ln in open(path).read().splitlines() if ln and not ln.startswith("-----")]
@@ -220,9 +271,10 @@ def test_every_security_decision_is_audited_and_the_logs_verify(swarm, drun, tmp
     verified = [e for e in leech_ev if e["event"] == "bundle.verified"]
     assert verified[0]["data"]["artifact"] == swarm.artifact and verified[0]["data"]["signer.method"] == "key"
     assert len(verified[0]["data"]["signer.key_hint"]) == 64
-    done = [e for e in leech_ev if e["event"] == "fetch.completed"][0]["data"]
+    completed = [e for e in leech_ev if e["event"] == "fetch.completed"][0]
+    done = completed["data"]
     assert done["pieces_from_peers"] == N and done["pieces_from_origins"] == 0 and done["peers_banned"] == ""
-    assert re.match(r"^[0-9a-f]{32}$", done["trace_id"])
+    assert re.match(r"^[0-9a-f]{32}$", completed["trace_id"])
     kinds = [e["event"] for e in cache_ev]
     for k in ("store.scrub_finding", "store.key_rotated", "bundle.verified", "store.imported", "store.removed"):
         assert k in kinds, kinds
