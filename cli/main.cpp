@@ -53,7 +53,7 @@ int cmd_sign(int argc, char** argv) {
   else if (method != "shards") throw usage_error{fmt::format("--method must be shards or files, not \"{}\"", method)};
   if (auto h = args.get("hash")) {
     auto alg = drun::parse_hash_algorithm(*h);
-    if (!alg) throw usage_error{fmt::format("--hash must be sha256 or blake2b, not \"{}\"", *h)};
+    if (!alg) throw usage_error{fmt::format("--hash must be sha256, blake3 or blake2b, not \"{}\"", *h)};
     opts.hash = *alg;
   }
   if (auto ps = args.get("piece-size")) {
@@ -184,7 +184,7 @@ void print_usage(std::FILE* to) {
              "usage: drun <command> [options]\n\n"
              "  keygen   --type ed25519|ecdsa-p256|ecdsa-p384|ecdsa-p521 --out KEY\n"
              "  sign     PATH --key KEY [--cert LEAF.pem [--chain CHAIN.pem]] [--signature OUT]\n"
-             "           [--method shards|files] [--hash sha256|blake2b] [--piece-size BYTES]\n"
+             "           [--method shards|files] [--hash sha256|blake3|blake2b] [--piece-size BYTES]\n"
              "           [--ignore REL]... [--allow-symlinks] [--threads N]\n"
              "  verify   PATH [--signature SIG] TRUST [--ignore REL]... [--ignore-unsigned-files]\n"
              "           [--allow-unsigned-empty-files] [--threads N]\n"

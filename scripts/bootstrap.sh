@@ -7,6 +7,8 @@ packages=(
   g++ cmake make pkg-config        # toolchain
   libssl-dev                       # OpenSSL 3: SHA-256, ECDSA, X.509, PEM
   libsodium-dev                    # Ed25519, BLAKE2b, guarded memory for secrets
+  librust-blake3-dev               # BLAKE3's own C sources (SIMD, runtime dispatch), built privately
+  b3sum                            # the independent BLAKE3 check in the tests, the benchmark baseline
   libfmt-dev                       # formatting
   libsqlite3-dev                   # the store's metadata index (WAL)
   libcurl4-openssl-dev             # HTTP(S) origins

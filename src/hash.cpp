@@ -1,10 +1,12 @@
-// SHA-256 through OpenSSL EVP (which picks SHA-NI/AVX2 code paths at run time) and BLAKE2b-512
-// through libsodium.
+// SHA-256 through OpenSSL EVP (which picks SHA-NI/AVX2 code paths at run time), BLAKE2b-512
+// through libsodium, and BLAKE3 through the BLAKE3 team's C implementation (SSE2/SSE4.1/AVX2/
+// AVX-512, chosen at run time; built from Debian's librust-blake3-dev sources, see CMakeLists.txt).
 #include <drun/hash.hpp>
 
 #include "detail/encoding.hpp"
 #include "detail/openssl.hpp"
 
+#include <blake3.h>
 #include <openssl/crypto.h>
 #include <sodium.h>
 
@@ -15,17 +17,23 @@
 namespace drun {
 
 std::string_view to_string(hash_algorithm alg) noexcept {
-  return alg == hash_algorithm::sha256 ? "sha256" : "blake2b";
+  switch (alg) {
+    case hash_algorithm::sha256: return "sha256";
+    case hash_algorithm::blake2b: return "blake2b";
+    case hash_algorithm::blake3: return "blake3";
+  }
+  return "sha256";
 }
 
 std::optional<hash_algorithm> parse_hash_algorithm(std::string_view name) noexcept {
   if (name == "sha256") return hash_algorithm::sha256;
   if (name == "blake2b") return hash_algorithm::blake2b;
+  if (name == "blake3") return hash_algorithm::blake3;
   return std::nullopt;
 }
 
 std::size_t digest_size(hash_algorithm alg) noexcept {
-  return alg == hash_algorithm::sha256 ? 32 : crypto_generichash_blake2b_BYTES_MAX;
+  return alg == hash_algorithm::blake2b ? crypto_generichash_blake2b_BYTES_MAX : 32;
 }
 
 digest::digest(hash_algorithm alg, std::span<const std::byte> bytes) : alg_(alg), size_(bytes.size()) {
@@ -56,15 +64,23 @@ struct hasher::impl {
   hash_algorithm alg;
   detail::evp_md_ctx_ptr sha;
   crypto_generichash_blake2b_state blake{};
+  blake3_hasher b3{};
 
   explicit impl(hash_algorithm a) : alg(a) { reset(); }
-  ~impl() { sodium_memzero(&blake, sizeof blake); }
+  ~impl() {
+    sodium_memzero(&blake, sizeof blake);
+    sodium_memzero(&b3, sizeof b3);
+  }
   void reset() {
-    if (alg == hash_algorithm::sha256) {
-      if (!sha) sha.reset(EVP_MD_CTX_new());
-      if (!sha || EVP_DigestInit_ex2(sha.get(), sha256_md(), nullptr) != 1) std::abort();
-    } else {
-      crypto_generichash_blake2b_init(&blake, nullptr, 0, crypto_generichash_blake2b_BYTES_MAX);
+    switch (alg) {
+      case hash_algorithm::sha256:
+        if (!sha) sha.reset(EVP_MD_CTX_new());
+        if (!sha || EVP_DigestInit_ex2(sha.get(), sha256_md(), nullptr) != 1) std::abort();
+        break;
+      case hash_algorithm::blake2b:
+        crypto_generichash_blake2b_init(&blake, nullptr, 0, crypto_generichash_blake2b_BYTES_MAX);
+        break;
+      case hash_algorithm::blake3: blake3_hasher_init(&b3); break;
     }
   }
 };
@@ -78,22 +94,29 @@ hash_algorithm hasher::algorithm() const noexcept { return impl_->alg; }
 
 void hasher::update(std::span<const std::byte> data) {
   if (data.empty()) return;
-  if (impl_->alg == hash_algorithm::sha256) {
-    EVP_DigestUpdate(impl_->sha.get(), data.data(), data.size());
-  } else {
-    crypto_generichash_blake2b_update(&impl_->blake, reinterpret_cast<const unsigned char*>(data.data()),
-                                      data.size());
+  switch (impl_->alg) {
+    case hash_algorithm::sha256: EVP_DigestUpdate(impl_->sha.get(), data.data(), data.size()); break;
+    case hash_algorithm::blake2b:
+      crypto_generichash_blake2b_update(&impl_->blake, reinterpret_cast<const unsigned char*>(data.data()),
+                                        data.size());
+      break;
+    case hash_algorithm::blake3: blake3_hasher_update(&impl_->b3, data.data(), data.size()); break;
   }
 }
 
 digest hasher::finish() {
   std::array<std::byte, digest::max_size> out{};
   std::size_t n = digest_size(impl_->alg);
-  if (impl_->alg == hash_algorithm::sha256) {
-    unsigned len = 0;
-    EVP_DigestFinal_ex(impl_->sha.get(), reinterpret_cast<unsigned char*>(out.data()), &len);
-  } else {
-    crypto_generichash_blake2b_final(&impl_->blake, reinterpret_cast<unsigned char*>(out.data()), n);
+  switch (impl_->alg) {
+    case hash_algorithm::sha256: {
+      unsigned len = 0;
+      EVP_DigestFinal_ex(impl_->sha.get(), reinterpret_cast<unsigned char*>(out.data()), &len);
+      break;
+    }
+    case hash_algorithm::blake2b:
+      crypto_generichash_blake2b_final(&impl_->blake, reinterpret_cast<unsigned char*>(out.data()), n);
+      break;
+    case hash_algorithm::blake3: blake3_hasher_finalize(&impl_->b3, reinterpret_cast<std::uint8_t*>(out.data()), n); break;
   }
   return digest(impl_->alg, std::span(out.data(), n));
 }

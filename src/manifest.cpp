@@ -135,7 +135,7 @@ result<manifest_data> parse_statement(std::string_view payload) {
   auto alg = parse_hash_algorithm((*hash_type)->get<std::string>());
   if (!alg)
     return error(errc::unsupported,
-                 fmt::format("hash_type \"{}\" is not supported (sha256 and blake2b are)", (*hash_type)->get<std::string>()));
+                 fmt::format("hash_type \"{}\" is not supported (sha256, blake2b and blake3 are)", (*hash_type)->get<std::string>()));
   m.hash = *alg;
 
   if (const json* sym = optional_field(**ser, "allow_symlinks")) {

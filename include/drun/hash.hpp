@@ -1,5 +1,6 @@
-// Content hashes: SHA-256 (OpenSSL EVP, SHA-NI where the CPU has it) and BLAKE2b-512 (libsodium),
-// streaming and one-shot, with digests that compare in constant time.
+// Content hashes: SHA-256 (OpenSSL EVP, SHA-NI where the CPU has it), BLAKE2b-512 (libsodium) and
+// BLAKE3 (the BLAKE3 team's C implementation, SIMD chosen at run time), streaming and one-shot,
+// with digests that compare in constant time.
 #pragma once
 
 #include <drun/config.hpp>
@@ -14,12 +15,12 @@
 
 namespace drun {
 
-enum class hash_algorithm { sha256, blake2b };
+enum class hash_algorithm { sha256, blake2b, blake3 };
 
-// The OMS name of an algorithm: "sha256", "blake2b".
+// The OMS name of an algorithm: "sha256", "blake2b", "blake3".
 DRUN_API std::string_view to_string(hash_algorithm alg) noexcept;
 DRUN_API std::optional<hash_algorithm> parse_hash_algorithm(std::string_view name) noexcept;
-// Digest length in bytes: 32 for sha256, 64 for blake2b.
+// Digest length in bytes: 32 for sha256 and blake3, 64 for blake2b.
 DRUN_API std::size_t digest_size(hash_algorithm alg) noexcept;
 
 // A digest value tagged with its algorithm. Equality is constant time, so comparing an expected

@@ -131,7 +131,7 @@ class Publisher:
         self.pub = self.dir / "publisher.key.pub"
         drun.keygen(type, str(self.key))
 
-    def model(self, root, files, piece_size=1 << 20, signature=None):
+    def model(self, root, files, piece_size=1 << 20, signature=None, hash="sha256"):
         """Writes {relpath: bytes} under root and signs it: (root, signature path, artifact id)."""
         root = Path(root)
         for rel, content in files.items():
@@ -139,6 +139,6 @@ class Publisher:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(content)
         sig = Path(signature) if signature else root.parent / (root.name + ".sig")
-        self.drun.sign(str(root), str(self.key), signature=str(sig), piece_size=piece_size)
+        self.drun.sign(str(root), str(self.key), signature=str(sig), piece_size=piece_size, hash=hash)
         vm = self.drun.verify(str(root), signature=str(sig), public_key=str(self.pub))
         return root, sig, vm.artifact_id

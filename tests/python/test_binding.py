@@ -1377,3 +1377,19 @@ def test_concurrent_appenders_in_several_processes(tmp_path):
     for k in range(4):
         ns = [r["data"]["n"] for r in records if r["event"] == "test.record" and r["data"]["writer"] == f"p{k}"]
         assert ns == list(range(150))
+
+
+def test_a_blake3_model_signs_verifies_imports_and_loads(tmp_path, publisher, store):
+    arr = np.arange(70000, dtype=np.float32)
+    files = {"model.safetensors": safetensors_bytes({"w": tensor(arr)}), "config.json": b"{}"}
+    root, sig, art = publisher.model(tmp_path / "b3", files, piece_size=P, hash="blake3")
+    bundle = json.loads(sig.read_text())
+    statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+    assert statement["predicate"]["serialization"]["hash_type"] == "blake3"
+    got = store.import_model(str(root), signature=str(sig), public_key=str(publisher.pub))
+    assert got == art
+    loaded = drun.load_safetensors(store, art, "model.safetensors")
+    assert np.array_equal(loaded["w"], arr)
+    flip_byte(root / "model.safetensors", 1000)
+    with pytest.raises(drun.VerificationError, match="blake3 digest mismatch"):
+        drun.verify(str(root), signature=str(sig), public_key=str(publisher.pub))

@@ -10,6 +10,7 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,8 @@ REF_CASES = [
     ("shards-1e9-float", "dir", "shards", "sha256", 1_000_000_000, "p256", {"shardsize": "float"}, False),
     ("files-blake2b", "dir", "files", "blake2b", None, "p256", {}, False),
     ("shards-blake2b", "dir", "shards", "blake2b", PIECE, "p384", {}, False),
+    ("files-blake3", "dir", "files", "blake3", None, "p256", {}, False),
+    ("shards-blake3", "dir", "shards", "blake3", PIECE, "p256", {}, False),
     ("single-dot-files", "file", "files", "sha256", None, "p256", {"single": "dot"}, False),
     ("single-basename-files", "file", "files", "sha256", None, "p256", {"single": "basename"}, False),
     ("single-dot-shards", "file", "shards", "sha256", PIECE, "p256", {"single": "dot"}, False),
@@ -115,6 +118,9 @@ def test_oms_ref_root_digest_known_answer():
 
 def test_oms_ref_hashes():
     assert oms_ref.new_hasher("blake2b").digest_size == 64
+    b3 = oms_ref.new_hasher("blake3")
+    b3.update(b"abc")
+    assert b3.hexdigest() == "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
     assert oms_ref.new_hasher("sha256").name == "sha256"
     with pytest.raises(oms_ref.OmsError):
         oms_ref.new_hasher("md5")
@@ -557,19 +563,47 @@ def test_expired_leaf_is_accepted_only_under_the_not_before_policy(drun, tmp_pat
     drun("verify", m, "--signature", sig, "--ca-bundle", pki.root_pem, "--certificate-time", "later").fails(2)
 
 
+@pytest.mark.parametrize("hash_type,hex_len", [("blake2b", 128), ("blake3", 64)])
 @pytest.mark.parametrize("method", ["files", "shards"])
-def test_drun_blake2b_bundle_verified_by_oms_ref(drun, drun_keys, tmp_path, method):
+def test_drun_blake_bundles_verified_by_oms_ref(drun, drun_keys, tmp_path, method, hash_type, hex_len):
     m = make_model(tmp_path / "m")
-    args = ["sign", m, "--key", drun_keys["ecdsa-p384"][0], "--hash", "blake2b", "--method", method]
+    args = ["sign", m, "--key", drun_keys["ecdsa-p384"][0], "--hash", hash_type, "--method", method]
     if method == "shards":
         args += ["--piece-size", PIECE]
     drun(*args).ok()
     st = bundle_statement(load_bundle(m / "model.sig"))
-    assert st["predicate"]["serialization"]["hash_type"] == "blake2b"
-    assert all(len(r["digest"]) == 128 for r in st["predicate"]["resources"])
+    assert st["predicate"]["serialization"]["hash_type"] == hash_type
+    assert all(len(r["digest"]) == hex_len for r in st["predicate"]["resources"])
     ref_verify_ok(m, m / "model.sig", pub=drun_keys["ecdsa-p384"][1])
+    drun("verify", m, "--public-key", drun_keys["ecdsa-p384"][1]).ok()
     flip_byte(m / "weights.bin", 3)
     ref_verify_fails(m, m / "model.sig", pub=drun_keys["ecdsa-p384"][1], match="mismatch")
+    drun("verify", m, "--public-key", drun_keys["ecdsa-p384"][1]).fails(1, f"{hash_type} digest mismatch")
+
+
+def test_blake3_digests_match_b3sum_over_whole_files_and_byte_ranges(drun, drun_keys, tmp_path):
+    """The independent check: Debian's b3sum (the BLAKE3 team's Rust code) over each whole file
+    (files) and over each shard's byte range (shards), against what drun signed."""
+    b3sum = shutil.which("b3sum")
+    if not b3sum:
+        assert not os.environ.get("CI"), "b3sum is missing (scripts/bootstrap.sh installs it)"
+        pytest.skip("b3sum is not installed")
+    m = make_model(tmp_path / "m")
+    key = drun_keys["ed25519"][0]
+    for method in ("files", "shards"):
+        sig = tmp_path / f"{method}.sig"
+        args = ["sign", m, "--key", key, "--hash", "blake3", "--method", method, "--signature", sig]
+        drun(*(args + (["--piece-size", 4096] if method == "shards" else []))).ok()
+        resources = bundle_statement(load_bundle(sig))["predicate"]["resources"]
+        assert resources
+        for r in resources:
+            if method == "files":
+                path, start, end = r["name"], 0, None
+            else:
+                path, start, end = oms_ref.parse_shard_name(r["name"])
+            data = (m / path).read_bytes()[start:end]
+            want = subprocess.run([b3sum, "--no-names"], input=data, capture_output=True, check=True).stdout
+            assert r["digest"] == want.decode().strip(), r["name"]
 
 
 def test_a_ca_certificate_cannot_sign_models(drun, tmp_path, pki):

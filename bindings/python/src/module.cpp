@@ -553,7 +553,7 @@ PYBIND11_MODULE(_drun, m) {
         if (method == "files") o.method = drun::serialization_method::files;
         else if (method != "shards") raise(drun::error(drun::errc::invalid_argument, "method must be \"shards\" or \"files\""));
         auto alg = drun::parse_hash_algorithm(hash);
-        if (!alg) raise(drun::error(drun::errc::invalid_argument, "hash must be \"sha256\" or \"blake2b\""));
+        if (!alg) raise(drun::error(drun::errc::invalid_argument, "hash must be \"sha256\", \"blake3\" or \"blake2b\""));
         o.hash = *alg;
         o.piece_size = piece_size;
         o.threads = threads;

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# BLAKE3 against SHA-256 on every path drun hashes, next to the tools a user would run instead
+# (b3sum, openssl dgst, curl, cp && sync), measured in one run, best of 3.
+#   benchmarks/blake3.sh [BUILD_DIR] [WORK_DIR] [SIZE_MIB]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+build=$(cd "${1:-$root/build}" && pwd)
+work=${2:-$build/bench-b3}
+size_mib=${3:-2048}
+drun=$build/drun
+mkdir -p "$work"
+source "$root/benchmarks/lib.sh"
+
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $(grep -o -w -e sha_ni -e avx512f -e avx2 /proc/cpuinfo | sort -u | tr '\n' ' ')"
+echo "openssl: $(openssl version); b3sum: $(b3sum --version)"
+file=$work/model/weights.bin
+if [ ! -f "$file" ] || [ "$(stat -c %s "$file")" -ne $((size_mib << 20)) ]; then
+  mkdir -p "$work/model"
+  head -c $((size_mib << 20)) /dev/urandom > "$file"
+fi
+cat "$file" > /dev/null
+[ -f "$work/key" ] || "$drun" keygen --type ecdsa-p256 --out "$work/key" >/dev/null
+[ -f "$work/node.key" ] || "$drun" cache keygen --out "$work/node.key" >/dev/null
+secs() { awk -v t="$1" -v s="$size_mib" 'BEGIN { printf "%.3f s (%.0f MiB/s)", t, s / t }'; }
+
+echo
+echo "== hashing and signing one ${size_mib} MiB file (page cache warm)"
+t_b3_1=$(best_of_3 b3sum --num-threads 1 "$file")
+t_b3_2=$(best_of_3 b3sum --num-threads 2 "$file")
+t_ossl=$(best_of_3 openssl dgst -sha256 "$file")
+t_sign_b3=$(best_of_3 "$drun" sign "$work/model" --key "$work/key" --hash blake3 --signature "$work/b3.sig" --threads 2)
+t_sign_sha=$(best_of_3 "$drun" sign "$work/model" --key "$work/key" --signature "$work/sha.sig" --threads 2)
+t_sign_b3_1=$(best_of_3 "$drun" sign "$work/model" --key "$work/key" --hash blake3 --signature "$work/b3.sig" --threads 1)
+echo "b3sum --num-threads 1          : $(secs "$t_b3_1")"
+echo "b3sum --num-threads 2          : $(secs "$t_b3_2")"
+echo "openssl dgst -sha256           : $(secs "$t_ossl")"
+echo "drun sign --hash blake3 -t 1   : $(secs "$t_sign_b3_1")  ($(ratio "$t_sign_b3_1" "$t_b3_1")x b3sum -t 1)"
+echo "drun sign --hash blake3 -t 2   : $(secs "$t_sign_b3")  ($(ratio "$t_sign_b3" "$t_b3_2")x b3sum -t 2)"
+echo "drun sign (sha256) -t 2        : $(secs "$t_sign_sha")  ($(ratio "$t_sign_sha" "$t_ossl")x openssl dgst)"
+t_verify_b3=$(best_of_3 "$drun" verify "$work/model" --signature "$work/b3.sig" --public-key "$work/key.pub" --threads 2)
+t_verify_sha=$(best_of_3 "$drun" verify "$work/model" --signature "$work/sha.sig" --public-key "$work/key.pub" --threads 2)
+echo "drun verify, blake3 bundle     : $(secs "$t_verify_b3")"
+echo "drun verify, sha256 bundle     : $(secs "$t_verify_sha")  ($(ratio "$t_verify_sha" "$t_verify_b3")x blake3's time)"
+
+echo
+echo "== importing into an encrypted store (verify + seal + write + fdatasync, 2 threads)"
+t_cp_sync=$(best_fresh "$work/copy" bash -c "cp -r '$work/model' '$work/copy' && sync")
+t_imp_b3=$(best_fresh "$work/store" "$drun" cache import "$work/model" --signature "$work/b3.sig" --public-key "$work/key.pub" --store "$work/store" --key-source "file:$work/node.key" --threads 2)
+t_imp_sha=$(best_fresh "$work/store" "$drun" cache import "$work/model" --signature "$work/sha.sig" --public-key "$work/key.pub" --store "$work/store" --key-source "file:$work/node.key" --threads 2)
+rm -rf "$work/copy" "$work/store"
+echo "cp -r && sync                  : $(secs "$t_cp_sync")"
+echo "drun cache import, blake3      : $(secs "$t_imp_b3")  ($(ratio "$t_imp_b3" "$t_cp_sync")x cp+sync)"
+echo "drun cache import, sha256      : $(secs "$t_imp_sha")  ($(ratio "$t_imp_sha" "$t_cp_sync")x cp+sync)"
+
+echo
+echo "== fetching from nginx on loopback (verify + seal + store)"
+port=$(free_port)
+start_nginx "$work/nginx" "$work/model" "$port"
+trap 'kill $nginx_pid 2>/dev/null || true' EXIT
+fetch() { "$drun" fetch --signature "$1" --public-key "$work/key.pub" --origin "http://127.0.0.1:$port" --store "$work/fstore" --key-source "file:$work/node.key"; }
+t_curl=$(best_fresh "$work/dl" bash -c "mkdir -p '$work/dl' && curl -s -o '$work/dl/w' 'http://127.0.0.1:$port/weights.bin'")
+t_f_b3=$(best_fresh "$work/fstore" fetch "$work/b3.sig")
+t_f_sha=$(best_fresh "$work/fstore" fetch "$work/sha.sig")
+# Core-seconds (user + sys) of the fetch, the least of 3 runs: one slow run (writeback) says little.
+cpu_of() {
+  local best=""
+  for _ in 1 2 3; do
+    rm -rf "$work/fstore"
+    sync
+    local c
+    c=$( { /usr/bin/time -f '%U %S' "$drun" fetch --signature "$1" --public-key "$work/key.pub" --origin "http://127.0.0.1:$port" --store "$work/fstore" --key-source "file:$work/node.key" >/dev/null; } 2>&1 | tail -1 | awk '{ print $1 + $2 }')
+    best=$(awk -v a="$best" -v b="$c" 'BEGIN { print (a == "" || b < a) ? b : a }')
+  done
+  echo "$best"
+}
+cpu_b3=$(cpu_of "$work/b3.sig")
+cpu_sha=$(cpu_of "$work/sha.sig")
+rm -rf "$work/fstore" "$work/fstore2" "$work/dl"
+echo "curl -o                        : $(secs "$t_curl")"
+echo "drun fetch, blake3 bundle      : $(secs "$t_f_b3")  ($(ratio "$t_f_b3" "$t_curl")x curl; $cpu_b3 core-seconds)"
+echo "drun fetch, sha256 bundle      : $(secs "$t_f_sha")  ($(ratio "$t_f_sha" "$t_curl")x curl; $cpu_sha core-seconds)"
