@@ -1,5 +1,5 @@
 // `drun fetch`: bring a signed model from its origins into the encrypted store, verifying every
-// piece, and optionally materialize it.
+// piece, and optionally write the model out (--out) as its pieces verify.
 #include "common.hpp"
 
 #include <csignal>
@@ -218,12 +218,14 @@ int cmd_fetch(int argc, char** argv) {
   ::sigaction(SIGINT, &sa, nullptr);
   ::sigaction(SIGTERM, &sa, nullptr);
   fo.cancel = &interrupted;
+  // --out: the fetch writes each verified piece there too, and moves the files into place once
+  // every piece is verified.
+  if (auto out = args.get("out")) {
+    fo.out = *out;
+    fo.out_modes = args.has("umask-modes") ? drun::export_modes::umask : drun::export_modes::owner_only;
+  }
   auto report = drun::fetch(*st, *vm, *text, sources, fo);
   if (!report) return fail("fetch", report.error());
-  if (auto out = args.get("out")) {
-    auto modes = args.has("umask-modes") ? drun::export_modes::umask : drun::export_modes::owner_only;
-    if (auto r = st->materialize(vm->artifact_id(), *out, modes); !r) return fail("fetch", r.error());
-  }
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   fmt::print("fetched {}: {} pieces ({} already stored), {:.1f} MiB in {:.2f} s ({:.0f} MiB/s)\n", vm->artifact_id(),
              report->fetched, report->already_stored, static_cast<double>(report->bytes) / 1048576.0, secs,

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <string>
@@ -55,6 +56,11 @@ struct fetch_options {
   // peer is gone, or after peer_wait; and one piece at a time per origin, so that pieces become
   // tradeable early. Empty: every node takes any piece no peer holds.
   std::vector<std::size_t> origin_owners;
+  // Where to write the artifact's files as well (created; must not exist or be empty): each
+  // verified piece goes there as it arrives, through a staging directory, and the files move into
+  // place only when every piece is verified (store::begin_export). Empty: the store only.
+  std::filesystem::path out;
+  export_modes out_modes = export_modes::owner_only;
   // W3C traceparent of the caller's trace (trace.hpp); empty: the calling thread's trace_scope,
   // else a new trace. A malformed one is invalid_argument.
   std::string traceparent;

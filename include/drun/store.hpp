@@ -122,6 +122,35 @@ enum class read_check { digest, tag_only };
 // 0777 less the process umask, as cp and tar create them).
 enum class export_modes { owner_only, umask };
 
+class store;
+
+// An export under way (store::begin_export): the artifact's files are written under a staging
+// directory inside dest, from verified pieces as a fetch receives them (write) and from the store
+// for the rest (commit). Nothing reaches a final path before commit(), which syncs every file and
+// moves them into place; destroyed without a successful commit(), the writer removes the staging
+// directory, so an interrupted or failed export leaves dest as it was.
+class DRUN_API export_writer {
+ public:
+  ~export_writer();
+  export_writer(export_writer&&) noexcept;
+  export_writer& operator=(export_writer&&) noexcept;
+  export_writer(const export_writer&) = delete;
+  export_writer& operator=(const export_writer&) = delete;
+
+  // A verified piece of the artifact, written at its place (thread safe: pieces do not overlap).
+  result<void> write(const verified_piece& piece);
+  // Brings every piece not written from the store (decrypted, tag and digest checked), syncs the
+  // files, and moves them into dest.
+  result<void> commit();
+
+  struct impl;  // opaque: defined in src/store/store.cpp
+
+ private:
+  friend class store;
+  explicit export_writer(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
 class DRUN_API store {
  public:
   // Opens or creates a store directory (mode 0700), keeping the node key for as long as the store
@@ -179,6 +208,10 @@ class DRUN_API store {
   // Files are created 0600 and directories 0700 unless modes says umask.
   result<void> materialize(const std::string& artifact, const std::filesystem::path& dest,
                            export_modes modes = export_modes::owner_only);
+  // The same, in two steps, so that a fetch writes each piece out as it verifies it rather than
+  // decrypting the store again afterwards (export_writer).
+  result<export_writer> begin_export(const std::string& artifact, const std::filesystem::path& dest,
+                                     export_modes modes = export_modes::owner_only);
 
   // The full id of the one artifact whose id starts with prefix (>= 8 hex characters).
   result<std::string> resolve(std::string_view prefix);

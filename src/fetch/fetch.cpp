@@ -68,6 +68,14 @@ result<fetch_report> fetch_session(store& s, const verified_manifest& m, std::st
   if (auto r = s.add_artifact(m, bundle_json); !r) return std::move(r).error();
   auto plan = s.missing(m);
   if (!plan) return std::move(plan).error();
+  // With an output directory, each verified piece is also written there as it arrives (one pass
+  // per byte); commit() brings what was already stored and moves the files into place.
+  std::optional<export_writer> out;
+  if (!options.out.empty()) {
+    auto w = s.begin_export(m.artifact_id(), options.out, options.out_modes);
+    if (!w) return std::move(w).error();
+    out.emplace(std::move(*w));
+  }
   fetch_report report;
   const std::size_t piece_count = m.pieces().size();
   std::vector<source_slot> src(sources.size());
@@ -338,6 +346,8 @@ result<fetch_report> fetch_session(store& s, const verified_manifest& m, std::st
         verified.emplace(m.check_piece(index, std::move(buf)));
         if (*verified) {
           put = s.put_piece(m, **verified);
+          if (put && out)
+            if (auto written = out->write(**verified); !written) put = std::move(written).error();
           buf = std::move(**verified).release();  // the buffer serves the next piece
         }
       }
@@ -449,6 +459,8 @@ result<fetch_report> fetch_session(store& s, const verified_manifest& m, std::st
         .with_source(worst->last ? worst->last->source() : std::string())
         .with_piece(index);
   }
+  if (out)
+    if (auto r = out->commit(); !r) return std::move(r).error();
   return report;
 }
 

@@ -332,6 +332,48 @@ def test_killed_fetch_resumes_with_only_missing_pieces(drun, drun_bin, tmp_path,
         srv.stop()
 
 
+def test_fetch_out_writes_pieces_as_they_verify_and_nothing_unfinished_reaches_a_final_path(
+        drun, drun_bin, tmp_path, drun_keys, node_key):
+    """--out writes each verified piece into a staging directory inside the destination as it
+    arrives; a killed fetch leaves nothing at a final path, and the rerun (which takes the stored
+    pieces from the store and the rest from the origin) ends with the files in place."""
+    m = tmp_path / "big"
+    (m / "sub").mkdir(parents=True)
+    (m / "w.bin").write_bytes(det_bytes(48 << 20, 5))
+    (m / "sub" / "small.txt").write_bytes(b"small")
+    key, pub = drun_keys["ecdsa-p256"]
+    drun("sign", m, "--key", key, "--piece-size", 1 << 20, "--signature", tmp_path / "big.sig").ok()
+    srv = Nginx(tmp_path, m)
+    out = tmp_path / "out" / "model"
+    try:
+        argv = [drun_bin, "fetch", "--signature", tmp_path / "big.sig", "--public-key", pub, "--store",
+                tmp_path / "store", "--key-source", node_key, "--origin", srv.url(), "--connections", "2",
+                "--limit-rate", str(24 << 20), "--out", out]
+        p = subprocess.Popen(list(map(str, argv)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.8)
+        staging = list(out.glob(".drun-export-*")) if out.exists() else []
+        assert staging and not (out / "w.bin").exists(), list(out.iterdir()) if out.exists() else "no out"
+        assert (staging[0] / "w.bin").stat().st_size > 0  # pieces were being written as they arrived
+        p.kill()
+        p.wait()
+        assert [x.name for x in out.iterdir()] == [staging[0].name]  # nothing at a final path
+        r = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert int(re.search(r"\((\d+) already stored\)", r.stdout).group(1)) > 0
+    finally:
+        srv.stop()
+    assert same_tree(m, out)
+    assert sorted(x.name for x in out.iterdir()) == ["sub", "w.bin"]  # the stale staging directory is gone
+    # A destination that is not empty is refused before anything is fetched; a failed fetch
+    # leaves no directory it made.
+    drun("fetch", "--signature", tmp_path / "big.sig", "--public-key", pub, "--store", tmp_path / "s2",
+         "--key-source", node_key, "--origin", "http://127.0.0.1:1/", "--out", out).fails(2, "not an empty directory")
+    drun("fetch", "--signature", tmp_path / "big.sig", "--public-key", pub, "--store", tmp_path / "s3",
+         "--key-source", node_key, "--origin", "http://127.0.0.1:1/", "--attempts", "1",
+         "--out", tmp_path / "new" / "dir").fails(3)
+    assert not (tmp_path / "new").exists()
+
+
 def test_credentials_go_to_the_origin_only_never_across_a_redirect(drun, tmp_path, published, node_key):
     m, sig, pub = published
     cdn = Hostile(m, "plain")

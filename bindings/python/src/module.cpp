@@ -506,8 +506,8 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
     if (artifact && vm.artifact_id() != *artifact)
       throw py_store::pending_error{drun::error(drun::errc::signature_invalid, "a peer sent another artifact's bundle"),
                                     io_kind::source};
+    if (out) fo.out = *out;  // written as the pieces verify, moved into place at the end
     py_store::take_nogil(drun::fetch(s, vm, text, sources, fo), io_kind::source);
-    if (out) py_store::take_nogil(s.materialize(vm.artifact_id(), *out));
     return vm.artifact_id();
   };
   std::string id;
