@@ -52,7 +52,7 @@ std::string since_bound(const std::string& text) {
     if (!seconds) throw usage_error{"--since takes a time (2026-12-07T10:00:00Z) or an age (90s, 30m, 12h, 7d)"};
     auto t = std::chrono::floor<std::chrono::seconds>(std::chrono::system_clock::now()) -
              std::chrono::seconds(static_cast<long long>(n) * seconds);
-    return fmt::format("{:%Y-%m-%dT%H:%M:%S}.000Z", t);
+    return fmt::format("{:%Y-%m-%dT%H:%M:%S}.000Z", fmt::gmtime(std::chrono::system_clock::to_time_t(t)));
   }
   // YYYY-MM-DDTHH:MM:SS[.fff]Z
   if (text.size() < 20 || text.back() != 'Z' || text[10] != 'T')
@@ -75,10 +75,21 @@ int audit_show_command(int argc, char** argv) {
   diag(drun::log_level::warning, "audit show", "note: this shows what the log says; drun audit verify checks it");
   std::string line;
   std::size_t line_no = 0;
+  // What a line says is printed for a person: control characters (a terminal's escapes) are not.
+  auto printable = [](std::string s) {
+    for (auto& ch : s)
+      if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f) ch = '?';
+    return s;
+  };
   while (std::getline(in, line)) {
     ++line_no;
     auto j = ojson::parse(line, nullptr, false);
-    if (j.is_discarded() || !j.is_object() || !j.contains("data") || !j["data"].is_object()) {
+    bool record = !j.is_discarded() && j.is_object() && j.contains("data") && j["data"].is_object() &&
+                  j.contains("seq") && j["seq"].is_number_unsigned() && j.contains("time") && j["time"].is_string() &&
+                  j.contains("event") && j["event"].is_string() && (!j.contains("host") || j["host"].is_string()) &&
+                  (!j.contains("pid") || j["pid"].is_number_integer()) &&
+                  (!j.contains("trace_id") || j["trace_id"].is_string());
+    if (!record) {
       diag(drun::log_level::warning, "audit show", fmt::format("line {} is not a record", line_no));
       continue;
     }
@@ -87,7 +98,7 @@ int audit_show_command(int argc, char** argv) {
       auto a = data.find("artifact");
       if (a == data.end() || !a->is_string() || a->get<std::string>().rfind(*artifact, 0) != 0) continue;
     }
-    std::string time = j.value("time", "");
+    std::string time = j["time"].get<std::string>();
     if (since && time < *since) continue;
     if (args.has("json")) {
       fmt::print("{}\n", line);
@@ -98,9 +109,12 @@ int audit_show_command(int argc, char** argv) {
       if (v.is_string() && v.get<std::string>().empty()) continue;
       fields += fmt::format(" {}={}", k, v.is_string() ? v.get<std::string>() : v.dump());
     }
-    if (j.contains("trace_id")) fields += " trace=" + j.value("trace_id", "");
-    fmt::print("{}  {:>6}  {:<20} {}{}\n", time, j.value("seq", 0), j.value("event", "?"),
-               j.contains("host") ? fmt::format("{}[{}]", j.value("host", ""), j.value("pid", 0)) : "", fields);
+    if (j.contains("trace_id")) fields += " trace=" + j["trace_id"].get<std::string>();
+    std::string who = j.contains("host") ? fmt::format("{}[{}]", j["host"].get<std::string>(),
+                                                       j.contains("pid") ? j["pid"].get<long long>() : 0)
+                                         : std::string();
+    fmt::print("{}  {:>6}  {:<20} {}{}\n", printable(time), j["seq"].get<std::uint64_t>(),
+               printable(j["event"].get<std::string>()), printable(who), printable(fields));
   }
   return exit_ok;
 }

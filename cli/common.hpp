@@ -33,8 +33,14 @@ struct usage_error {
 // library's JSON log (so one stream carries both). Warnings and errors are written at the
 // default level; a warning that an insecure option is on is written at every level.
 inline void diag(drun::log_level level, std::string_view command, std::string_view message) {
-  if (drun::logging_settings().format == drun::log_format::json) {
-    drun::emit_log(std::max(level, drun::log_level::warning), message, {{"command", std::string(command)}});
+  auto settings = drun::logging_settings();
+  if (settings.format == drun::log_format::json) {
+    level = std::max(level, drun::log_level::warning);
+    // "WARNING: --insecure ..." and the like pass whatever --log-level says.
+    bool always = message.starts_with("WARNING:") && !drun::log_enabled(level);
+    if (always) drun::configure_logging({level, settings.format, settings.service_name});
+    drun::emit_log(level, message, {{"command", std::string(command)}});
+    if (always) drun::configure_logging(settings);
     return;
   }
   fmt::print(stderr, "drun {}: {}\n", command, message);

@@ -264,7 +264,13 @@ int main(int argc, char** argv) {
   }
   std::string command = argv[1];
   try {
+    // Logging and audit options may come before the command too ("drun --log-format json fetch").
     auto g = drun::cli::take_global_options(argc, argv);
+    if (argc < 2) {
+      print_usage(stderr);
+      return exit_usage;
+    }
+    command = argv[1];
     drun::configure_logging(g.log);
     std::shared_ptr<drun::audit_log> audit;
     if (!g.audit.file.empty()) {
@@ -278,14 +284,25 @@ int main(int argc, char** argv) {
              "WARNING: --audit-log without --audit-key: the records chain, but no signed checkpoint shows a rewrite");
       drun::set_audit_log(audit);
     }
-    int status = run(command, argc, argv);
-    if (audit) {
-      // The closing checkpoint: a log that ends without one was cut short, or its writer killed.
-      drun::set_audit_log(nullptr);
-      if (auto r = audit->close(); !r) {
-        diag(drun::log_level::error, command, fmt::format("--audit-log: {}", r.error().message()));
-        if (status == exit_ok) status = exit_io;
+    // The closing checkpoint, on every way out (an exception included): a log that ends without
+    // one was cut short, or its writer killed.
+    struct close_audit {
+      std::shared_ptr<drun::audit_log>& log;
+      const std::string& command;
+      int* status;
+      ~close_audit() {
+        if (!log) return;
+        drun::set_audit_log(nullptr);
+        if (auto r = log->close(); !r) {
+          diag(drun::log_level::error, command, fmt::format("--audit-log: {}", r.error().message()));
+          if (status && *status == exit_ok) *status = exit_io;
+        }
       }
+    };
+    int status = exit_io;
+    {
+      close_audit closing{audit, command, &status};
+      status = run(command, argc, argv);
     }
     return status;
   } catch (const drun::cli::usage_error& e) {

@@ -14,6 +14,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
+#include <ctime>
 #include <cstdio>
 #include <mutex>
 #include <string>
@@ -29,8 +31,8 @@ struct state {
   std::atomic<int> format{static_cast<int>(log_format::text)};
 };
 state& global() {
-  static state s;
-  return s;
+  static state* s = new state;  // never destroyed: an audit log closed at exit still logs
+  return *s;
 }
 
 thread_local const trace_context* current = nullptr;
@@ -73,8 +75,8 @@ std::string json_line(log_level level, std::string_view body, std::initializer_l
   j["body"] = std::string(body);
   ordered_json attrs = ordered_json::object();
   for (const auto& a : attributes) {
-    if (a.number) attrs[std::string(a.key)] = ordered_json::parse(a.value, nullptr, false);
-    else attrs[std::string(a.key)] = a.value;
+    auto v = a.number ? ordered_json::parse(a.value, nullptr, false) : ordered_json(a.value);
+    attrs[std::string(a.key)] = v.is_discarded() ? ordered_json(a.value) : std::move(v);
   }
   j["attributes"] = std::move(attrs);
   if (current) {
@@ -105,7 +107,9 @@ std::string text_line(log_level level, std::string_view body, std::initializer_l
 
 }  // namespace
 
-log_attribute::log_attribute(std::string_view k, double v) : key(k), value(fmt::format("{}", v)), number(true) {}
+// NaN and infinities are not JSON numbers: they are written as strings.
+log_attribute::log_attribute(std::string_view k, double v)
+    : key(k), value(fmt::format("{}", v)), number(std::isfinite(v)) {}
 
 const char* to_string(log_level level) noexcept {
   switch (level) {
@@ -165,8 +169,10 @@ std::string utc_timestamp(int decimals) {
   auto now = std::chrono::system_clock::now();
   auto secs = std::chrono::floor<std::chrono::seconds>(now);
   auto micros = std::chrono::duration_cast<std::chrono::microseconds>(now - secs).count();
-  if (decimals == 3) return fmt::format("{:%Y-%m-%dT%H:%M:%S}.{:03}Z", secs, micros / 1000);
-  return fmt::format("{:%Y-%m-%dT%H:%M:%S}.{:06}Z", secs, micros);
+  // fmt's time_point formatting is local time: UTC is asked for explicitly.
+  std::tm utc = fmt::gmtime(std::chrono::system_clock::to_time_t(secs));
+  if (decimals == 3) return fmt::format("{:%Y-%m-%dT%H:%M:%S}.{:03}Z", utc, micros / 1000);
+  return fmt::format("{:%Y-%m-%dT%H:%M:%S}.{:06}Z", utc, micros);
 }
 
 trace_scope::trace_scope(const trace_context* t) noexcept : previous_(current) { current = t; }

@@ -85,8 +85,9 @@ struct audit_report {
 };
 
 // Checks the chain, every checkpoint's signature with `key`, and that the log still holds the
-// checkpoint in FILE.head. Errors: signature_invalid (tampering: the message names the first line
-// that fails and why), not_found, io_error.
+// checkpoint in FILE.head (a log with checkpoints and no head file fails too). Errors:
+// signature_invalid (tampering: the message names the first line that fails and why), not_found,
+// io_error.
 DRUN_API result<audit_report> audit_verify(const std::filesystem::path& file, const public_key& key);
 
 }  // namespace drun

@@ -31,6 +31,7 @@
 #include <chrono>
 #include <map>
 #include <mutex>
+#include <utility>
 
 namespace drun {
 namespace {
@@ -75,8 +76,13 @@ std::optional<record> parse_record(std::string_view line) {
   return r;
 }
 
-// A torn line is what a killed writer left: the start of a record that never ended.
-bool looks_torn(std::string_view line) { return line.rfind("{\"seq\":", 0) == 0 || line.empty(); }
+// A torn line is what a killed writer (or a power cut) left: a prefix of a record that never
+// ended, however short, or the zeros a file system shows for blocks it had not written yet.
+bool looks_torn(std::string_view line) {
+  constexpr std::string_view start = "{\"seq\":";
+  if (line.starts_with(start) || start.starts_with(line)) return true;
+  return line.find_first_not_of('\0') == std::string_view::npos;
+}
 
 // Checks a checkpoint's signature; an error message when it does not hold.
 std::optional<std::string> checkpoint_problem(std::string_view line, const record& r, const public_key& key) {
@@ -117,6 +123,15 @@ struct audit_log::impl {
     bool ends_in_newline = true, last_is_checkpoint = false;
   };
   std::optional<tail> cached;
+  std::optional<std::pair<std::uint64_t, std::string>> written_checkpoint;  // seq and head, to log
+
+  // Says, once no lock is held (a slow stderr must not stall every writer), that a checkpoint
+  // was written.
+  void log_checkpoint(std::optional<std::pair<std::uint64_t, std::string>> c) const {
+    if (c)
+      detail::log(log_level::info, "audit checkpoint",
+                  {{"audit.file", o.file.string()}, {"audit.seq", c->first}, {"audit.head", c->second}});
+  }
 
   result<tail> read_tail(std::uint64_t size) {
     if (cached && cached->size == size) return *cached;
@@ -130,8 +145,17 @@ struct audit_log::impl {
     // Lines from the end: the fragment after the last newline, then whole lines back to a record.
     std::size_t end = buf.size();
     if (!t.ends_in_newline) {
-      t.torn = 1;
       auto nl = buf.rfind('\n');
+      std::string_view last(buf.data() + (nl == std::string::npos ? 0 : nl + 1),
+                            buf.size() - (nl == std::string::npos ? 0 : nl + 1));
+      // A whole record that lost only its newline is the last record; the next one starts a line.
+      if (auto r = (nl != std::string::npos || from == 0) ? parse_record(last) : std::nullopt) {
+        t.seq = r->seq;
+        t.head = line_hash(last);
+        t.last_is_checkpoint = r->event == "checkpoint";
+        return t;
+      }
+      t.torn = 1;
       end = nl == std::string::npos ? 0 : nl;
       if (nl == std::string::npos && from == 0) return t;  // a file that is one torn line
     } else {
@@ -200,8 +224,7 @@ struct audit_log::impl {
     if (!checkpoint) return {};
     if (::fdatasync(fd.get()) != 0) return detail::sys_error("cannot sync the audit log", o.file, errno);
     if (auto r = detail::replace_file(head_file(o.file), line + "\n", 0640, "cannot write the audit log's head"); !r) return r;
-    detail::log(log_level::info, "audit checkpoint",
-                {{"audit.file", o.file.string()}, {"audit.seq", t->seq + 1}, {"audit.head", t->head}});
+    written_checkpoint = std::pair{t->seq + 1, t->head};  // logged by the caller, outside the locks
     return {};
   }
 };
@@ -229,27 +252,39 @@ result<std::shared_ptr<audit_log>> audit_log::open(audit_options options) {
 }
 
 result<void> audit_log::append(std::string_view event, std::span<const log_attribute> fields) {
+  if (event == "checkpoint" || event.empty())
+    return error(errc::invalid_argument, fmt::format("\"{}\" is not an event name for a record", event));
   ordered_json data = ordered_json::object();
   for (const auto& f : fields) {
-    if (f.number) data[std::string(f.key)] = ordered_json::parse(f.value, nullptr, false);
-    else data[std::string(f.key)] = f.value;
+    auto v = f.number ? ordered_json::parse(f.value, nullptr, false) : ordered_json(f.value);
+    data[std::string(f.key)] = v.is_discarded() ? ordered_json(f.value) : std::move(v);
   }
-  std::lock_guard lock(impl_->mutex);
-  if (impl_->closed) return error(errc::invalid_argument, "the audit log is closed").with_path(impl_->o.file);
-  if (auto r = impl_->write(event, std::move(data), false); !r) return r;
-  impl_->since_checkpoint++;
-  if (impl_->o.key && impl_->cached && impl_->cached->seq % impl_->o.checkpoint_every == 0) {
-    if (auto r = impl_->write("checkpoint", {}, true); !r) return r;
-    impl_->since_checkpoint = 0;
+  std::optional<std::pair<std::uint64_t, std::string>> logged;
+  {
+    std::lock_guard lock(impl_->mutex);
+    if (impl_->closed) return error(errc::invalid_argument, "the audit log is closed").with_path(impl_->o.file);
+    if (auto r = impl_->write(event, std::move(data), false); !r) return r;
+    impl_->since_checkpoint++;
+    if (impl_->o.key && impl_->cached && impl_->cached->seq % impl_->o.checkpoint_every == 0) {
+      if (auto r = impl_->write("checkpoint", {}, true); !r) return r;
+      impl_->since_checkpoint = 0;
+    }
+    logged = std::exchange(impl_->written_checkpoint, std::nullopt);
   }
+  impl_->log_checkpoint(std::move(logged));
   return {};
 }
 
 result<void> audit_log::checkpoint() {
-  std::lock_guard lock(impl_->mutex);
-  if (!impl_->o.key || impl_->closed) return {};
-  if (auto r = impl_->write("checkpoint", {}, true); !r) return r;
-  impl_->since_checkpoint = 0;
+  std::optional<std::pair<std::uint64_t, std::string>> logged;
+  {
+    std::lock_guard lock(impl_->mutex);
+    if (!impl_->o.key || impl_->closed) return {};
+    if (auto r = impl_->write("checkpoint", {}, true); !r) return r;
+    impl_->since_checkpoint = 0;
+    logged = std::exchange(impl_->written_checkpoint, std::nullopt);
+  }
+  impl_->log_checkpoint(std::move(logged));
   return {};
 }
 
@@ -388,8 +423,13 @@ result<audit_report> audit_verify(const std::filesystem::path& file, const publi
     }
   }
   if (!carry.empty()) {
-    rep.torn_tail = true;
-    rep.torn_lines.push_back(line_no + 1);
+    if (parse_record(carry)) {
+      // A whole record that lost only its newline (the next writer adds one): a record.
+      if (auto r = take_line(carry); !r) return std::move(r).error();
+    } else {
+      rep.torn_tail = true;
+      rep.torn_lines.push_back(line_no + 1);
+    }
   }
   rep.torn_lines.insert(rep.torn_lines.end(), pending_torn.begin(), pending_torn.end());
   std::sort(rep.torn_lines.begin(), rep.torn_lines.end());
@@ -398,6 +438,11 @@ result<audit_report> audit_verify(const std::filesystem::path& file, const publi
   // The copy of the latest checkpoint: the log must still hold it.
   auto head = detail::read_file(head_file(file), max_line + 2);
   if (!head && head.error().code() != errc::not_found) return std::move(head).error();
+  if (!head && rep.checkpoints > 0)
+    return error(errc::signature_invalid,
+                 fmt::format("the audit log has checkpoints but its head file {} is missing: records cut off the end "
+                             "would not show", head_file(file)))
+        .with_path(file);
   if (head) {
     std::string_view h = *head;
     if (!h.empty() && h.back() == '\n') h.remove_suffix(1);

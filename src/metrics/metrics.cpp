@@ -19,6 +19,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -30,8 +31,8 @@
 namespace drun::metrics {
 
 registry& global() noexcept {
-  static registry r;
-  return r;
+  static registry* r = new registry;  // never destroyed: counted into until the process ends
+  return *r;
 }
 
 void histogram::observe(double seconds) noexcept {
@@ -209,6 +210,11 @@ struct metrics_server::impl {
 
   void serve_one(int fd);
   void loop();
+  // Stops and joins the thread: also when a server is moved onto (the old impl ends here).
+  ~impl() {
+    stopping = true;
+    if (thread.joinable()) thread.join();
+  }
 };
 
 namespace {
@@ -316,9 +322,15 @@ void metrics_server::impl::loop() {
     int rc = ::poll(&p, 1, 200);
     if (rc <= 0) continue;
     int fd = ::accept4(listener.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0) continue;
+    if (fd < 0) {
+      // Out of descriptors (EMFILE) and the like: the connection stays queued, so a pause, not a spin.
+      if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      continue;
+    }
     // One at a time: a scrape takes well under a millisecond, and a caller that stalls is cut off
-    // by the 5 s deadline, so there is nothing to gain from threads an attacker could multiply.
+    // by the 2 s request deadline (then at most 1 s of draining), so there is nothing to gain
+    // from threads an attacker could multiply.
     detail::unique_fd conn(fd);
     serve_one(conn.get());
     linger_close(conn.get());
@@ -344,11 +356,7 @@ result<metrics_server> metrics_server::start(const std::string& listen) {
 metrics_server::metrics_server(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
 metrics_server::metrics_server(metrics_server&&) noexcept = default;
 metrics_server& metrics_server::operator=(metrics_server&&) noexcept = default;
-metrics_server::~metrics_server() {
-  if (!impl_) return;
-  impl_->stopping = true;
-  if (impl_->thread.joinable()) impl_->thread.join();
-}
+metrics_server::~metrics_server() = default;
 
 std::uint16_t metrics_server::port() const noexcept { return impl_->port; }
 const std::string& metrics_server::address() const noexcept { return impl_->address; }

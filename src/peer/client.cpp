@@ -24,7 +24,7 @@ using peer::clock;
 using peer::frame;
 
 struct connection {
-  std::string traceparent;  // what its HELLO said: it serves only that trace's fetches
+  std::string trace_id;  // of the traceparent its HELLO said: it serves only that trace
   std::unique_ptr<peer::tls_stream> tls;
   std::unique_ptr<transport::data_path> tcp;
   std::unique_ptr<rdma::endpoint> rdma;
@@ -216,16 +216,17 @@ class peer_source final : public source {
   result<connection> take(const std::atomic<bool>* cancel, bool allow_pooled, bool& pooled) {
     pooled = false;
     // The peer logs what it serves under the trace it was told in the HELLO, so a connection
-    // opened for another fetch (another trace) is not reused.
+    // opened for another trace is not reused (another span of the same trace may reuse it).
     const auto* trace = detail::current_trace();
     std::string traceparent = trace ? trace->traceparent() : std::string();
+    std::string trace_id = trace ? trace->trace_id_hex() : std::string();
     if (allow_pooled) {
       std::lock_guard lock(mutex_);
       // A connection set up for RDMA before RDMA ended for this peer is not used again.
       while (!idle_.empty()) {
         auto c = std::move(idle_.back());
         idle_.pop_back();
-        if ((c.rdma && rdma_off_.load()) || c.traceparent != traceparent) continue;
+        if ((c.rdma && rdma_off_.load()) || c.trace_id != trace_id) continue;
         pooled = true;
         return c;
       }
@@ -236,7 +237,7 @@ class peer_source final : public source {
     peer::ssl_ptr ssl(SSL_new(ctx_.get()));
     if (!ssl) return error(errc::io_error, "cannot create a TLS session");
     connection c;
-    c.traceparent = traceparent;
+    c.trace_id = trace_id;
     c.tls = std::make_unique<peer::tls_stream>(std::move(*fd), std::move(ssl));
     c.tcp = transport::make_tcp_transport(*c.tls);
     auto* s = c.tls.get();

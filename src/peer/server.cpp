@@ -307,16 +307,18 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
     detail::audit("peer.denied", {{"caller", who.display()}, {"artifact", id}, {"reason", allowed.error().message()}});
     return send_error(s, wire_error::denied, allowed.error().message(), io(), &stopping).has_value();
   }
-  if (c.granted.size() < 64 && c.granted.insert(id).second) {  // once per artifact and connection
-    detail::log(log_level::debug, "request granted", {{"caller", who.display()}, {"artifact", id}});
-    detail::audit("peer.granted", {{"caller", who.display()}, {"artifact", id}});
-  }
   if (!info) info.emplace(artifact(id));
   if (!*info) {
     bool missing = info->error().code() == errc::not_found;
     return send_error(s, missing ? wire_error::not_found : wire_error::internal,
                       missing ? fmt::format("no artifact {}", id) : "the store cannot read this artifact", io(), &stopping)
         .has_value();
+  }
+  // Once per artifact and connection, for artifacts the store holds (so the set is bounded by
+  // the store, not by what a caller asks for).
+  if (c.granted.insert(id).second) {
+    detail::log(log_level::debug, "request granted", {{"caller", who.display()}, {"artifact", id}});
+    detail::audit("peer.granted", {{"caller", who.display()}, {"artifact", id}});
   }
   const artifact_info& a = ***info;
   auto pace = [this](std::size_t bytes) { pace_upload(bytes); };

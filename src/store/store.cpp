@@ -1190,15 +1190,19 @@ result<std::pair<detail::unique_fd, std::string>> open_parent(int dirfd, const s
 }
 
 // Removes the staging directories of exports that were killed (ours only: owned by this user);
-// they hold plaintext whose tags were not all checked. Whatever else dest holds stays.
+// they hold incomplete files. One that a running export holds (flock) is left alone; whatever
+// else dest holds stays.
 void remove_stale_staging(const std::filesystem::path& dest) {
   std::error_code ec;
   for (const auto& e : std::filesystem::directory_iterator(dest, ec)) {
     struct stat st {};
     auto name = e.path().filename().string();
-    if (name.starts_with(staging_prefix) && ::lstat(e.path().c_str(), &st) == 0 && S_ISDIR(st.st_mode) &&
-        st.st_uid == ::geteuid())
-      std::filesystem::remove_all(e.path(), ec);
+    if (!name.starts_with(staging_prefix) || ::lstat(e.path().c_str(), &st) != 0 || !S_ISDIR(st.st_mode) ||
+        st.st_uid != ::geteuid())
+      continue;
+    detail::unique_fd d(::open(e.path().c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (!d || ::flock(d.get(), LOCK_EX | LOCK_NB) != 0) continue;  // in use by a running export
+    std::filesystem::remove_all(e.path(), ec);
   }
 }
 
@@ -1249,8 +1253,11 @@ export_writer::~export_writer() = default;
 export_writer::export_writer(export_writer&&) noexcept = default;
 export_writer& export_writer::operator=(export_writer&&) noexcept = default;
 
-result<export_writer> store::begin_export(const std::string& artifact, const std::filesystem::path& dest,
+result<export_writer> store::begin_export(const std::string& artifact, const std::filesystem::path& dest_arg,
                                           export_modes modes) {
+  // "model/" and "model" are one destination (and one mode for it).
+  std::filesystem::path dest = dest_arg.lexically_normal();
+  if (!dest.has_filename() && dest.has_parent_path()) dest = dest.parent_path();
   const mode_t file_mode = modes == export_modes::owner_only ? 0600 : 0666;  // open() and mkdir() apply the umask
   const mode_t dir_mode = modes == export_modes::owner_only ? 0700 : 0777;
   auto d = show(artifact);
@@ -1292,6 +1299,8 @@ result<export_writer> store::begin_export(const std::string& artifact, const std
   int sfd = ::openat(w->dest_fd.get(), staging.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
   if (sfd < 0) return detail::sys_error("cannot open", dest / staging, errno);
   w->staging_fd = detail::unique_fd(sfd);
+  // Held until the writer ends, so that another export into dest does not take it for a stale one.
+  if (::flock(w->staging_fd.get(), LOCK_EX | LOCK_NB) != 0) return detail::sys_error("cannot lock", dest / staging, errno);
   w->piece_file.resize(w->ranges.size());
   w->written.assign(w->piece_file.size(), false);
   for (std::size_t fi = 0; fi < d->files.size(); ++fi) {

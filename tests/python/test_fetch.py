@@ -372,6 +372,10 @@ def test_fetch_out_writes_pieces_as_they_verify_and_nothing_unfinished_reaches_a
          "--key-source", node_key, "--origin", "http://127.0.0.1:1/", "--attempts", "1",
          "--out", tmp_path / "new" / "dir").fails(3)
     assert not (tmp_path / "new").exists()
+    # "dir/" is "dir": created 0700 like any owner-only export.
+    drun("fetch", "--signature", tmp_path / "big.sig", "--public-key", pub, "--store", tmp_path / "store",
+         "--key-source", node_key, "--origin", "http://127.0.0.1:1/", "--out", f"{tmp_path / 'slash'}/").ok()
+    assert (tmp_path / "slash").stat().st_mode & 0o777 == 0o700
 
 
 def test_credentials_go_to_the_origin_only_never_across_a_redirect(drun, tmp_path, published, node_key):

@@ -126,6 +126,13 @@ def test_text_logs_by_default_and_levels_and_bad_values(swarm, drun):  # noqa: F
     (line,) = json_lines(bad.err)
     assert line["severity_text"] == "ERROR" and "--no-such-option" in line["body"]
     assert line["attributes"]["command"] == "cache"
+    # The logging options may also come before the command.
+    before = drun("--log-format", "json", "cache", "ls", "--no-such-option")
+    assert before.rc == 2 and json_lines(before.err)[0]["attributes"]["command"] == "cache"
+    # An insecure option's warning shows at every level, JSON included.
+    warned = swarm.fetch("127.0.0.1:1", store="w", extra=["--log-format", "json", "--log-level", "error",
+                                                          "--rdma", "--attempts", "1"])
+    assert any(r["body"].startswith("WARNING: --rdma") for r in json_lines(warned.err)), warned.err
 
 
 def test_no_secret_appears_at_the_most_verbose_level(swarm, drun, drun_keys, tmp_path):  # noqa: F811

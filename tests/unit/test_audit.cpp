@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include <fstream>
+#include <limits>
 #include <random>
 #include <sstream>
 #include <string>
@@ -168,4 +169,57 @@ TEST_CASE("audit: options are checked") {
   REQUIRE(rep);
   CHECK(rep->checkpoints == 0);
   CHECK(rep->unsealed == 1);
+}
+
+TEST_CASE("audit: reserved names, non-finite numbers, a record without its newline, short torn tails") {
+  temp_dir d;
+  auto key = ed25519();
+  auto pub = key->public_key();
+  {
+    auto log = audit_log::open({d / "a.log", key, 100});
+    REQUIRE(log);
+    CHECK((*log)->append("checkpoint", {}).error().code() == errc::invalid_argument);
+    REQUIRE((*log)->append("x", {{"ratio", std::numeric_limits<double>::quiet_NaN()}, {"n", 1.5}}));
+  }
+  auto text = slurp(d / "a.log");
+  CHECK(text.find("\"ratio\":\"nan\"") != std::string::npos);
+  CHECK(text.find("\"n\":1.5") != std::string::npos);
+  REQUIRE(audit_verify(d / "a.log", pub));
+  // The last record lost its newline (a crash between the bytes and the newline, or an edit): it
+  // is still the last record, and the next writer starts a new line after it.
+  REQUIRE(text.back() == '\n');
+  spit(d / "a.log", text.substr(0, text.size() - 1));
+  auto rep = audit_verify(d / "a.log", pub);
+  REQUIRE(rep);
+  CHECK(rep->records == 2);
+  CHECK(!rep->torn_tail);
+  {
+    auto log = audit_log::open({d / "a.log", key, 100});
+    REQUIRE(log);
+    REQUIRE((*log)->append("y", {}));
+  }
+  rep = audit_verify(d / "a.log", pub);
+  REQUIRE(rep);
+  CHECK(rep->records == 4);
+  CHECK(rep->torn_lines.empty());
+  // A tail of one byte, or of zeros (blocks a power cut left unwritten), is torn, not tampering,
+  // and the log stays writable.
+  for (const std::string& tail : {std::string("{"), std::string(37, '\0')}) {
+    spit(d / "a.log", slurp(d / "a.log") + tail);
+    rep = audit_verify(d / "a.log", pub);
+    REQUIRE(rep);
+    CHECK(rep->torn_tail);
+    auto log = audit_log::open({d / "a.log", key, 100});
+    REQUIRE(log);
+    REQUIRE((*log)->append("after", {}));
+    REQUIRE((*log)->close());
+    rep = audit_verify(d / "a.log", pub);
+    REQUIRE(rep);
+    CHECK(!rep->torn_tail);
+  }
+  // Checkpoints and no head file: the end of the log cannot be vouched for.
+  std::filesystem::remove(d / "a.log.head");
+  auto r = audit_verify(d / "a.log", pub);
+  REQUIRE(!r);
+  CHECK(r.error().message().find("head file") != std::string::npos);
 }

@@ -7,6 +7,8 @@
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
 
+#include <cstdlib>
+#include <ctime>
 #include <string>
 #include <vector>
 
@@ -74,4 +76,23 @@ TEST_CASE("log: levels filter before the sink, and the sink gets the body") {
   REQUIRE(got.size() == 2);
   CHECK(got[0] == std::pair<log_level, std::string>{log_level::info, "this"});
   CHECK(got[1].first == log_level::error);
+}
+
+TEST_CASE("log: timestamps are UTC whatever the time zone") {
+  const char* old = std::getenv("TZ");
+  std::string saved = old ? old : "";
+  ::setenv("TZ", "IST-5:30", 1);  // POSIX form (no tzdata needed): +05:30, hour and minute differ
+  ::tzset();
+  auto stamp = detail::utc_timestamp(3);
+  std::time_t now = std::time(nullptr);
+  std::tm utc{};
+  ::gmtime_r(&now, &utc);
+  if (old) ::setenv("TZ", saved.c_str(), 1);
+  else ::unsetenv("TZ");
+  ::tzset();
+  char want[32];
+  std::strftime(want, sizeof want, "%Y-%m-%dT%H:%M", &utc);
+  CHECK(stamp.substr(0, 16) == std::string(want));  // (a minute boundary between the two is rare)
+  CHECK(stamp.size() == 24);
+  CHECK(stamp.back() == 'Z');
 }
