@@ -795,7 +795,10 @@ def test_a_hostile_bundle_at_the_size_limit_costs_bounded_memory_and_time(drun_b
     _hostile_bundle(sig, shape, MAX_BUNDLE - 4096)
     rc, err, rss_mib, secs = _verify_measured(drun_bin, model, sig, pub)
     assert rc == 1 and why in err, err
-    assert secs < 10, f"{shape}: drun verify took {secs:.1f} s on a {sig.stat().st_size >> 20} MiB bundle"
+    # The bound is for the blow-ups above (tens of seconds and more); a sanitized build on a busy
+    # 2-core machine has taken 12 s for a payload at the limit.
+    limit = 30 if _sanitized(drun_bin) else 10
+    assert secs < limit, f"{shape}: drun verify took {secs:.1f} s on a {sig.stat().st_size >> 20} MiB bundle"
     if not _sanitized(drun_bin):
         bound = 192 if shape == "payload" else 80  # measured: 144 MiB and 46 MiB
         assert rss_mib < bound, f"{shape}: drun verify peaked at {rss_mib:.0f} MiB on a 32 MiB bundle"
