@@ -14,11 +14,7 @@ source "$root/benchmarks/lib.sh"
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $(grep -o -w -e sha_ni -e avx512f -e avx2 /proc/cpuinfo | sort -u | tr '\n' ' ')"
 echo "openssl: $(openssl version); b3sum: $(b3sum --version)"
 file=$work/model/weights.bin
-if [ ! -f "$file" ] || [ "$(stat -c %s "$file")" -ne $((size_mib << 20)) ]; then
-  mkdir -p "$work/model"
-  head -c $((size_mib << 20)) /dev/urandom > "$file"
-fi
-cat "$file" > /dev/null
+ensure_model "$file" "$size_mib"
 [ -f "$work/key" ] || "$drun" keygen --type ecdsa-p256 --out "$work/key" >/dev/null
 [ -f "$work/node.key" ] || "$drun" cache keygen --out "$work/node.key" >/dev/null
 secs() { awk -v t="$1" -v s="$size_mib" 'BEGIN { printf "%.3f s (%.0f MiB/s)", t, s / t }'; }

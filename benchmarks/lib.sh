@@ -41,6 +41,17 @@ make_pki() {
   done
 }
 
+# ensure_model FILE MIB: a random file of that size (kept between runs), read into the page cache
+# so that every tool measured reads it from memory.
+ensure_model() {
+  local file=$1 mib=$2
+  if [ ! -f "$file" ] || [ "$(stat -c %s "$file")" -ne $((mib << 20)) ]; then
+    mkdir -p "$(dirname "$file")"
+    head -c $((mib << 20)) /dev/urandom > "$file"
+  fi
+  cat "$file" > /dev/null
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # start_nginx DIR ROOT PORT [TLS_PORT CERT KEY]: nginx in the foreground serving ROOT; sets nginx_pid.

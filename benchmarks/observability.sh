@@ -18,11 +18,7 @@ source "$root/benchmarks/lib.sh"
 
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores"
 file=$work/model/weights.bin
-if [ ! -f "$file" ] || [ "$(stat -c %s "$file")" -ne $((size_mib << 20)) ]; then
-  mkdir -p "$work/model"
-  head -c $((size_mib << 20)) /dev/urandom > "$file"
-fi
-cat "$file" > /dev/null
+ensure_model "$file" "$size_mib"
 [ -f "$work/key" ] || "$drun" keygen --type ecdsa-p256 --out "$work/key" >/dev/null
 [ -f "$work/audit.key" ] || "$drun" keygen --type ed25519 --out "$work/audit.key" >/dev/null
 [ -f "$work/node.key" ] || "$drun" cache keygen --out "$work/node.key" >/dev/null

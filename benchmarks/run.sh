@@ -24,11 +24,7 @@ echo "openssl speed -evp sha256, 16 KiB blocks : $openssl_speed"
 echo "drun piece hashing, from memory          : $drun_memory  ($(ratio "$drun_memory" "$openssl_speed")x openssl)"
 
 file=$work/model/weights.bin
-if [ ! -f "$file" ] || [ "$(stat -c %s "$file")" -ne $((2 << 30)) ]; then
-  mkdir -p "$work/model"
-  head -c $((2 << 30)) /dev/urandom > "$file"
-fi
-cat "$file" > /dev/null  # every tool reads from the page cache
+ensure_model "$file" 2048
 drun_manifest=$("$bench" manifest "$work/model" | awk '{ print $2 }')
 echo "drun piece hashing, pread + hash, 1 thread: $drun_manifest  ($(ratio "$drun_manifest" "$openssl_speed")x openssl)"
 echo
