@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # BLAKE3 against SHA-256 on every path drun hashes, next to the tools a user would run instead
-# (b3sum, openssl dgst, curl, cp && sync), measured in one run, best of 3.
+# (b3sum, openssl dgst, curl, cp && sync), measured in one run, best of 3; and the core-seconds
+# per GiB of fetching from an origin and from a peer next to the floor of the same work.
 #   benchmarks/blake3.sh [BUILD_DIR] [WORK_DIR] [SIZE_MIB]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -57,21 +58,72 @@ fetch() { "$drun" fetch --signature "$1" --public-key "$work/key.pub" --origin "
 t_curl=$(best_fresh "$work/dl" bash -c "mkdir -p '$work/dl' && curl -s -o '$work/dl/w' 'http://127.0.0.1:$port/weights.bin'")
 t_f_b3=$(best_fresh "$work/fstore" fetch "$work/b3.sig")
 t_f_sha=$(best_fresh "$work/fstore" fetch "$work/sha.sig")
-# Core-seconds (user + sys) of the fetch, the least of 3 runs: one slow run (writeback) says little.
-cpu_of() {
-  local best=""
+# Core-seconds (user + sys) of a command, the least of 3 runs into a fresh DIR: one slow run
+# (writeback) says little.
+least_cpu() {
+  local dir=$1 best=""
+  shift
   for _ in 1 2 3; do
-    rm -rf "$work/fstore"
+    rm -rf "$dir"
     sync
     local c
-    c=$( { /usr/bin/time -f '%U %S' "$drun" fetch --signature "$1" --public-key "$work/key.pub" --origin "http://127.0.0.1:$port" --store "$work/fstore" --key-source "file:$work/node.key" >/dev/null; } 2>&1 | tail -1 | awk '{ print $1 + $2 }')
+    c=$( { /usr/bin/time -f '%U %S' "$@" >/dev/null; } 2>&1 | tail -1 | awk '{ print $1 + $2 }')
     best=$(awk -v a="$best" -v b="$c" 'BEGIN { print (a == "" || b < a) ? b : a }')
   done
   echo "$best"
 }
-cpu_b3=$(cpu_of "$work/b3.sig")
-cpu_sha=$(cpu_of "$work/sha.sig")
-rm -rf "$work/fstore" "$work/fstore2" "$work/dl"
-echo "curl -o                        : $(secs "$t_curl")"
+fetch_cmd() { echo "$drun" fetch --signature "$1" --public-key "$work/key.pub" --origin "http://127.0.0.1:$port" --store "$work/fstore" --key-source "file:$work/node.key"; }
+# (/usr/bin/time runs programs, not shell functions: the commands are spelled out.)
+read -r -a fetch_b3 <<< "$(fetch_cmd "$work/b3.sig")"
+read -r -a fetch_sha <<< "$(fetch_cmd "$work/sha.sig")"
+cpu_b3=$(least_cpu "$work/fstore" "${fetch_b3[@]}")
+cpu_sha=$(least_cpu "$work/fstore" "${fetch_sha[@]}")
+cpu_curl=$(least_cpu "$work/dl" bash -c "mkdir -p '$work/dl' && curl -s -o '$work/dl/w' 'http://127.0.0.1:$port/weights.bin'")
+rm -rf "$work/fstore" "$work/dl"
+echo "curl -o                        : $(secs "$t_curl")  ($cpu_curl core-seconds)"
 echo "drun fetch, blake3 bundle      : $(secs "$t_f_b3")  ($(ratio "$t_f_b3" "$t_curl")x curl; $cpu_b3 core-seconds)"
 echo "drun fetch, sha256 bundle      : $(secs "$t_f_sha")  ($(ratio "$t_f_sha" "$t_curl")x curl; $cpu_sha core-seconds)"
+
+echo
+echo "== fetching from a drun peer over mutual TLS 1.3 on loopback (the leecher's figures)"
+pki=$work/pki
+make_pki "$pki"
+for sig in b3 sha; do
+  "$drun" cache import "$work/model" --signature "$work/$sig.sig" --public-key "$work/key.pub" --store "$work/seed" \
+    --key-source "file:$work/node.key" >/dev/null
+done
+peer_port=$(free_port)
+"$drun" serve --store "$work/seed" --key-source "file:$work/node.key" --listen "127.0.0.1:$peer_port" \
+  --tls-cert "$pki/server.pem" --tls-key "$pki/server.key" --client-ca "$pki/ca.pem" >/dev/null &
+serve_pid=$!
+trap 'kill $nginx_pid $serve_pid 2>/dev/null || true' EXIT
+for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$peer_port") 2>/dev/null && break; sleep 0.1; done
+peer() { "$drun" fetch --signature "$1" --public-key "$work/key.pub" --peer "127.0.0.1:$peer_port" --ca-cert "$pki/ca.pem" --tls-cert "$pki/client.pem" --tls-key "$pki/client.key" --store "$work/pstore" --key-source "file:$work/node.key"; }
+t_p_b3=$(best_fresh "$work/pstore" peer "$work/b3.sig")
+t_p_sha=$(best_fresh "$work/pstore" peer "$work/sha.sig")
+peer_cmd() { echo "$drun" fetch --signature "$1" --public-key "$work/key.pub" --peer "127.0.0.1:$peer_port" --ca-cert "$pki/ca.pem" --tls-cert "$pki/client.pem" --tls-key "$pki/client.key" --store "$work/pstore" --key-source "file:$work/node.key"; }
+read -r -a peer_b3 <<< "$(peer_cmd "$work/b3.sig")"
+read -r -a peer_sha <<< "$(peer_cmd "$work/sha.sig")"
+cpu_p_b3=$(least_cpu "$work/pstore" "${peer_b3[@]}")
+cpu_p_sha=$(least_cpu "$work/pstore" "${peer_sha[@]}")
+rm -rf "$work/pstore" "$work/seed"
+echo "drun fetch --peer, blake3      : $(secs "$t_p_b3")  ($cpu_p_b3 core-seconds)"
+echo "drun fetch --peer, sha256      : $(secs "$t_p_sha")  ($cpu_p_sha core-seconds)"
+
+echo
+echo "== core-seconds per GiB against the floor of the same work (this run's figures)"
+# The floor: hashing each byte once (b3sum -t 1, or openssl dgst -sha256), sealing it once
+# (openssl speed -evp aes-256-gcm, 16 KiB blocks), and, for the origin, curl's own cost of
+# receiving and writing it; for a peer, decrypting TLS (another AES-GCM pass) instead of curl.
+gcm_mbps=$(openssl speed -evp aes-256-gcm -bytes 16384 -seconds 2 2>/dev/null | awk '/^AES-256-GCM/ { sub("k", "", $NF); print $NF / 1000 }')
+per_gib() { awk -v c="$1" -v s="$size_mib" 'BEGIN { printf "%.2f", c * 1024 / s }'; }
+seal=$(awk -v m="$gcm_mbps" 'BEGIN { printf "%.3f", 1073.741824 / m }')
+h_b3=$(per_gib "$t_b3_1")
+h_sha=$(per_gib "$t_ossl")
+c_curl=$(per_gib "$cpu_curl")
+floor() { awk -v a="$1" -v b="$2" -v c="$3" 'BEGIN { printf "%.2f", a + b + c }'; }
+echo "AES-256-GCM (openssl speed)    : $gcm_mbps MB/s, $seal core-s/GiB; hash: blake3 $h_b3, sha256 $h_sha core-s/GiB; curl $c_curl core-s/GiB"
+echo "fetch, blake3 : $(per_gib "$cpu_b3") core-s/GiB; floor $(floor "$h_b3" "$seal" "$c_curl")"
+echo "fetch, sha256 : $(per_gib "$cpu_sha") core-s/GiB; floor $(floor "$h_sha" "$seal" "$c_curl")"
+echo "peer, blake3  : $(per_gib "$cpu_p_b3") core-s/GiB; floor $(floor "$h_b3" "$seal" "$seal")"
+echo "peer, sha256  : $(per_gib "$cpu_p_sha") core-s/GiB; floor $(floor "$h_sha" "$seal" "$seal")"
