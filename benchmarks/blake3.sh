@@ -42,8 +42,9 @@ echo "drun verify, sha256 bundle     : $(secs "$t_verify_sha")  ($(ratio "$t_ver
 echo
 echo "== importing into an encrypted store (verify + seal + write + fdatasync, 2 threads)"
 t_cp_sync=$(best_fresh "$work/copy" bash -c "cp -r '$work/model' '$work/copy' && sync")
-t_imp_b3=$(best_fresh "$work/store" "$drun" cache import "$work/model" --signature "$work/b3.sig" --public-key "$work/key.pub" --store "$work/store" --key-source "file:$work/node.key" --threads 2)
-t_imp_sha=$(best_fresh "$work/store" "$drun" cache import "$work/model" --signature "$work/sha.sig" --public-key "$work/key.pub" --store "$work/store" --key-source "file:$work/node.key" --threads 2)
+import_cmd() { "$drun" cache import "$work/model" --signature "$1" --public-key "$work/key.pub" --store "$work/store" --key-source "file:$work/node.key" --threads 2; }
+t_imp_b3=$(best_fresh "$work/store" import_cmd "$work/b3.sig")
+t_imp_sha=$(best_fresh "$work/store" import_cmd "$work/sha.sig")
 rm -rf "$work/copy" "$work/store"
 echo "cp -r && sync                  : $(secs "$t_cp_sync")"
 echo "drun cache import, blake3      : $(secs "$t_imp_b3")  ($(ratio "$t_imp_b3" "$t_cp_sync")x cp+sync)"
@@ -54,7 +55,9 @@ echo "== fetching from nginx on loopback (verify + seal + store)"
 port=$(free_port)
 start_nginx "$work/nginx" "$work/model" "$port"
 trap 'kill $nginx_pid 2>/dev/null || true' EXIT
-fetch() { "$drun" fetch --signature "$1" --public-key "$work/key.pub" --origin "http://127.0.0.1:$port" --store "$work/fstore" --key-source "file:$work/node.key"; }
+# Spelt out as arrays too: /usr/bin/time (least_cpu) runs programs, not shell functions.
+from_origin=(--public-key "$work/key.pub" --origin "http://127.0.0.1:$port" --store "$work/fstore" --key-source "file:$work/node.key")
+fetch() { "$drun" fetch --signature "$1" "${from_origin[@]}"; }
 t_curl=$(best_fresh "$work/dl" bash -c "mkdir -p '$work/dl' && curl -s -o '$work/dl/w' 'http://127.0.0.1:$port/weights.bin'")
 t_f_b3=$(best_fresh "$work/fstore" fetch "$work/b3.sig")
 t_f_sha=$(best_fresh "$work/fstore" fetch "$work/sha.sig")
@@ -72,12 +75,8 @@ least_cpu() {
   done
   echo "$best"
 }
-fetch_cmd() { echo "$drun" fetch --signature "$1" --public-key "$work/key.pub" --origin "http://127.0.0.1:$port" --store "$work/fstore" --key-source "file:$work/node.key"; }
-# (/usr/bin/time runs programs, not shell functions: the commands are spelled out.)
-read -r -a fetch_b3 <<< "$(fetch_cmd "$work/b3.sig")"
-read -r -a fetch_sha <<< "$(fetch_cmd "$work/sha.sig")"
-cpu_b3=$(least_cpu "$work/fstore" "${fetch_b3[@]}")
-cpu_sha=$(least_cpu "$work/fstore" "${fetch_sha[@]}")
+cpu_b3=$(least_cpu "$work/fstore" "$drun" fetch --signature "$work/b3.sig" "${from_origin[@]}")
+cpu_sha=$(least_cpu "$work/fstore" "$drun" fetch --signature "$work/sha.sig" "${from_origin[@]}")
 cpu_curl=$(least_cpu "$work/dl" bash -c "mkdir -p '$work/dl' && curl -s -o '$work/dl/w' 'http://127.0.0.1:$port/weights.bin'")
 rm -rf "$work/fstore" "$work/dl"
 echo "curl -o                        : $(secs "$t_curl")  ($cpu_curl core-seconds)"
@@ -93,19 +92,15 @@ for sig in b3 sha; do
     --key-source "file:$work/node.key" >/dev/null
 done
 peer_port=$(free_port)
-"$drun" serve --store "$work/seed" --key-source "file:$work/node.key" --listen "127.0.0.1:$peer_port" \
-  --tls-cert "$pki/server.pem" --tls-key "$pki/server.key" --client-ca "$pki/ca.pem" >/dev/null &
-serve_pid=$!
+start_seed "$drun" "$work/seed" "$work/node.key" "$pki" "$peer_port"
 trap 'kill $nginx_pid $serve_pid 2>/dev/null || true' EXIT
-for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$peer_port") 2>/dev/null && break; sleep 0.1; done
-peer() { "$drun" fetch --signature "$1" --public-key "$work/key.pub" --peer "127.0.0.1:$peer_port" --ca-cert "$pki/ca.pem" --tls-cert "$pki/client.pem" --tls-key "$pki/client.key" --store "$work/pstore" --key-source "file:$work/node.key"; }
+from_peer=(--public-key "$work/key.pub" --peer "127.0.0.1:$peer_port" --ca-cert "$pki/ca.pem" --tls-cert "$pki/client.pem"
+           --tls-key "$pki/client.key" --store "$work/pstore" --key-source "file:$work/node.key")
+peer() { "$drun" fetch --signature "$1" "${from_peer[@]}"; }
 t_p_b3=$(best_fresh "$work/pstore" peer "$work/b3.sig")
 t_p_sha=$(best_fresh "$work/pstore" peer "$work/sha.sig")
-peer_cmd() { echo "$drun" fetch --signature "$1" --public-key "$work/key.pub" --peer "127.0.0.1:$peer_port" --ca-cert "$pki/ca.pem" --tls-cert "$pki/client.pem" --tls-key "$pki/client.key" --store "$work/pstore" --key-source "file:$work/node.key"; }
-read -r -a peer_b3 <<< "$(peer_cmd "$work/b3.sig")"
-read -r -a peer_sha <<< "$(peer_cmd "$work/sha.sig")"
-cpu_p_b3=$(least_cpu "$work/pstore" "${peer_b3[@]}")
-cpu_p_sha=$(least_cpu "$work/pstore" "${peer_sha[@]}")
+cpu_p_b3=$(least_cpu "$work/pstore" "$drun" fetch --signature "$work/b3.sig" "${from_peer[@]}")
+cpu_p_sha=$(least_cpu "$work/pstore" "$drun" fetch --signature "$work/sha.sig" "${from_peer[@]}")
 rm -rf "$work/pstore" "$work/seed"
 echo "drun fetch --peer, blake3      : $(secs "$t_p_b3")  ($cpu_p_b3 core-seconds)"
 echo "drun fetch --peer, sha256      : $(secs "$t_p_sha")  ($cpu_p_sha core-seconds)"

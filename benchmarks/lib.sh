@@ -52,6 +52,23 @@ ensure_model() {
   cat "$file" > /dev/null
 }
 
+# wait_port PORT: until something listens on 127.0.0.1:PORT (5 s at most).
+wait_port() {
+  for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
+  return 1
+}
+
+# start_seed DRUN STORE NODE_KEY PKI PORT [ARGS...]: `drun serve` of STORE on 127.0.0.1:PORT with
+# PKI's server certificate (make_pki), in the background until it listens; sets serve_pid.
+start_seed() {
+  local drun=$1 store=$2 key=$3 pki=$4 port=$5
+  shift 5
+  "$drun" serve --store "$store" --key-source "file:$key" --listen "127.0.0.1:$port" --tls-cert "$pki/server.pem" \
+    --tls-key "$pki/server.key" --client-ca "$pki/ca.pem" "$@" >/dev/null &
+  serve_pid=$!
+  wait_port "$port"
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # start_nginx DIR ROOT PORT [TLS_PORT CERT KEY]: nginx in the foreground serving ROOT; sets nginx_pid.

@@ -31,23 +31,19 @@ start_nginx "$work/nginx" "$work/model" "$port"
 rm -rf "$work/seed" "$work/audit" && mkdir -p "$work/audit"
 "$drun" cache import "$work/model" --signature "$work/model.sig" --public-key "$work/key.pub" --store "$work/seed" \
   --key-source "file:$work/node.key" >/dev/null
-serve=("$drun" serve --store "$work/seed" --key-source "file:$work/node.key" --tls-cert "$pki/server.pem"
-       --tls-key "$pki/server.key" --client-ca "$pki/ca.pem")
 plain_port=$(free_port)
 obs_port=$(free_port)
 metrics_port=$(free_port)
-"${serve[@]}" --listen "127.0.0.1:$plain_port" >/dev/null &
-plain_pid=$!
-"${serve[@]}" --listen "127.0.0.1:$obs_port" --metrics-listen "$metrics_port" --log-format json --log-level info \
-  --audit-log "$work/audit/seed.log" --audit-key "$work/audit.key" >/dev/null 2>"$work/audit/seed.json" &
-obs_pid=$!
+start_seed "$drun" "$work/seed" "$work/node.key" "$pki" "$plain_port"
+plain_pid=$serve_pid
+start_seed "$drun" "$work/seed" "$work/node.key" "$pki" "$obs_port" --metrics-listen "$metrics_port" \
+  --log-format json --log-level info --audit-log "$work/audit/seed.log" --audit-key "$work/audit.key" \
+  2>"$work/audit/seed.json"
+obs_pid=$serve_pid
 # A scraper more eager than Prometheus's default (1 min) or a usual setting (15 s): every second.
 ( while sleep 1; do curl -s -o /dev/null "http://127.0.0.1:$metrics_port/metrics" || true; done ) &
 scraper_pid=$!
 trap 'kill $nginx_pid $plain_pid $obs_pid $scraper_pid 2>/dev/null || true; rm -rf "${fstore:-}"' EXIT
-for p in $plain_port $obs_port; do
-  for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && break; sleep 0.1; done
-done
 
 # The leecher's store is on tmpfs when there is one: the disk's noise (writeback, fdatasync per
 # piece) varies the rows by more than the few percent this measures.

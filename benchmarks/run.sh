@@ -103,11 +103,8 @@ echo "== peer to peer on loopback: the 2 GiB model over mutual TLS 1.3 (best of 
 "$drun" cache import "$work/model" --signature "$work/model.sig" --public-key "$work/key.pub" --store "$work/seed" \
   --key-source "file:$work/node.key" >/dev/null
 peer_port=$(free_port)
-"$drun" serve --store "$work/seed" --key-source "file:$work/node.key" --listen "127.0.0.1:$peer_port" \
-  --tls-cert "$pki/server.pem" --tls-key "$pki/server.key" --client-ca "$pki/ca.pem" >/dev/null &
-serve_pid=$!
+start_seed "$drun" "$work/seed" "$work/node.key" "$pki" "$peer_port"
 trap 'kill $nginx_pid $serve_pid 2>/dev/null || true' EXIT
-for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$peer_port") 2>/dev/null && break; sleep 0.1; done
 tls_url=https://127.0.0.1:$tls_port/weights.bin
 peer_cmd=("$drun" fetch --signature "$work/model.sig" --public-key "$work/key.pub" --peer "127.0.0.1:$peer_port"
           --ca-cert "$pki/ca.pem" --tls-cert "$pki/client.pem" --tls-key "$pki/client.key" --store "$work/pstore"
