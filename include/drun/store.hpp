@@ -151,6 +151,48 @@ class DRUN_API export_writer {
   std::unique_ptr<impl> impl_;
 };
 
+// When a piece_batch commits: whichever bound is reached first.
+struct commit_limits {
+  std::uint64_t max_bytes = std::uint64_t{256} << 20;  // uncommitted bytes
+  std::size_t max_pieces = 64;                         // uncommitted pieces (one index transaction)
+  // Age of the oldest uncommitted piece. Short, because peers see a piece only once it is stored
+  // (a swarm relays fresh pieces) and a crash loses what waits; the sync is off the writers' path,
+  // so even this short a delay takes the syncs out of an import's time (README, Performance).
+  std::chrono::milliseconds max_delay{20};
+};
+
+// Group commit (store::begin_batch): pieces put into a batch are sealed and written at once, and
+// become durable and stored together, one fdatasync per data file and one index transaction per
+// commit instead of one of each per piece. A commit happens when a bound of commit_limits is
+// reached (on the batch's own thread, so writers go on), on commit(), and on destruction. Until its
+// commit a piece is not stored: readers and peers do not see it, a crash loses it (at most the
+// uncommitted pieces, never a piece marked stored whose bytes are not durable), and another writer
+// of the same piece waits for it. Thread safe. The manifest must outlive the batch.
+class DRUN_API piece_batch {
+ public:
+  ~piece_batch();  // commits what is pending; a failure there leaves those pieces missing
+  piece_batch(piece_batch&&) noexcept;
+  piece_batch& operator=(piece_batch&&) noexcept;
+  piece_batch(const piece_batch&) = delete;
+  piece_batch& operator=(const piece_batch&) = delete;
+
+  // As store::put_piece and store::put_piece_streamed, except that true means "sealed, stored at
+  // the next commit". A failure of a commit made on the batch's thread is returned by the next
+  // put or commit, and then every later one.
+  result<bool> put(const verified_piece& piece);
+  result<bool> put_streamed(std::size_t index, const piece_source& source);
+  // Makes every piece put before this call durable and stored; returns how many pieces this batch
+  // has committed in all.
+  result<std::size_t> commit();
+
+  struct impl;  // opaque: defined in src/store/write.cpp
+
+ private:
+  friend class store;
+  explicit piece_batch(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
 class DRUN_API store {
  public:
   // Opens or creates a store directory (mode 0700), keeping the node key for as long as the store
@@ -182,6 +224,8 @@ class DRUN_API store {
   // digest on the way through, and the piece is marked stored only if they match
   // (digest_mismatch otherwise). Memory is two 1 MiB buffers whatever the piece size.
   result<bool> put_piece_streamed(const verified_manifest& m, std::size_t index, const piece_source& source);
+  // Many pieces, committed in groups (piece_batch): what imports and fetches use.
+  result<piece_batch> begin_batch(const verified_manifest& m, commit_limits limits = {});
   // The bundle an artifact was registered with (verified then; verify again before trusting it
   // elsewhere). Errors: invalid_argument (not an id), not_found, model_mismatch.
   result<std::string> bundle(const std::string& artifact);

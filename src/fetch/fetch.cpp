@@ -65,8 +65,8 @@ metrics::source_kind kind_of(const source& src) {
 // share. Members marked "under the mutex" are called with `mutex` held.
 class session {
  public:
-  session(store& s, const verified_manifest& m, const std::vector<std::unique_ptr<source>>& sources,
-          const fetch_options& options, missing_pieces plan, std::optional<export_writer> out);
+  session(const verified_manifest& m, const std::vector<std::unique_ptr<source>>& sources,
+          const fetch_options& options, missing_pieces plan, piece_batch batch, std::optional<export_writer> out);
   result<fetch_report> run();
 
  private:
@@ -89,13 +89,13 @@ class session {
   void charge(std::size_t t, std::size_t k, result<void>& got, std::mt19937_64& rng);  // under the mutex
   result<fetch_report> outcome();
 
-  store& s_;
   const verified_manifest& m_;
   const std::vector<std::unique_ptr<source>>& sources_;
   const fetch_options& options_;
   metrics::registry& counts_ = metrics::global();
   missing_pieces plan_;
   const std::vector<std::size_t>& todo_ = plan_.indices;
+  piece_batch batch_;  // verified pieces are sealed through it and committed in groups
   std::optional<export_writer> out_;
   fetch_report report_;
   std::vector<source_slot> src_;
@@ -116,9 +116,11 @@ class session {
   std::atomic<std::uint64_t> received_{0};
 };
 
-session::session(store& s, const verified_manifest& m, const std::vector<std::unique_ptr<source>>& sources,
-                 const fetch_options& options, missing_pieces plan, std::optional<export_writer> out)
-    : s_(s), m_(m), sources_(sources), options_(options), plan_(std::move(plan)), out_(std::move(out)),
+session::session(const verified_manifest& m, const std::vector<std::unique_ptr<source>>& sources,
+                 const fetch_options& options, missing_pieces plan, piece_batch batch,
+                 std::optional<export_writer> out)
+    : m_(m), sources_(sources), options_(options), plan_(std::move(plan)), batch_(std::move(batch)),
+      out_(std::move(out)),
       src_(sources.size()), slots_(plan_.indices.size()), order_(plan_.indices.size()),
       remaining_(plan_.indices.size()) {
   for (std::size_t k = 0; k < sources_.size(); ++k) {
@@ -470,7 +472,7 @@ void session::work(unsigned w) {
       auto piece = m_.check_piece(index, std::move(buf));
       verified = piece.has_value();
       if (piece) {
-        put = s_.put_piece(m_, *piece);
+        put = batch_.put(*piece);
         if (put && out_)
           if (auto written = out_->write(*piece); !written) put = std::move(written).error();
         buf = std::move(*piece).release();  // the buffer serves the next piece
@@ -500,7 +502,10 @@ void session::work(unsigned w) {
 }
 
 result<fetch_report> session::outcome() {
+  // What was verified is kept, whatever happens next: durable and stored before anything is reported.
+  auto committed = batch_.commit();
   if (fatal_) return std::move(*fatal_);
+  if (!committed) return std::move(committed).error();
   report_.fetched = done_pieces_;
   report_.bytes = done_bytes_;
   if (cancelled())
@@ -557,7 +562,9 @@ result<fetch_report> fetch_session(store& s, const verified_manifest& m, std::st
     if (!w) return std::move(w).error();
     out.emplace(std::move(*w));
   }
-  session run(s, m, sources, options, std::move(*plan), std::move(out));
+  auto batch = s.begin_batch(m);
+  if (!batch) return std::move(batch).error();
+  session run(m, sources, options, std::move(*plan), std::move(*batch), std::move(out));
   return run.run();
 }
 

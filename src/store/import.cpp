@@ -1,5 +1,5 @@
 // Importing a local model into the store: read, check against the signed digest, seal, in
-// parallel with bounded memory.
+// parallel with bounded memory, committed in groups.
 #include <drun/store.hpp>
 
 #include "detail/audit.hpp"
@@ -20,6 +20,9 @@ result<import_report> import_model(store& s, const verified_manifest& m, std::st
   if (auto r = s.add_artifact(m, bundle_json); !r) return std::move(r).error();
   auto plan = s.missing(m);
   if (!plan) return std::move(plan).error();
+  // Group commit: pieces become durable and stored a batch at a time, not one fdatasync each.
+  auto batch = s.begin_batch(m);
+  if (!batch) return std::move(batch).error();
   import_report report;
   report.already_stored = plan->already_stored;
   const std::vector<std::size_t>& todo = plan->indices;
@@ -53,7 +56,7 @@ result<import_report> import_model(store& s, const verified_manifest& m, std::st
     auto fd = detail::open_read(path, m.allow_symlinks());
     if (!fd) return stop(std::move(fd).error());
     bool short_file = false;
-    auto put = s.put_piece_streamed(m, index, [&](std::span<std::byte> chunk, std::uint64_t offset) -> result<void> {
+    auto put = batch->put_streamed(index, [&](std::span<std::byte> chunk, std::uint64_t offset) -> result<void> {
       auto r = detail::pread_exact(fd->get(), chunk, piece.range->begin + offset, path);
       if (!r && r.error().sys_errno() == 0) short_file = true;
       return r;
@@ -74,6 +77,7 @@ result<import_report> import_model(store& s, const verified_manifest& m, std::st
     return true;
   });
   if (fatal) return std::move(*fatal);
+  if (auto r = batch->commit(); !r) return std::move(r).error();
   report.stored = sealed.load();
   report.failed = failed.load();
   if (first_failure) {

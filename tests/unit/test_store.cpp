@@ -10,7 +10,9 @@
 #include "store/sqlite.hpp"
 #include "support.hpp"
 
+#include <functional>
 #include <set>
+#include <thread>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <fcntl.h>
@@ -621,4 +623,131 @@ TEST_CASE("store: export is private by default, rolls back a failed move, and cl
   // Anything else there is the user's, and the export refuses to mix with it.
   test::write_file(out / "theirs/notes.txt", "mine");
   CHECK(test::error_of(s->materialize(id, out / "theirs")).code() == errc::invalid_argument);
+}
+
+namespace {
+
+verified_piece piece_of(const signed_model& sm, std::size_t i) {
+  auto r = *sm.vm->pieces()[i].range;
+  auto bytes = as_bytes(sm.big).subspan(r.begin, r.size());
+  return std::move(sm.vm->check_piece(i, std::vector<std::byte>(bytes.begin(), bytes.end()))).value();
+}
+
+bool stored(store& s, const verified_manifest& m, std::size_t i) {
+  auto held = s.stored_pieces(m.artifact_id());
+  return held && i < held->size() && (*held)[i];
+}
+
+// Polls for up to 5 s.
+bool eventually(const std::function<bool()>& f) {
+  for (int k = 0; k < 500; ++k) {
+    if (f()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return false;
+}
+
+constexpr commit_limits never{std::uint64_t{1} << 40, 1000000, std::chrono::hours(1)};
+
+}  // namespace
+
+TEST_CASE("store: a batch marks pieces stored at its commit, and keeps other writers of them waiting until then") {
+  signed_model sm;
+  temp_dir sd;
+  auto s = store::open(sd / "store", key_from_hex('c'));
+  REQUIRE(s);
+  REQUIRE(s->add_artifact(*sm.vm, sm.bundle));
+  auto batch = s->begin_batch(*sm.vm, never);
+  REQUIRE(batch);
+  CHECK(*batch->put(piece_of(sm, 0)) == true);
+  CHECK(*batch->put(piece_of(sm, 0)) == false);  // already in this batch
+  CHECK_FALSE(stored(*s, *sm.vm, 0));             // written, not yet durable: not stored
+
+  // Another writer of the same piece (its own descriptors, as another process has) waits for the
+  // batch, then finds the piece stored and writes nothing.
+  auto other = store::open(sd / "store", key_from_hex('c'));
+  REQUIRE(other);
+  std::atomic<bool> done{false};
+  result<bool> other_put = false;
+  std::thread t([&] {
+    other_put = other->put_piece(*sm.vm, piece_of(sm, 0));
+    done = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  CHECK_FALSE(done.load());
+  auto n = batch->commit();
+  t.join();
+  REQUIRE(n);
+  CHECK(*n == 1);
+  REQUIRE(other_put);
+  CHECK(*other_put == false);
+  CHECK(stored(*s, *sm.vm, 0));
+  std::vector<std::byte> out(sm.vm->pieces()[0].range->size());
+  REQUIRE(s->read_piece(sm.vm->artifact_id(), 0, out));
+  CHECK(std::equal(out.begin(), out.end(), as_bytes(sm.big).begin()));
+  CHECK(*batch->put(piece_of(sm, 0)) == false);  // stored now
+}
+
+TEST_CASE("store: a batch commits on its own when a bound is reached, and on destruction") {
+  signed_model sm;
+  temp_dir sd;
+  auto s = store::open(sd / "store", key_from_hex('c'));
+  REQUIRE(s);
+  REQUIRE(s->add_artifact(*sm.vm, sm.bundle));
+  {
+    auto by_count = s->begin_batch(*sm.vm, {std::uint64_t{1} << 40, 2, std::chrono::hours(1)});
+    REQUIRE(by_count);
+    REQUIRE(by_count->put(piece_of(sm, 0)));
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    CHECK_FALSE(stored(*s, *sm.vm, 0));
+    REQUIRE(by_count->put(piece_of(sm, 1)));
+    CHECK(eventually([&] { return stored(*s, *sm.vm, 0) && stored(*s, *sm.vm, 1); }));
+  }
+  {
+    auto by_time = s->begin_batch(*sm.vm, {std::uint64_t{1} << 40, 1000, std::chrono::milliseconds(50)});
+    REQUIRE(by_time);
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // its thread is asleep, with nothing to do
+    REQUIRE(by_time->put(piece_of(sm, 2)));
+    CHECK(eventually([&] { return stored(*s, *sm.vm, 2); }));
+  }
+  {
+    auto dropped = s->begin_batch(*sm.vm, never);
+    REQUIRE(dropped);
+    REQUIRE(dropped->put(piece_of(sm, 3)));
+    CHECK_FALSE(stored(*s, *sm.vm, 3));
+  }
+  CHECK(stored(*s, *sm.vm, 3));
+}
+
+TEST_CASE("store: a batch refuses streamed bytes that do not match, and a failed commit marks nothing") {
+  signed_model sm;
+  temp_dir sd;
+  auto s = store::open(sd / "store", key_from_hex('c'));
+  REQUIRE(s);
+  REQUIRE(s->add_artifact(*sm.vm, sm.bundle));
+  auto batch = s->begin_batch(*sm.vm, never);
+  REQUIRE(batch);
+  auto zeros = [](std::span<std::byte> chunk, std::uint64_t) -> result<void> {
+    std::fill(chunk.begin(), chunk.end(), std::byte{0});
+    return {};
+  };
+  CHECK(test::error_of(batch->put_streamed(1, zeros)).code() == errc::digest_mismatch);
+  // The claim and the range lock went with the failure: the right bytes go in.
+  CHECK(*batch->put(piece_of(sm, 1)) == true);
+  REQUIRE(batch->commit());
+  CHECK(stored(*s, *sm.vm, 1));
+
+  REQUIRE(batch->put(piece_of(sm, 2)));
+  store_detail::fail_next_commit_sync = true;
+  auto failed = batch->commit();
+  CHECK(test::error_of(failed).code() == errc::io_error);
+  CHECK(test::error_of(failed).message().find("cannot sync") != std::string::npos);
+  CHECK_FALSE(stored(*s, *sm.vm, 2));
+  // The failure sticks to the batch; a new one stores the piece.
+  CHECK(test::error_of(batch->put(piece_of(sm, 3))).code() == errc::io_error);
+  auto next = s->begin_batch(*sm.vm, never);
+  REQUIRE(next);
+  CHECK(*next->put(piece_of(sm, 2)) == true);
+  REQUIRE(next->commit());
+  CHECK(stored(*s, *sm.vm, 2));
 }
