@@ -649,14 +649,21 @@ bool eventually(const std::function<bool()>& f) {
 
 constexpr commit_limits never{std::uint64_t{1} << 40, 1000000, std::chrono::hours(1)};
 
+// A store under sd holding sm's artifact registered, no piece stored.
+result<store> registered_store(const temp_dir& sd, const signed_model& sm) {
+  auto s = store::open(sd / "store", key_from_hex('c'));
+  if (s)
+    if (auto r = s->add_artifact(*sm.vm, sm.bundle); !r) return std::move(r).error();
+  return s;
+}
+
 }  // namespace
 
 TEST_CASE("store: a batch marks pieces stored at its commit, and keeps other writers of them waiting until then") {
   signed_model sm;
   temp_dir sd;
-  auto s = store::open(sd / "store", key_from_hex('c'));
+  auto s = registered_store(sd, sm);
   REQUIRE(s);
-  REQUIRE(s->add_artifact(*sm.vm, sm.bundle));
   auto batch = s->begin_batch(*sm.vm, never);
   REQUIRE(batch);
   CHECK(*batch->put(piece_of(sm, 0)) == true);
@@ -691,9 +698,8 @@ TEST_CASE("store: a batch marks pieces stored at its commit, and keeps other wri
 TEST_CASE("store: a batch commits on its own when a bound is reached, and on destruction") {
   signed_model sm;
   temp_dir sd;
-  auto s = store::open(sd / "store", key_from_hex('c'));
+  auto s = registered_store(sd, sm);
   REQUIRE(s);
-  REQUIRE(s->add_artifact(*sm.vm, sm.bundle));
   {
     auto by_count = s->begin_batch(*sm.vm, {std::uint64_t{1} << 40, 2, std::chrono::hours(1)});
     REQUIRE(by_count);
@@ -722,9 +728,8 @@ TEST_CASE("store: a batch commits on its own when a bound is reached, and on des
 TEST_CASE("store: a batch refuses streamed bytes that do not match, and a failed commit marks nothing") {
   signed_model sm;
   temp_dir sd;
-  auto s = store::open(sd / "store", key_from_hex('c'));
+  auto s = registered_store(sd, sm);
   REQUIRE(s);
-  REQUIRE(s->add_artifact(*sm.vm, sm.bundle));
   auto batch = s->begin_batch(*sm.vm, never);
   REQUIRE(batch);
   auto zeros = [](std::span<std::byte> chunk, std::uint64_t) -> result<void> {
