@@ -57,10 +57,13 @@ start_nginx "$work/nginx" "$work/model" "$port"
 trap 'kill $nginx_pid 2>/dev/null || true' EXIT
 # Spelt out as arrays too: /usr/bin/time (least_cpu) runs programs, not shell functions.
 from_origin=(--public-key "$work/key.pub" --origin "http://127.0.0.1:$port" --store "$work/fstore" --key-source "file:$work/node.key")
-fetch() { "$drun" fetch --signature "$1" "${from_origin[@]}"; }
+fetch() { local sig=$1; shift; "$drun" fetch --signature "$sig" "${from_origin[@]}" "$@"; }
 t_curl=$(best_fresh "$work/dl" bash -c "mkdir -p '$work/dl' && curl -s -o '$work/dl/w' 'http://127.0.0.1:$port/weights.bin'")
 t_f_b3=$(best_fresh "$work/fstore" fetch "$work/b3.sig")
 t_f_sha=$(best_fresh "$work/fstore" fetch "$work/sha.sig")
+# --out: the same fetch, each verified piece also written into a destination as it arrives.
+fetch_out() { rm -rf "$work/fout" && fetch "$1" --out "$work/fout"; }
+t_fo_b3=$(best_fresh "$work/fstore" fetch_out "$work/b3.sig")
 # Core-seconds (user + sys) of a command, the least of 3 runs into a fresh DIR: one slow run
 # (writeback) says little.
 least_cpu() {
@@ -78,10 +81,11 @@ least_cpu() {
 cpu_b3=$(least_cpu "$work/fstore" "$drun" fetch --signature "$work/b3.sig" "${from_origin[@]}")
 cpu_sha=$(least_cpu "$work/fstore" "$drun" fetch --signature "$work/sha.sig" "${from_origin[@]}")
 cpu_curl=$(least_cpu "$work/dl" bash -c "mkdir -p '$work/dl' && curl -s -o '$work/dl/w' 'http://127.0.0.1:$port/weights.bin'")
-rm -rf "$work/fstore" "$work/dl"
+rm -rf "$work/fstore" "$work/dl" "$work/fout"
 echo "curl -o                        : $(secs "$t_curl")  ($cpu_curl core-seconds)"
 echo "drun fetch, blake3 bundle      : $(secs "$t_f_b3")  ($(ratio "$t_f_b3" "$t_curl")x curl; $cpu_b3 core-seconds)"
 echo "drun fetch, sha256 bundle      : $(secs "$t_f_sha")  ($(ratio "$t_f_sha" "$t_curl")x curl; $cpu_sha core-seconds)"
+echo "drun fetch --out, blake3       : $(secs "$t_fo_b3")  ($(ratio "$t_fo_b3" "$t_f_b3")x the fetch without --out)"
 
 echo
 echo "== fetching from a drun peer over mutual TLS 1.3 on loopback (the leecher's figures)"
