@@ -268,6 +268,26 @@ void linger_close(int fd) {
 
 }  // namespace
 
+namespace metrics {
+
+scrape_request judge_scrape_request(std::string_view req) noexcept {
+  auto end = req.find("\r\n");
+  if (end == std::string_view::npos || req.find("\r\n\r\n") == std::string_view::npos) return scrape_request::too_large;
+  std::string_view line = req.substr(0, end);
+  auto sp1 = line.find(' '), sp2 = line.rfind(' ');
+  if (sp1 == std::string_view::npos || sp2 == sp1 || line.substr(sp2 + 1).substr(0, 5) != "HTTP/")
+    return scrape_request::bad_request_line;
+  auto method = line.substr(0, sp1);
+  auto target = line.substr(sp1 + 1, sp2 - sp1 - 1);
+  auto path = target.substr(0, target.find('?'));  // Prometheus may add parameters; none are used
+  if (path != "/metrics") return scrape_request::not_found;
+  if (method == "GET") return scrape_request::get;
+  if (method == "HEAD") return scrape_request::head;
+  return scrape_request::not_allowed;
+}
+
+}  // namespace metrics
+
 void metrics_server::impl::serve_one(int fd) {
   constexpr std::size_t max_request = 8192;
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
@@ -288,31 +308,27 @@ void metrics_server::impl::serve_one(int fd) {
     }
     req.append(buf, static_cast<std::size_t>(n));
   }
-  auto end = req.find("\r\n");
-  if (end == std::string::npos || req.find("\r\n\r\n") == std::string::npos) {
-    send_all(fd, response("431 Request Header Fields Too Large", "text/plain", "request too large\n"), deadline);
-    return;
-  }
-  std::string_view line(req.data(), end);
-  auto sp1 = line.find(' '), sp2 = line.rfind(' ');
-  if (sp1 == std::string_view::npos || sp2 == sp1 || line.substr(sp2 + 1).substr(0, 5) != "HTTP/") {
-    send_all(fd, response("400 Bad Request", "text/plain", "bad request line\n"), deadline);
-    return;
-  }
-  auto method = line.substr(0, sp1);
-  auto target = line.substr(sp1 + 1, sp2 - sp1 - 1);
-  auto path = target.substr(0, target.find('?'));  // Prometheus may add parameters; none are used
-  if (path != "/metrics") {
-    send_all(fd, response("404 Not Found", "text/plain", "drun serves /metrics only\n"), deadline);
-    return;
-  }
-  if (method != "GET" && method != "HEAD") {
-    send_all(fd, response("405 Method Not Allowed", "text/plain", "GET only\n", "Allow: GET, HEAD\r\n"), deadline);
-    return;
+  using metrics::scrape_request;
+  switch (metrics::judge_scrape_request(req)) {
+    case scrape_request::too_large:
+      send_all(fd, response("431 Request Header Fields Too Large", "text/plain", "request too large\n"), deadline);
+      return;
+    case scrape_request::bad_request_line:
+      send_all(fd, response("400 Bad Request", "text/plain", "bad request line\n"), deadline);
+      return;
+    case scrape_request::not_found:
+      send_all(fd, response("404 Not Found", "text/plain", "drun serves /metrics only\n"), deadline);
+      return;
+    case scrape_request::not_allowed:
+      send_all(fd, response("405 Method Not Allowed", "text/plain", "GET only\n", "Allow: GET, HEAD\r\n"), deadline);
+      return;
+    case scrape_request::get:
+    case scrape_request::head:
+      break;
   }
   auto body = metrics_text();
   auto r = response("200 OK", "text/plain; version=0.0.4; charset=utf-8", body);
-  if (method == "HEAD") r.resize(r.size() - body.size());
+  if (metrics::judge_scrape_request(req) == scrape_request::head) r.resize(r.size() - body.size());
   send_all(fd, r, deadline);
 }
 

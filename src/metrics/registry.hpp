@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <string_view>
 
 namespace drun {
 class error;
@@ -103,5 +104,10 @@ using usage_fn = std::function<store_usage()>;
 // Returns a handle for remove_store_collector.
 std::uint64_t add_store_collector(usage_fn fn);
 void remove_store_collector(std::uint64_t handle) noexcept;
+
+// What the /metrics endpoint makes of a request: the bytes it read, up to the blank line that
+// ends the header (or up to its bound when none came).
+enum class scrape_request { get, head, too_large, bad_request_line, not_found, not_allowed };
+scrape_request judge_scrape_request(std::string_view request) noexcept;
 
 }  // namespace drun::metrics

@@ -47,7 +47,8 @@ class peer_source final : public source {
     auto id = peer::artifact_to_wire(p.artifact_id);
     if (!id) return error(errc::invalid_argument, "not an artifact id");
     peer::writer w;
-    w.bytes(*id).u32(static_cast<std::uint32_t>(p.file_index)).u32(static_cast<std::uint32_t>(p.piece));
+    peer::encode(w, peer::request{frame::get_piece, *id, static_cast<std::uint32_t>(p.file_index),
+                                  static_cast<std::uint32_t>(p.piece)});
     auto r = request(frame::get_piece, w.view(), out.size(), out.size(), {out, nullptr}, cancel);
     if (!r) return std::move(r).error().with_path(std::string(p.file)).with_range(p.range.begin, p.range.end);
     return {};
@@ -61,12 +62,9 @@ class peer_source final : public source {
     std::size_t expected = 4 + (pieces + 7) / 8;
     auto r = request(frame::get_have, *id, expected, expected, {{}, &answer}, cancel);
     if (!r) return std::move(r).error();
-    peer::reader rd(answer);
-    if (rd.u32() != pieces) return error(errc::io_error, fmt::format("{}: its piece count differs from the manifest", name_));
-    std::vector<bool> have(pieces);
-    for (std::size_t i = 0; i < pieces; ++i)
-      have[i] = (std::to_integer<unsigned>(answer[4 + i / 8]) & (0x80u >> (i % 8))) != 0;
-    return std::optional<std::vector<bool>>(std::move(have));
+    auto have = peer::decode_holdings(answer, pieces);
+    if (!have) return error(errc::io_error, fmt::format("{}: its holdings do not match the manifest's piece count", name_));
+    return have;
   }
 
   result<std::string> bundle(std::string_view artifact_id) override {
@@ -123,9 +121,8 @@ class peer_source final : public source {
         give(std::move(conn));
       return e;
     }
-    peer::reader rd(head->body);
-    auto length = rd.u64();
-    if (static_cast<frame>(head->type) != frame::body || !length || !rd.done())
+    auto length = static_cast<frame>(head->type) == frame::body ? peer::decode_answer_length(head->body) : std::nullopt;
+    if (!length)
       return fail(fmt::format("protocol error: expected an answer, got frame type 0x{:02x}", head->type));
     if (*length < min || *length > max)
       return fail(fmt::format("protocol error: an answer of {} bytes where {} to {} were expected", *length, min, max));
@@ -171,8 +168,8 @@ class peer_source final : public source {
     if (!answer) return std::move(answer).error();
     if (static_cast<frame>(answer->type) == frame::error) {
       auto e = decode_error(answer->body);
-      peer::reader rd(answer->body);
-      if (rd.u16() != static_cast<std::uint16_t>(peer::wire_error::rdma_unavailable)) return e;
+      auto raw = peer::decode_error(answer->body);
+      if (!raw || raw->code != static_cast<std::uint16_t>(peer::wire_error::rdma_unavailable)) return e;
       stop_rdma(e.detail());
       return {};
     }
@@ -191,10 +188,10 @@ class peer_source final : public source {
   }
 
   error decode_error(std::span<const std::byte> body) const {
-    peer::reader rd(body);
-    auto code = rd.u16();
-    std::string msg(reinterpret_cast<const char*>(body.data()) + std::min<std::size_t>(2, body.size()),
-                    body.size() - std::min<std::size_t>(2, body.size()));
+    auto frame = peer::decode_error(body);
+    std::optional<std::uint16_t> code;
+    std::string msg;
+    if (frame) code = frame->code, msg = std::string(frame->message);
     // The message is the peer's words: printable ASCII only, so it cannot forge terminal output.
     for (auto& ch : msg)
       if (static_cast<unsigned char>(ch) < 0x20 || static_cast<unsigned char>(ch) > 0x7e) ch = '?';
@@ -246,18 +243,18 @@ class peer_source final : public source {
     // ca_file and the address dialled; a bound token is worth nothing to that peer elsewhere.
     const std::uint16_t version = hello_version_.load();
     peer::writer w;
-    w.text(peer::protocol_magic).u16(version).u16(static_cast<std::uint16_t>(o_.token.size())).text(o_.token);
-    if (version >= 2) w.u8(static_cast<std::uint8_t>(traceparent.size())).text(traceparent);
+    peer::encode(w, peer::hello{version, std::as_bytes(std::span(o_.token.data(), o_.token.size())),
+                                std::as_bytes(std::span(traceparent.data(), traceparent.size()))});
     auto sent = peer::write_frame(*s, frame::hello, w.view(), deadline, cancel);
     w.wipe();  // it holds the token
     if (!sent) return error(errc::io_error, fmt::format("{}: {}", name_, sent.error().detail()));
     auto answer = peer::read_frame(*s, clock::now() + o_.io_timeout, cancel);
     if (!answer) return error(errc::io_error, fmt::format("{}: {}", name_, answer.error().detail()));
     if (static_cast<frame>(answer->type) == frame::error) {
-      peer::reader code(answer->body);
       // A server from before version 2 refuses the trace context as trailing bytes (bad_request)
       // or the version itself: say the HELLO again in version 1, for this peer from now on.
-      auto why = code.u16();
+      auto refused = peer::decode_error(answer->body);
+      auto why = refused ? std::optional<std::uint16_t>(refused->code) : std::nullopt;
       if (version > peer::oldest_protocol_version &&
           (why == static_cast<std::uint16_t>(peer::wire_error::unsupported_version) ||
            why == static_cast<std::uint16_t>(peer::wire_error::bad_request))) {
@@ -266,14 +263,11 @@ class peer_source final : public source {
       }
       return decode_error(answer->body);
     }
-    peer::reader rd(answer->body);
-    auto features = std::optional<std::uint16_t>();
     // A server may answer in an older version than ours (it then ignores the trace context).
-    auto spoken = std::optional<std::uint16_t>();
-    if (static_cast<frame>(answer->type) != frame::welcome || !(spoken = rd.u16()) ||
-        *spoken < peer::oldest_protocol_version || *spoken > version || !(features = rd.u16()) || !rd.done())
+    auto welcome = static_cast<frame>(answer->type) == frame::welcome ? peer::decode_welcome(answer->body) : std::nullopt;
+    if (!welcome || welcome->version < peer::oldest_protocol_version || welcome->version > version)
       return error(errc::io_error, fmt::format("{}: protocol error in the handshake", name_));
-    if ((*features & peer::feature_rdma) && !rdma_off_.load())
+    if ((welcome->features & peer::feature_rdma) && !rdma_off_.load())
       if (auto r = setup_rdma(c, clock::now() + o_.io_timeout, cancel); !r) {
         // RDMA failed half-way (the peer's side is set up, ours is not): this connection cannot
         // go on, but RDMA is now off for the peer, so a fresh one is plain TCP+TLS.

@@ -192,7 +192,7 @@ namespace {
 result<void> send_error(peer::tls_stream& s, wire_error code, std::string_view message, clock::time_point deadline,
                         const std::atomic<bool>* stop) {
   peer::writer w;
-  w.u16(static_cast<std::uint16_t>(code)).text(message.substr(0, peer::max_error_message));
+  peer::encode(w, peer::error_frame{static_cast<std::uint16_t>(code), message});
   return peer::write_frame(s, frame::error, w.view(), deadline, stop);
 }
 
@@ -205,7 +205,7 @@ result<void> send_answer(peer::tls_stream& s, transport::data_path& path, std::s
                          const transport::pace_fn& pace) {
   auto deadline = clock::now() + io_timeout + std::chrono::seconds(bytes.size() >> 16);
   peer::writer w;
-  w.u64(bytes.size());
+  peer::encode_answer_length(w, bytes.size());
   if (auto r = peer::write_frame(s, frame::body, w.view(), deadline, stop); !r) return r;
   return path.send(bytes, deadline, stop, pace);
 }
@@ -285,13 +285,10 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
   };
   auto type = static_cast<frame>(f.type);  // a request: serve() refused anything else unread
   if (type == frame::rdma_setup) return setup_rdma(c, f);
-  peer::reader rd(f.body);
-  auto raw_id = rd.bytes(32);
-  std::optional<std::uint32_t> file_index, piece_index;
-  if (type == frame::get_piece) file_index = rd.u32(), piece_index = rd.u32();
-  if (!raw_id || !rd.done() || (type == frame::get_piece && (!file_index || !piece_index)))
-    return bad("malformed request body");
-  std::string id = peer::artifact_from_wire(*raw_id);
+  auto req = peer::decode_request(type, f.body);
+  if (!req) return bad("malformed request body");
+  std::string id = peer::artifact_from_wire(req->artifact);
+  const std::uint32_t file_index = req->file, piece_index = req->piece;
 
   // Authorization comes first, so a caller learns nothing of artifacts it may not read (not even
   // whether they exist: an unknown artifact is judged with no bundle, which only an id or "all"
@@ -328,20 +325,18 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
   if (type == frame::get_have) {
     auto stored = st->stored_pieces(id);
     if (!stored) return send_error(s, wire_error::internal, "the store cannot list its pieces", io(), &stopping).has_value();
-    std::size_t count = a.piece_length.size();
-    std::vector<std::byte> bits((count + 7) / 8);
-    for (std::size_t i = 0; i < count && i < stored->size(); ++i)
-      if ((*stored)[i]) bits[i / 8] |= static_cast<std::byte>(0x80u >> (i % 8));
+    std::vector<bool> have(a.piece_length.size());
+    for (std::size_t i = 0; i < have.size() && i < stored->size(); ++i) have[i] = (*stored)[i];
     peer::writer w;
-    w.u32(static_cast<std::uint32_t>(count)).bytes(bits);
+    peer::encode_holdings(w, have);
     return send_answer(s, *c.tcp, w.view(), o.io_timeout, &stopping, {}).has_value();
   }
-  if (*piece_index >= a.piece_length.size() || a.piece_file[*piece_index] != *file_index)
-    return send_error(s, wire_error::not_found, fmt::format("artifact {} has no piece {} in file {}", id, *piece_index,
-                                                            *file_index),
+  if (piece_index >= a.piece_length.size() || a.piece_file[piece_index] != file_index)
+    return send_error(s, wire_error::not_found, fmt::format("artifact {} has no piece {} in file {}", id, piece_index,
+                                                            file_index),
                       io(), &stopping)
         .has_value();
-  std::uint64_t length = a.piece_length[*piece_index];
+  std::uint64_t length = a.piece_length[piece_index];
   transport::data_path& path = c.rdma ? static_cast<transport::data_path&>(*c.rdma) : *c.tcp;
   // Large pieces stream through a chunk: 1 MiB (or max_buffered_piece if smaller), rounded up to
   // a multiple of the data path's granule.
@@ -365,7 +360,7 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
   auto cannot_read = [&](const error& e) {  // nothing of the answer went out: say why, and carry on
     bool absent = e.code() == errc::model_mismatch;
     return send_error(s, absent ? wire_error::not_found : wire_error::internal,
-                      absent ? fmt::format("piece {} is not stored here (yet)", *piece_index)
+                      absent ? fmt::format("piece {} is not stored here (yet)", piece_index)
                              : "the store cannot read this piece",
                       io(), &stopping)
         .has_value();
@@ -374,11 +369,11 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
   // hashing here would double the server's CPU per byte for no added safety.
   if (streamed) {
     bool started = false;
-    auto sent = st->stream_piece(id, *piece_index, buf, [&](std::span<const std::byte> chunk) -> result<void> {
+    auto sent = st->stream_piece(id, piece_index, buf, [&](std::span<const std::byte> chunk) -> result<void> {
       if (!started) {
         started = true;
         peer::writer w;
-        w.u64(length);
+        peer::encode_answer_length(w, length);
         if (auto r = peer::write_frame(s, frame::body, w.view(), io(), &stopping); !r) return r;
       }
       // Each chunk has its own deadline, sized for a slow but honest reader (64 KiB/s).
@@ -394,7 +389,7 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
     give_buffer(std::move(buf), hold, caller);
     return keep;
   }
-  auto read = st->read_piece(id, *piece_index, buf, read_check::tag_only);
+  auto read = st->read_piece(id, piece_index, buf, read_check::tag_only);
   bool keep = true;
   if (!read) {
     keep = cannot_read(read.error());
@@ -472,30 +467,11 @@ void peer_server::impl::serve(detail::unique_fd fd, const std::string& source) {
     std::vector<std::byte>& b;
     ~wipe_hello() { sodium_memzero(b.data(), b.size()); }
   } wipe{hello};
-  peer::reader rd(hello);
-  auto magic = rd.bytes(4);
-  auto version = rd.u16();
-  auto token_len = rd.u16();
-  std::span<const std::byte> token;
-  bool well_formed = magic && version && token_len && std::memcmp(magic->data(), peer::protocol_magic.data(), 4) == 0;
-  if (well_formed && (*version < peer::oldest_protocol_version || *version > peer::protocol_version))
-    return refuse(wire_error::unsupported_version,
-                  fmt::format("this server speaks protocol versions {} to {}, not {}", peer::oldest_protocol_version,
-                              peer::protocol_version, *version));
-  std::span<const std::byte> traceparent;  // version 2: the caller's trace context, 0 or 55 bytes
-  if (well_formed) {
-    auto t = rd.bytes(*token_len);
-    if (t) token = *t;
-    if (t && *version >= 2) {
-      auto tp_len = rd.u8();
-      auto tp = tp_len && (*tp_len == 0 || *tp_len == peer::traceparent_size) ? rd.bytes(*tp_len) : std::nullopt;
-      if (tp) traceparent = *tp;
-      well_formed = tp.has_value();
-    }
-    well_formed = well_formed && t.has_value() && rd.done();
-  }
-  if (!well_formed)
-    return refuse(wire_error::bad_request, "expected a HELLO frame");
+  auto decoded = peer::decode_hello(hello);
+  if (!decoded)
+    return refuse(decoded.error().code() == errc::unsupported ? wire_error::unsupported_version : wire_error::bad_request,
+                  decoded.error().detail());
+  const std::span<const std::byte> token = decoded->token, traceparent = decoded->traceparent;
   // The connection's span: in the caller's trace when it named one, so that what this server
   // logs about serving a fetch joins the fetch's own lines.
   trace_context trace = trace_context::fresh();
@@ -531,7 +507,7 @@ void peer_server::impl::serve(detail::unique_fd fd, const std::string& source) {
   }
   if (!who.has_certificate && !who.token) return refuse(wire_error::unauthenticated, "no certificate and no token");
   peer::writer w;
-  w.u16(*version).u16(rdma_device ? peer::feature_rdma : 0);
+  peer::encode(w, peer::welcome{decoded->version, rdma_device ? peer::feature_rdma : std::uint16_t{0}});
   if (!peer::write_frame(s, frame::welcome, w.view(), clock::now() + o.io_timeout, &stopping)) return;
   handshake_over();
   connection conn{s, transport::make_tcp_transport(s), nullptr, nullptr, 0, 0, 0, {}};

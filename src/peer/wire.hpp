@@ -66,6 +66,9 @@ struct frame_header {
   std::uint8_t type = 0;
   std::uint32_t length = 0;
 };
+inline constexpr std::size_t frame_header_size = 5;  // type, then the body's length (u32)
+// Refuses an unknown type or a length over the type's bound. Errors: malformed_bundle.
+result<frame_header> decode_header(std::span<const std::byte, frame_header_size> head);
 // Reads a frame's header, refusing an unknown type or a length over its bound; the body is the
 // caller's to read (straight into its own buffer: piece data is never copied twice).
 result<frame_header> read_header(tls_stream& s, clock::time_point deadline, const std::atomic<bool>* stop);
@@ -106,6 +109,57 @@ class reader {
   std::span<const std::byte> b_;
   std::size_t pos_ = 0;
 };
+
+// The bodies of the frames (docs/peer-protocol.md). Each decoder accepts exactly what its
+// encoder writes and nothing else (no trailing bytes, no non-zero padding), so that one message
+// has one encoding: the fuzz harnesses check that whatever decodes encodes back to the same bytes.
+// Decoded views point into the body they were read from.
+
+// HELLO: magic, version, token (u16 length), and from version 2 the caller's traceparent (u8
+// length, 0 or traceparent_size).
+struct hello {
+  std::uint16_t version = protocol_version;
+  std::span<const std::byte> token;        // a secret: whoever holds the body wipes it
+  std::span<const std::byte> traceparent;  // empty when the caller named no trace
+};
+// Errors: unsupported (a version this side does not speak, named in the message, judged before
+// the rest is read so that a later version's layout is never misread), malformed_bundle.
+result<hello> decode_hello(std::span<const std::byte> body);
+void encode(writer& w, const hello& h);
+
+// GET_BUNDLE and GET_HAVE carry the artifact id; GET_PIECE adds the file and piece indexes.
+struct request {
+  frame type = frame::get_bundle;
+  std::span<const std::byte> artifact;  // 32 bytes
+  std::uint32_t file = 0, piece = 0;    // GET_PIECE only
+};
+std::optional<request> decode_request(frame type, std::span<const std::byte> body);
+void encode(writer& w, const request& r);
+
+// WELCOME: the version the server speaks on this connection and its features.
+struct welcome {
+  std::uint16_t version = protocol_version;
+  std::uint16_t features = 0;
+};
+std::optional<welcome> decode_welcome(std::span<const std::byte> body);
+void encode(writer& w, const welcome& m);
+
+// BODY: the length of the answer that follows (DATA frames, or RDMA writes).
+std::optional<std::uint64_t> decode_answer_length(std::span<const std::byte> body);
+void encode_answer_length(writer& w, std::uint64_t length);
+
+// ERROR: a code and the sender's words (at most max_error_message bytes, not yet sanitized).
+struct error_frame {
+  std::uint16_t code = 0;
+  std::string_view message;
+};
+std::optional<error_frame> decode_error(std::span<const std::byte> body);
+void encode(writer& w, const error_frame& e);  // cuts the message at max_error_message
+
+// The answer to GET_HAVE: the piece count, then one bit per piece, most significant first.
+// Decoding refuses another count than the caller's manifest has, and set padding bits.
+std::optional<std::vector<bool>> decode_holdings(std::span<const std::byte> body, std::size_t pieces);
+void encode_holdings(writer& w, const std::vector<bool>& have);
 
 // 64 hex characters <-> the 32 raw bytes on the wire.
 std::optional<std::vector<std::byte>> artifact_to_wire(std::string_view hex);

@@ -96,6 +96,10 @@ result<std::vector<log_key>> parse_logs(const json& root, std::string_view key) 
     if (!id) return std::move(id).error();
     auto key_id = base64_field(**id, "keyId", w + ".logId");
     if (!key_id) return std::move(key_id).error();
+    // A log's id is a SHA-256 (of its key, for Rekor and CT logs): any other length could never
+    // match an entry's, so the log would be configured and silently useless. (Found by fuzzing.)
+    if (key_id->size() != 32)
+      return bad_root(fmt::format("{}.logId.keyId is {} bytes, not a 32-byte SHA-256", w, key_id->size()));
     std::string base_url;
     if (const json* u = optional_field(e, "baseUrl"); u && u->is_string()) base_url = u->get<std::string>();
     out.push_back(log_key{std::move(base_url), std::move(*key_id), std::move(*k), *window});

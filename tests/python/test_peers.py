@@ -258,7 +258,8 @@ class LyingPeer:
                 body = self.read_exact(s, n)
                 if t == 0x03:
                     count = len(self.ranges)
-                    self.answer(s, struct.pack(">I", count) + b"\xff" * ((count + 7) // 8))
+                    bits = ((1 << count) - 1) << (-count % 8)  # every piece; the padding bits 0
+                    self.answer(s, struct.pack(">I", count) + bits.to_bytes((count + 7) // 8, "big"))
                 elif t == 0x02:
                     self.answer(s, self.sig.read_bytes())
                 elif t == 0x04 and self.refuse:

@@ -115,6 +115,16 @@ TEST_CASE("trusted roots: malformed ones are key errors naming the field") {
         "certificateAuthorities[0].certChain.certificates[0].rawBytes");
   fails("{" + mt + R"(, "certificateAuthorities": [{"certChain": {"certificates": []}}]})", "has 0 certificates");
   fails("{" + mt + ", " + mt + "}", "duplicate key");
+  // A log id of another length than a SHA-256 (found by tests/fuzz/sigstore.cpp).
+  auto log_with_id = [&](std::string_view key_id) {
+    return "{" + mt + R"(, "tlogs": [{"baseUrl": "https://rekor.example.com", "hashAlgorithm": "SHA2_256",
+      "publicKey": {"rawBytes": "MCowBQYDK2VwAyEASm2ePOkBer6DqUIj6SyWTk088gTx4InLjkGnjyrN20U=",
+                    "keyDetails": "PKIX_ED25519", "validFor": {"start": "2020-01-01T00:00:00Z"}},
+      "logId": {"keyId": ")" + std::string(key_id) + R"("}}]})";
+  };
+  fails(log_with_id("zxGZFVvd0FEmjR8WrFwMdcAJ9vtc"), "tlogs[0].logId.keyId is 21 bytes, not a 32-byte SHA-256");
+  CHECK(trust_store::from_sigstore_json(log_with_id("wNI9atQGlz+VWfO6LRygH4QUfY/8W4RFwiT5i5WRgB0="),
+                                        {"a@example.com", "https://issuer.example.com"}));
   // An identity policy is not optional.
   auto t = trust_store::from_sigstore_json("{" + mt + "}", {"", "https://issuer.example.com"});
   REQUIRE_FALSE(t);
