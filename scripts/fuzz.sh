@@ -5,7 +5,8 @@
 # Prints each target's executions, speed and coverage. Exits non-zero on a crash, a leak, a
 # timeout, a sanitizer report or a broken contract, leaving the reproducer in
 # build-fuzz/artifacts/TARGET/ (rerun it: build-fuzz/tests/fuzz/fuzz_TARGET FILE). Each target's
-# corpus grows in build-fuzz/corpus/TARGET, seeded from tests/fuzz/corpus/TARGET.
+# corpus grows in build-fuzz/corpus/TARGET, seeded from tests/fuzz/corpus/TARGET. FUZZ_RUNS=N
+# also stops a target after N executions (the long run: FUZZ_RUNS=10000000 scripts/fuzz.sh 3600).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 seconds=${1:-60}
@@ -30,16 +31,17 @@ mkdir -p "$logs"
 run_one() {
   local t=$1 work="$build/corpus/$1" art="$build/artifacts/$1"
   mkdir -p "$work" "$art"
-  local dict=()
+  local dict=() runs=()
+  [ -n "${FUZZ_RUNS:-}" ] && runs=(-runs="$FUZZ_RUNS")
   [ -f "$root/tests/fuzz/dict/$t.dict" ] && dict=(-dict="$root/tests/fuzz/dict/$t.dict")
   # -timeout: one input taking 10 s is a hang; -rss_limit_mb: a parser that balloons is a bug.
   rm -f "$logs/$t.rc"
   "$build/tests/fuzz/fuzz_$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-    -artifact_prefix="$art/" "${dict[@]}" "$work" "$root/tests/fuzz/corpus/$t" >"$logs/$t.log" 2>&1
+    -artifact_prefix="$art/" "${runs[@]}" "${dict[@]}" "$work" "$root/tests/fuzz/corpus/$t" >"$logs/$t.log" 2>&1
   echo $? >"$logs/$t.rc"
 }
 
-jobs=$(nproc)
+jobs=${FUZZ_JOBS:-$(nproc)}  # targets at once
 for t in "${targets[@]}"; do
   [ -x "$build/tests/fuzz/fuzz_$t" ] || { echo "fuzz.sh: no harness $t" >&2; exit 2; }
   (set +e; run_one "$t") &
