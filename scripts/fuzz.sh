@@ -73,4 +73,4 @@ if [ ${#failed[@]} -gt 0 ]; then
   done
   exit 1
 fi
-echo "== every harness ran ${seconds} s without a finding"
+echo "== no harness found anything (${seconds} s each${FUZZ_RUNS:+, or $FUZZ_RUNS executions})"

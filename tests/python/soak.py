@@ -1,0 +1,300 @@
+"""A soak of `drun serve`: well-behaved leechers and hostile clients at once, for a set time.
+
+- Leechers: LEECHERS concurrent loops of `drun fetch --peer` (each into a fresh store: every
+  piece checked against the signed manifest, the bundle from the peer verified against the
+  publisher's key). A leecher's fetch must succeed with no error charged to the peer.
+- Hostile clients, from another loopback address (127.0.0.2: another host, as the server shares
+  its handshake slots out by address): slow readers (ask for a piece and never read), half-open
+  TLS (a partial ClientHello, then nothing), silent sockets, garbage frames after the HELLO,
+  expired tokens, frame lengths far over their bound, and a reconnect storm.
+- The server's RSS, open descriptors and threads are sampled every second. They must stay under
+  the bounds below during the load, and come back to (near) their baseline after it.
+
+tests/python/test_soak.py runs it for 60 s in CI; benchmarks/soak.sh for 10 minutes:
+    /usr/bin/python3 tests/python/soak.py --drun build/drun --seconds 600 --work /tmp/soak
+"""
+
+import argparse
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peerkit import PKI, Serve, seeded_store, signed_model  # noqa: E402
+from peerwire import GET_PIECE, Client, Closed, PeerError, proc_status, rss_mib, threads  # noqa: E402
+
+HOSTILE_SOURCE = "127.0.0.2"
+# Bounds for the server under load: its piece buffers are capped by memory_budget (256 MiB by
+# default); threads and descriptors follow the connections open at once.
+MAX_RSS_MIB = 512
+MAX_FDS = 600  # the leechers hold at most 128 connections, the hostile clients a few dozen
+MAX_THREADS = 300
+# After the load: back to the baseline, give or take what the allocator keeps.
+SETTLE_SECONDS = 75  # idle connections close after the idle timeout (60 s)
+RSS_SLACK_MIB = 160
+
+
+def fd_count(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def expired_token(private_pem, audience):
+    """An EdDSA JWT signed by the server's trusted key but expired an hour ago (python3-cryptography)."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    key = load_pem_private_key(private_pem, password=None)
+    now = int(time.time())
+    header = b64url(json.dumps({"alg": "EdDSA", "typ": "JWT"}).encode())
+    claims = b64url(json.dumps({"sub": "mallory", "aud": audience, "exp": now - 3600, "nbf": now - 7200,
+                                "drun_artifacts": ["*"]}).encode())
+    signing_input = header + b"." + claims
+    return signing_input + b"." + b64url(key.sign(signing_input))
+
+
+class Soak:
+    def __init__(self, drun_bin, work, leechers=64, pieces=16, piece_size=256 << 10):
+        self.drun_bin, self.work, self.leechers = str(drun_bin), Path(work), leechers
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.errors = []  # good-client failures: the run fails if any
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.fetches = 0
+        self.hostile = {}
+        self.samples = []
+
+        class Ran:
+            def __init__(self, p):
+                self.out, self.err = p.stdout, p.stderr
+
+            def ok(self):
+                return self
+
+        def drun(*args):
+            p = subprocess.run([self.drun_bin, *map(str, args)], capture_output=True, text=True, timeout=120)
+            if p.returncode != 0:
+                raise RuntimeError(f"drun {' '.join(map(str, args))}: exit {p.returncode}: {p.stderr}")
+            return Ran(p)
+
+        w = self.work
+        drun("keygen", "--type", "ecdsa-p256", "--out", w / "publisher.key")
+        drun("keygen", "--type", "ed25519", "--out", w / "issuer.key")
+        self.pub = w / "publisher.key.pub"
+        (w / "jwks.json").write_text(drun("token", "jwks", "--public-key", w / "issuer.key.pub").out)
+        self.issuer_pem = (w / "issuer.key").read_bytes()
+        self.ks = f"file:{w / 'node.key'}"
+        (w / "node.key").write_text(os.urandom(32).hex() + "\n")
+        os.chmod(w / "node.key", 0o600)
+        self.model, self.sig, self.artifact = signed_model(drun, w / "model", w / "publisher.key",
+                                                           size=pieces * piece_size, piece=piece_size, seed=5)
+        seeded_store(drun, w / "seed", self.ks, self.model, self.sig, self.pub)
+        self.pki = PKI(w / "pki")
+        self.server_cert, self.server_key = self.pki.issue("server")
+        self.client_cert, self.client_key = self.pki.issue("leecher")
+        self.mallory_cert, self.mallory_key = self.pki.issue("mallory")
+        self.audience = "drun-soak"
+        self.server = Serve(self.drun_bin, w / "seed", self.ks, self.server_cert, self.server_key, self.pki.ca,
+                            extra=["--jwks", w / "jwks.json", "--audience", self.audience,
+                                   # The leechers all dial from 127.0.0.1, which the server's share
+                                   # of handshake slots per address takes for one host: with the
+                                   # default 256 connections (64 slots), 64 leechers connecting at
+                                   # once are turned away as one host would be. 1024 connections
+                                   # give 256 slots, so the per-address rule starts at 128.
+                                   "--max-connections", "1024"])
+        self.pid = self.server.proc.pid
+        (w / "leechers").mkdir()
+
+    # --- the load ------------------------------------------------------------------------------
+
+    def leecher(self, n):
+        i = 0
+        while not self.stop.is_set():
+            store = self.work / "leechers" / f"{n}-{i}"
+            i += 1
+            p = subprocess.run([self.drun_bin, "fetch", "--signature", str(self.sig), "--public-key", str(self.pub),
+                                "--store", str(store), "--key-source", self.ks, "--ca-cert", str(self.pki.ca),
+                                "--tls-cert", str(self.client_cert), "--tls-key", str(self.client_key),
+                                "--peer", self.server.addr, "--connections", "2"],
+                               capture_output=True, text=True, timeout=300)
+            shutil.rmtree(store, ignore_errors=True)
+            charged = re.search(rf"peer {re.escape(self.server.addr)}: \d+ pieces, (\d+) rejected, (\d+) errors", p.stdout)
+            with self.lock:
+                if p.returncode != 0 or not charged or charged.groups() != ("0", "0"):
+                    self.errors.append(f"leecher {n}: exit {p.returncode}\n{p.stdout[-800:]}{p.stderr[-800:]}")
+                else:
+                    self.fetches += 1
+
+    def count(self, what):
+        with self.lock:
+            self.hostile[what] = self.hostile.get(what, 0) + 1
+
+    def tls(self, cert=True, timeout=10.0):
+        return Client(self.server.port, self.pki.ca, self.mallory_cert if cert else None,
+                      self.mallory_key if cert else None, timeout=timeout, source=HOSTILE_SOURCE)
+
+    def raw(self, timeout=5.0):
+        return socket.create_connection(("127.0.0.1", self.server.port), timeout=timeout,
+                                        source_address=(HOSTILE_SOURCE, 0))
+
+    def hostile_loop(self, what, once):
+        while not self.stop.is_set():
+            try:
+                once()
+            except (OSError, ssl.SSLError, Closed, PeerError, EOFError, TimeoutError):
+                pass  # the server hanging up on a hostile client is the point
+            self.count(what)
+
+    def slow_reader(self):
+        c = self.tls()
+        try:
+            c.welcome(version=2)
+            c.send_frame(GET_PIECE, bytes.fromhex(self.artifact) + struct.pack(">II", 1, 0))
+            self.stop.wait(random.uniform(5, 15))  # and never read the answer
+        finally:
+            c.close()
+
+    def half_open_tls(self):
+        s = self.raw()
+        try:
+            # The first bytes of a TLS record header and a ClientHello, then nothing more.
+            s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(20))
+            self.stop.wait(random.uniform(2, 12))
+        finally:
+            s.close()
+
+    def silent_socket(self):
+        s = self.raw()
+        try:
+            self.stop.wait(random.uniform(1, 4))
+        finally:
+            s.close()
+
+    def garbage_frames(self):
+        with self.tls() as c:
+            c.welcome(version=2)
+            c.send_raw(os.urandom(random.randint(1, 300)))
+            c.read_frame()
+
+    def expired(self):
+        with self.tls() as c:
+            c.welcome(version=2, token=expired_token(self.issuer_pem, self.audience))
+
+    def oversized(self):
+        with self.tls() as c:
+            c.welcome(version=2)
+            c.send_raw(struct.pack(">BI", GET_PIECE, 0xFFFFFFF0))
+            c.read_frame()
+
+    def reconnect_storm(self):
+        for _ in range(20):
+            self.raw().close()
+        time.sleep(0.05)
+
+    def sample(self):
+        try:
+            s = (time.time(), rss_mib(self.pid), fd_count(self.pid), threads(self.pid))
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        self.samples.append(s)
+        return s
+
+    def run(self, seconds, log=print):
+        time.sleep(1)
+        base = self.sample()
+        log(f"baseline: RSS {base[1]:.0f} MiB, {base[2]} fds, {base[3]} threads")
+        workers = [threading.Thread(target=self.leecher, args=(n,), daemon=True) for n in range(self.leechers)]
+        hostile = {"slow_reader": (self.slow_reader, 8), "half_open_tls": (self.half_open_tls, 8),
+                   "silent_socket": (self.silent_socket, 4), "garbage_frames": (self.garbage_frames, 2),
+                   "expired_token": (self.expired, 2), "oversized_length": (self.oversized, 2),
+                   "reconnect_storm": (self.reconnect_storm, 1)}
+        for what, (once, n) in hostile.items():
+            workers += [threading.Thread(target=self.hostile_loop, args=(what, once), daemon=True) for _ in range(n)]
+        for t in workers:
+            t.start()
+        peak = list(base)
+        end = time.time() + seconds
+        while time.time() < end and self.server.proc.poll() is None:
+            s = self.sample()
+            if s:
+                peak = [max(a, b) for a, b in zip(peak, s)]
+            time.sleep(1)
+        self.stop.set()
+        for t in workers:
+            t.join(timeout=120)
+        log(f"load: {seconds} s, {self.fetches} verified fetches by {self.leechers} leechers, hostile "
+            + ", ".join(f"{k} {v}" for k, v in sorted(self.hostile.items())))
+        log(f"peak: RSS {peak[1]:.0f} MiB, {peak[2]} fds, {peak[3]} threads "
+            f"(bounds {MAX_RSS_MIB} MiB, {MAX_FDS}, {MAX_THREADS})")
+        settled, after = False, None
+        until = time.time() + SETTLE_SECONDS
+        while time.time() < until and self.server.proc.poll() is None:
+            after = self.sample()
+            if after and after[2] <= base[2] + 2 and after[3] <= base[3] + 2 and after[1] <= base[1] + RSS_SLACK_MIB:
+                settled = True
+                break
+            time.sleep(1)
+        if after:
+            log(f"after: RSS {after[1]:.0f} MiB, {after[2]} fds, {after[3]} threads "
+                f"({'back to the baseline' if settled else 'NOT back to the baseline'} "
+                f"{after[0] - end:.0f} s after the load)")
+        alive = self.server.proc.poll() is None
+        stats = self.server.stop()
+        log(f"server: {stats}")
+        return {"base": base, "peak": peak, "after": after, "settled": settled, "alive": alive, "stats": stats,
+                "fetches": self.fetches, "errors": self.errors, "hostile": dict(self.hostile)}
+
+
+def check(result):
+    """The soak's verdict: a list of what went wrong (empty: it passed)."""
+    problems = list(result["errors"][:5])
+    if not result["alive"]:
+        problems.append("the server died under the load")
+    if result["fetches"] == 0:
+        problems.append("no fetch completed")
+    _, rss, fds, thr = result["peak"]
+    if rss > MAX_RSS_MIB or fds > MAX_FDS or thr > MAX_THREADS:
+        problems.append(f"over a bound under load: RSS {rss:.0f} MiB, {fds} fds, {thr} threads")
+    if not result["settled"]:
+        problems.append(f"not back to the baseline {result['base']} after the load: {result['after']}")
+    for what in ("slow_reader", "half_open_tls", "garbage_frames", "expired_token", "oversized_length",
+                 "reconnect_storm"):
+        if result["hostile"].get(what, 0) == 0:
+            problems.append(f"no {what} client ran")
+    return problems
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--drun", default=os.environ.get("DRUN_BIN", "build/drun"))
+    ap.add_argument("--seconds", type=int, default=600)
+    ap.add_argument("--leechers", type=int, default=64)
+    ap.add_argument("--work", default="/tmp/drun-soak")
+    a = ap.parse_args()
+    shutil.rmtree(a.work, ignore_errors=True)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    print(f"soak of drun serve on {cpu}, {os.cpu_count()} cores, {a.seconds} s, {a.leechers} leechers")
+    result = Soak(a.drun, a.work, leechers=a.leechers).run(a.seconds)
+    problems = check(result)
+    for p in problems:
+        print("FAILED:", p)
+    shutil.rmtree(a.work, ignore_errors=True)
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()
