@@ -28,10 +28,7 @@ drun::result<drun::audit_report> verify(std::string_view text) {
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   fuzz::quiet();
-  char dir[] = "/tmp/drun-fuzz-audit-XXXXXX";
-  if (!::mkdtemp(dir)) std::abort();
-  scratch = dir;
-  std::atexit([] { std::filesystem::remove_all(scratch); });
+  scratch = fuzz::scratch_dir("audit");
   auto k = drun::public_key::from_pem(fuzz::test_public_pem);
   if (!k) std::abort();
   key.emplace(std::move(*k));

@@ -12,8 +12,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <memory>
 #include <span>
+#include <string>
 #include <string_view>
 
 namespace fuzz {
@@ -28,6 +30,16 @@ inline std::span<const std::byte> bytes(const std::uint8_t* data, std::size_t si
 [[noreturn]] inline void broken(const char* contract, const char* file, int line) {
   std::fprintf(stderr, "%s:%d: contract broken: %s\n", file, line, contract);
   std::abort();
+}
+
+// A private directory for a harness's files, removed when the process exits.
+inline std::filesystem::path scratch_dir(const char* name) {
+  static std::filesystem::path dir;
+  std::string pattern = std::string("/tmp/drun-fuzz-") + name + "-XXXXXX";
+  if (!::mkdtemp(pattern.data())) std::abort();
+  dir = pattern;
+  std::atexit([] { std::filesystem::remove_all(dir); });
+  return dir;
 }
 
 // Warnings about hostile input are the point of the exercise, not news: only errors are printed.

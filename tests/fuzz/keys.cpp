@@ -77,10 +77,7 @@ void node_key_text(std::string_view text) {
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   fuzz::quiet();
-  char dir[] = "/tmp/drun-fuzz-keys-XXXXXX";
-  if (!::mkdtemp(dir)) std::abort();
-  scratch = dir;
-  std::atexit([] { std::filesystem::remove_all(scratch); });
+  scratch = fuzz::scratch_dir("keys");
   return 0;
 }
 

@@ -41,10 +41,7 @@ drun::peer_identity caller(std::string subject, std::vector<std::string> uris, s
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   fuzz::quiet();
-  char dir[] = "/tmp/drun-fuzz-policy-XXXXXX";
-  if (!::mkdtemp(dir)) std::abort();
-  scratch = dir;
-  std::atexit([] { std::filesystem::remove_all(scratch); });
+  scratch = fuzz::scratch_dir("policy");
   std::ofstream(scratch / "publisher.pub") << fuzz::test_public_pem;
   callers = {caller("CN=node-1,O=ml", {"spiffe://ml.example/node-1"}, {"node-1.ml.example"}, std::nullopt),
              caller("CN=trainer,O=ml", {}, {}, std::nullopt),

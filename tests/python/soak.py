@@ -10,7 +10,11 @@
 - The server's RSS, open descriptors and threads are sampled every second. They must stay under
   the bounds below during the load, and come back to (near) their baseline after it.
 
-tests/python/test_soak.py runs it for 60 s in CI; benchmarks/soak.sh for 10 minutes:
+The embedded case (--embedded): the server is a `drun.PeerServer` inside a Python process that
+keeps doing its own work (hashing a buffer in a loop, reporting every second): that work must
+go on under the load (no pause of 2 s or more: the server's threads never hold the GIL).
+
+tests/python/test_soak.py runs both for 60 s in CI; benchmarks/soak.sh for 10 minutes:
     /usr/bin/python3 tests/python/soak.py --drun build/drun --seconds 600 --work /tmp/soak
 """
 
@@ -67,8 +71,70 @@ def expired_token(private_pem, audience):
     return signing_input + b"." + b64url(key.sign(signing_input))
 
 
+# The host of the embedded case: serves the store from a drun.PeerServer and hashes 1 MiB in a
+# loop, printing each second how many it did and the longest gap between two; on SIGTERM it stops
+# the server and prints its stats as JSON.
+EMBEDDED_HOST = r"""
+import hashlib, json, signal, sys, time
+import drun
+store_dir, key_source, cert, key, ca, jwks, audience = sys.argv[1:8]
+store = drun.Store(store_dir, key_source=key_source)
+server = drun.PeerServer(store, cert=cert, key=key, client_ca=ca, jwks=jwks, audience=audience)
+print("port", server.port, flush=True)
+stopping = []
+signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
+buf, n, worst, last, mark = b"w" * (1 << 20), 0, 0.0, time.monotonic(), time.monotonic()
+while not stopping:
+    hashlib.sha256(buf).digest()
+    now = time.monotonic()
+    n, worst, last = n + 1, max(worst, now - last), now
+    if now - mark >= 1:
+        print("work", n, round(worst, 3), flush=True)
+        n, worst, mark = 0, 0.0, now
+server.stop()
+print("stats", json.dumps(server.stats()), flush=True)
+"""
+
+
+class EmbeddedServe:
+    """Serve's interface (port, addr, proc, stop()) over EMBEDDED_HOST, reading its work reports."""
+
+    def __init__(self, store, key_source, cert, key, ca, jwks, audience, python="/usr/bin/python3"):
+        self.proc = subprocess.Popen([python, "-c", EMBEDDED_HOST, *map(str, (store, key_source, cert, key, ca, jwks,
+                                                                              audience))],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = self.proc.stdout.readline().split()
+        if len(first) != 2 or first[0] != "port":
+            raise RuntimeError(f"the embedded host did not start: {first} {self.proc.stderr.read()}")
+        self.port = int(first[1])
+        self.addr = f"127.0.0.1:{self.port}"
+        self.work, self.stats_line = [], None  # (iterations in the second, longest gap in s)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            parts = line.split(maxsplit=1)
+            if parts and parts[0] == "work":
+                n, worst = parts[1].split()
+                self.work.append((int(n), float(worst)))
+            elif parts and parts[0] == "stats":
+                self.stats_line = json.loads(parts[1])
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.reader.join(timeout=10)
+        st = self.stats_line or {}
+        return {"connections": st.get("connections"), "requests": st.get("requests"),
+                "pieces": st.get("pieces_served"), "denied": st.get("denied"),
+                "handshakes_refused": st.get("handshake_failures"), "protocol_errors": st.get("protocol_errors"),
+                "busy": st.get("busy")}
+
+
 class Soak:
-    def __init__(self, drun_bin, work, leechers=64, pieces=16, piece_size=256 << 10):
+    def __init__(self, drun_bin, work, leechers=64, pieces=16, piece_size=256 << 10, embedded=False):
         self.drun_bin, self.work, self.leechers = str(drun_bin), Path(work), leechers
         self.work.mkdir(parents=True, exist_ok=True)
         self.errors = []  # good-client failures: the run fails if any
@@ -108,14 +174,24 @@ class Soak:
         self.client_cert, self.client_key = self.pki.issue("leecher")
         self.mallory_cert, self.mallory_key = self.pki.issue("mallory")
         self.audience = "drun-soak"
-        self.server = Serve(self.drun_bin, w / "seed", self.ks, self.server_cert, self.server_key, self.pki.ca,
-                            extra=["--jwks", w / "jwks.json", "--audience", self.audience,
-                                   # The leechers all dial from 127.0.0.1, which the server's share
-                                   # of handshake slots per address takes for one host: with the
-                                   # default 256 connections (64 slots), 64 leechers connecting at
-                                   # once are turned away as one host would be. 1024 connections
-                                   # give 256 slots, so the per-address rule starts at 128.
-                                   "--max-connections", "1024"])
+        self.embedded = embedded
+        if embedded:
+            # The binding's PeerServer keeps the default 256 connections (64 handshake slots), so
+            # each leecher takes one connection: see the note on --max-connections below.
+            self.server = EmbeddedServe(w / "seed", self.ks, self.server_cert, self.server_key, self.pki.ca,
+                                        w / "jwks.json", self.audience)
+            self.leecher_connections = "1"
+        else:
+            self.server = Serve(self.drun_bin, w / "seed", self.ks, self.server_cert, self.server_key, self.pki.ca,
+                                extra=["--jwks", w / "jwks.json", "--audience", self.audience,
+                                       # The leechers all dial from 127.0.0.1, which the server's
+                                       # share of handshake slots per address takes for one host:
+                                       # with the default 256 connections (64 slots), 64 leechers
+                                       # connecting at once are turned away as one host would be.
+                                       # 1024 connections give 256 slots, so the per-address rule
+                                       # starts at 128.
+                                       "--max-connections", "1024"])
+            self.leecher_connections = "2"
         self.pid = self.server.proc.pid
         (w / "leechers").mkdir()
 
@@ -129,7 +205,7 @@ class Soak:
             p = subprocess.run([self.drun_bin, "fetch", "--signature", str(self.sig), "--public-key", str(self.pub),
                                 "--store", str(store), "--key-source", self.ks, "--ca-cert", str(self.pki.ca),
                                 "--tls-cert", str(self.client_cert), "--tls-key", str(self.client_key),
-                                "--peer", self.server.addr, "--connections", "2"],
+                                "--peer", self.server.addr, "--connections", self.leecher_connections],
                                capture_output=True, text=True, timeout=300)
             shutil.rmtree(store, ignore_errors=True)
             charged = re.search(rf"peer {re.escape(self.server.addr)}: \d+ pieces, (\d+) rejected, (\d+) errors", p.stdout)
@@ -255,8 +331,16 @@ class Soak:
         alive = self.server.proc.poll() is None
         stats = self.server.stop()
         log(f"server: {stats}")
+        work = None
+        if self.embedded:
+            # Seconds of the host's work during the load (the first and last are partial).
+            during = self.server.work[2:2 + seconds - 2]
+            work = {"seconds": len(during), "min_per_second": min((n for n, _ in during), default=0),
+                    "longest_gap": max((g for _, g in during), default=0.0)}
+            log(f"host work under the load: {work['seconds']} s reported, at least {work['min_per_second']} MiB "
+                f"hashed each second, longest pause {work['longest_gap']:.3f} s")
         return {"base": base, "peak": peak, "after": after, "settled": settled, "alive": alive, "stats": stats,
-                "fetches": self.fetches, "errors": self.errors, "hostile": dict(self.hostile)}
+                "fetches": self.fetches, "errors": self.errors, "hostile": dict(self.hostile), "work": work}
 
 
 def check(result):
@@ -271,6 +355,12 @@ def check(result):
         problems.append(f"over a bound under load: RSS {rss:.0f} MiB, {fds} fds, {thr} threads")
     if not result["settled"]:
         problems.append(f"not back to the baseline {result['base']} after the load: {result['after']}")
+    work = result.get("work")
+    if work is not None:
+        if work["seconds"] == 0 or work["min_per_second"] == 0:
+            problems.append(f"the embedding process's own work stopped under the load: {work}")
+        elif work["longest_gap"] >= 2.0:
+            problems.append(f"the embedding process's own work paused {work['longest_gap']:.1f} s under the load")
     for what in ("slow_reader", "half_open_tls", "garbage_frames", "expired_token", "oversized_length",
                  "reconnect_storm"):
         if result["hostile"].get(what, 0) == 0:
@@ -284,11 +374,13 @@ def main():
     ap.add_argument("--seconds", type=int, default=600)
     ap.add_argument("--leechers", type=int, default=64)
     ap.add_argument("--work", default="/tmp/drun-soak")
+    ap.add_argument("--embedded", action="store_true", help="serve from a drun.PeerServer in a Python host")
     a = ap.parse_args()
     shutil.rmtree(a.work, ignore_errors=True)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    print(f"soak of drun serve on {cpu}, {os.cpu_count()} cores, {a.seconds} s, {a.leechers} leechers")
-    result = Soak(a.drun, a.work, leechers=a.leechers).run(a.seconds)
+    what = "an embedded drun.PeerServer" if a.embedded else "drun serve"
+    print(f"soak of {what} on {cpu}, {os.cpu_count()} cores, {a.seconds} s, {a.leechers} leechers")
+    result = Soak(a.drun, a.work, leechers=a.leechers, embedded=a.embedded).run(a.seconds)
     problems = check(result)
     for p in problems:
         print("FAILED:", p)
