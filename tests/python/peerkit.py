@@ -52,20 +52,24 @@ class PKI:
 class Serve:
     """`drun serve` in its own process, on a free loopback port."""
 
-    def __init__(self, drun_bin, store, key_source, cert, key, client_ca, extra=(), env=None):
+    def __init__(self, drun_bin, store, key_source, cert, key, client_ca, extra=(), env=None, log=None):
+        """log: a file for the server's stderr, for long runs whose warnings would fill a pipe
+        nobody reads until stop()."""
         self.port = free_port()
         self.argv = [drun_bin, "serve", "--store", store, "--key-source", key_source, "--listen",
                      f"127.0.0.1:{self.port}", "--tls-cert", cert, "--tls-key", key]
         if client_ca:
             self.argv += ["--client-ca", client_ca]
         self.argv += list(extra)
-        self.proc = subprocess.Popen(list(map(str, self.argv)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env)
+        self.log = open(log, "w") if log else None
+        self.proc = subprocess.Popen(list(map(str, self.argv)), stdout=subprocess.PIPE,
+                                     stderr=self.log or subprocess.PIPE, text=True, env=env)
         self.addr = f"127.0.0.1:{self.port}"
         end = time.time() + 10
         while time.time() < end:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"drun serve exited with {self.proc.returncode}: {self.proc.stderr.read()}")
+                why = self.proc.stderr.read() if self.proc.stderr else Path(log).read_text()
+                raise RuntimeError(f"drun serve exited with {self.proc.returncode}: {why}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return
@@ -78,6 +82,9 @@ class Serve:
         if self.proc.poll() is None:
             self.proc.terminate()
         out, err = self.proc.communicate(timeout=20)
+        if self.log:
+            self.log.close()
+            err = Path(self.log.name).read_text()
         self.out, self.err = out, err
         m = re.search(r"stopped: (\d+) connections, (\d+) requests, (\d+) pieces \(([\d.]+) MiB\) served, (\d+) denied, "
                       r"(\d+) handshakes refused, (\d+) protocol errors, (\d+) busy", out)

@@ -99,13 +99,16 @@ print("stats", json.dumps(server.stats()), flush=True)
 class EmbeddedServe:
     """Serve's interface (port, addr, proc, stop()) over EMBEDDED_HOST, reading its work reports."""
 
-    def __init__(self, store, key_source, cert, key, ca, jwks, audience, python="/usr/bin/python3"):
+    def __init__(self, store, key_source, cert, key, ca, jwks, audience, log, python="/usr/bin/python3"):
+        # The library's warnings (one per hostile client) go to a file: a pipe nobody reads
+        # would fill and stall the logging threads.
+        self.log = open(log, "w")
         self.proc = subprocess.Popen([python, "-c", EMBEDDED_HOST, *map(str, (store, key_source, cert, key, ca, jwks,
                                                                               audience))],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
         first = self.proc.stdout.readline().split()
         if len(first) != 2 or first[0] != "port":
-            raise RuntimeError(f"the embedded host did not start: {first} {self.proc.stderr.read()}")
+            raise RuntimeError(f"the embedded host did not start: {first} {Path(log).read_text()[-2000:]}")
         self.port = int(first[1])
         self.addr = f"127.0.0.1:{self.port}"
         self.work, self.stats_line = [], None  # (iterations in the second, longest gap in s)
@@ -126,6 +129,7 @@ class EmbeddedServe:
             self.proc.terminate()
         self.proc.wait(timeout=30)
         self.reader.join(timeout=10)
+        self.log.close()
         st = self.stats_line or {}
         return {"connections": st.get("connections"), "requests": st.get("requests"),
                 "pieces": st.get("pieces_served"), "denied": st.get("denied"),
@@ -179,7 +183,7 @@ class Soak:
             # The binding's PeerServer keeps the default 256 connections (64 handshake slots), so
             # each leecher takes one connection: see the note on --max-connections below.
             self.server = EmbeddedServe(w / "seed", self.ks, self.server_cert, self.server_key, self.pki.ca,
-                                        w / "jwks.json", self.audience)
+                                        w / "jwks.json", self.audience, log=w / "server.log")
             self.leecher_connections = "1"
         else:
             self.server = Serve(self.drun_bin, w / "seed", self.ks, self.server_cert, self.server_key, self.pki.ca,
@@ -190,7 +194,8 @@ class Soak:
                                        # connecting at once are turned away as one host would be.
                                        # 1024 connections give 256 slots, so the per-address rule
                                        # starts at 128.
-                                       "--max-connections", "1024"])
+                                       "--max-connections", "1024"],
+                                log=w / "server.log")
             self.leecher_connections = "2"
         self.pid = self.server.proc.pid
         (w / "leechers").mkdir()
