@@ -1,4 +1,4 @@
-// Origins: HTTP(S) through libcurl (one Range request per piece, a pool of reusable handles so
+// Origins: HTTP(S) through libcurl (one Range request per piece, a pool of connection caches so
 // connections stay open), and file:// for local copies.
 #include <drun/source.hpp>
 
@@ -29,6 +29,26 @@ struct easy_deleter {
   void operator()(CURL* c) const noexcept { curl_easy_cleanup(c); }
 };
 using easy_ptr = std::unique_ptr<CURL, easy_deleter>;
+
+struct share_deleter {
+  void operator()(CURLSH* s) const noexcept { curl_share_cleanup(s); }
+};
+using share_ptr = std::unique_ptr<CURLSH, share_deleter>;
+
+// Where a pooled exchange keeps what outlives one transfer: its open connections, TLS sessions
+// and resolved names. Each transfer gets a fresh easy handle attached to one of these, never a
+// reused handle: libcurl 7.88 (bookworm's) keeps a pointer to the previous transfer's last header
+// after freeing it, and an answer whose first header line is a folded continuation then writes
+// through it (curl issue 11101, fixed in 8.1.0; our fuzzer found it from a hostile origin). A
+// share is used by one thread at a time (the pool hands it out), which is what libcurl supports
+// for a shared connection cache, so it needs no lock callbacks.
+share_ptr make_share() {
+  share_ptr s(curl_share_init());
+  if (!s) return s;
+  for (auto data : {CURL_LOCK_DATA_CONNECT, CURL_LOCK_DATA_SSL_SESSION, CURL_LOCK_DATA_DNS})
+    if (curl_share_setopt(s.get(), CURLSHOPT_SHARE, data) != CURLSHE_OK) return {};
+  return s;
+}
 
 // Percent-encodes each path segment of a manifest name for a URL (RFC 3986 unreserved bytes stay).
 std::string url_path(const std::string& name) {
@@ -157,7 +177,7 @@ struct response {
   std::string content_range;
 };
 
-// GETs over a pool of reusable curl handles (each keeps its connection open), following
+// GETs over a pool of connection caches (each keeps its connections open), following
 // redirects itself so that credentials go only to the origin they were meant for and never to
 // another scheme, host or port: the caller's headers to the credentials origin, SigV4 (and its
 // session token) to the URL's own.
@@ -186,17 +206,19 @@ class http_client {
 
   // A failure here is a transport failure (io_error, or cancelled); the caller judges the status.
   result<response> get(std::string url, const std::string& range, transfer& t, const std::atomic<bool>* cancel) {
-    auto handle = take();
-    if (!handle) return error(errc::io_error, "cannot create a curl handle");
-    CURL* c = handle.get();
+    auto share = take();
+    if (!share) return error(errc::io_error, "cannot create a curl share handle");
     for (int hop = 0;; ++hop) {
       // The URL a redirect led to may carry a presigned signature in its query: not in messages.
       if (hop > 5) return error(errc::io_error, fmt::format("{}: too many redirects", url.substr(0, url.find('?'))));
       t.refused = false;
       t.dropped = 0;
-      t.handle = c;
       t.content_range.clear();
-      curl_easy_reset(c);
+      easy_ptr handle(curl_easy_init());
+      if (!handle) return error(errc::io_error, "cannot create a curl handle");
+      CURL* c = handle.get();
+      t.handle = c;
+      curl_easy_setopt(c, CURLOPT_SHARE, share.get());
       configure_easy(c, options_);
       curl_easy_setopt(c, CURLOPT_URL, url.c_str());
       if (!range.empty()) curl_easy_setopt(c, CURLOPT_RANGE, range.c_str());
@@ -237,6 +259,11 @@ class http_client {
       if (rc == CURLE_ABORTED_BY_CALLBACK) return error(errc::cancelled, "the transfer was cancelled");
       if (t.refused) return error(errc::io_error, "refused");  // the caller's sink says why
       if (t.dropped > transfer::max_dropped) return r;         // the status says what went wrong
+      // libcurl's header store refuses a line without a name or a folded line with nothing to
+      // continue, and says only "bad argument".
+      if (rc == CURLE_BAD_FUNCTION_ARGUMENT)
+        return error(errc::io_error, "the answer has a header line that does not parse (no name, or a folded "
+                                     "continuation of nothing)");
       if (rc != CURLE_OK) return error(errc::io_error, fmt::format("{} ({})", curl_easy_strerror(rc), errbuf));
       if (r.status == 301 || r.status == 302 || r.status == 303 || r.status == 307 || r.status == 308) {
         char* location = nullptr;
@@ -247,13 +274,13 @@ class http_client {
         continue;
       }
       r.content_range = t.content_range;
-      give(std::move(handle));  // only after a complete exchange: a failed handle may hold a broken connection
+      give(std::move(share));  // only after a complete exchange: a failed one may hold a broken connection
       return r;
     }
   }
 
  private:
-  easy_ptr take() {
+  share_ptr take() {
     {
       std::lock_guard lock(mutex_);
       if (!pool_.empty()) {
@@ -262,9 +289,9 @@ class http_client {
         return h;
       }
     }
-    return easy_ptr(curl_easy_init());
+    return make_share();
   }
-  void give(easy_ptr h) {
+  void give(share_ptr h) {
     std::lock_guard lock(mutex_);
     pool_.push_back(std::move(h));
   }
@@ -273,7 +300,7 @@ class http_client {
   std::string headers_origin_;  // options_.headers go here only
   source_options options_;
   std::mutex mutex_;
-  std::vector<easy_ptr> pool_;
+  std::vector<share_ptr> pool_;
   std::string sigv4_, credentials_, session_token_;
 };
 
