@@ -26,6 +26,7 @@ packages=(
   iperf3 perftest                  # the baselines of drun-bench tcp (iperf3) and rdma (ib_write_bw)
   prometheus                       # the metrics tests: a real Prometheus scrapes drun; promtool lints
   clang libclang-rt-14-dev         # scripts/fuzz.sh: libFuzzer and the sanitizer runtimes for clang
+  iproute2 nftables                # the swarm in network namespaces: links (ip, tc), packet loss (nft)
 )
 # sigstore-js, the independent verifier of the keyless tests, runs on Node.js. A Node.js from
 # elsewhere (its own npm included) is used as it is; otherwise Debian's.

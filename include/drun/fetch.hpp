@@ -53,8 +53,9 @@ struct fetch_options {
   // Swarms started together: which node takes which piece from the origins, so that the origins
   // send each piece about once. Piece i belongs to origin_owners[i % size]: a source index (a
   // peer), or fetch_self for this node. A node takes another's piece from an origin only once that
-  // peer is gone, or after peer_wait; and one piece at a time per origin, so that pieces become
-  // tradeable early. Empty: every node takes any piece no peer holds.
+  // peer is gone, its holdings stopped growing (for four times this node's slowest origin piece,
+  // and at least peer_wait / 6), or after peer_wait; and one piece at a time per origin, so that
+  // pieces become tradeable early. Empty: every node takes any piece no peer holds.
   std::vector<std::size_t> origin_owners;
   // Where to write the artifact's files as well (created; must not exist or be empty): each
   // verified piece goes there as it arrives, through a staging directory, and the files move into

@@ -41,6 +41,8 @@ struct source_slot {
   unsigned consecutive_errors = 0;
   std::vector<bool> have;              // peers: what they announced
   std::vector<bool> refused;           // pieces it announced, then said it does not hold
+  std::size_t held = 0;                // peers: the most pieces they announced, and when that grew
+  clock::time_point grew{};
   std::string last_error;              // why it was last refused or failed
   errc last_code = errc::io_error;
   // A peer at its limits says so (errc::busy): it is asked again after a backoff, and its refusals
@@ -113,7 +115,19 @@ class session {
   clock::time_point last_refresh_{}, last_progress_ = clock::now();
   bool refreshing_ = false;
   const clock::time_point start_ = clock::now();
+  clock::duration slowest_origin_piece_{};
   std::atomic<std::uint64_t> received_{0};
+
+  // In a swarm, whether a member's share of the origin's pieces is still worth waiting for: it is
+  // usable, the wait is under peer_wait, and its holdings grew recently. A member whose own fetch
+  // died (a full disk, a crash of its fetch while its server lives on) announces a frozen set
+  // forever; "recently" is four times the slowest piece this node took from an origin, and at
+  // least peer_wait / 6, so that a member still on its first piece is not given up on.
+  bool worth_waiting_for(std::size_t owner, clock::time_point now) const {
+    const auto& o = src_[owner];
+    auto patience = std::max<clock::duration>(options_.peer_wait / 6, 4 * slowest_origin_piece_);
+    return o.usable && now - start_ < options_.peer_wait && now - std::max(start_, o.grew) < patience;
+  }
 };
 
 session::session(const verified_manifest& m, const std::vector<std::unique_ptr<source>>& sources,
@@ -218,6 +232,9 @@ void session::refresh() {
       for (std::size_t i = 0; i < have.size() && i < src_[k].refused.size(); ++i)
         if (src_[k].refused[i]) have[i] = false;
       src_[k].have = std::move(have);
+      if (auto n = static_cast<std::size_t>(std::count(src_[k].have.begin(), src_[k].have.end(), true));
+          n > src_[k].held)
+        src_[k].held = n, src_[k].grew = clock::now();
     } else if (!a && a.error().code() == errc::not_found) {
       src_[k].have.clear();  // it does not have the artifact (yet): it holds nothing
     } else if (!a) {
@@ -273,9 +290,9 @@ std::optional<clock::time_point> session::pick_from_origin(clock::time_point now
       held = src_[k].peer && src_[k].usable && index < src_[k].have.size() && src_[k].have[index];
     if (held) continue;
     if (!options_.origin_owners.empty()) {
-      // Another node's share: wait for it to bring the piece, unless it is gone or late.
+      // Another node's share: wait for it to bring the piece, unless it is gone, late or stuck.
       std::size_t owner = options_.origin_owners[index % options_.origin_owners.size()];
-      if (owner != fetch_self && owner < src_.size() && src_[owner].usable && now - start_ < options_.peer_wait) {
+      if (owner != fetch_self && owner < src_.size() && worth_waiting_for(owner, now)) {
         waiting = true;
         continue;
       }
@@ -464,6 +481,7 @@ void session::work(unsigned w) {
 
     buf.resize(mp.range->size());
     piece_request req{m_.artifact_id(), m_.files()[mp.file].name, mp.file, index, *mp.range};
+    const auto began = clock::now();
     auto got = sources_[k]->fetch(req, buf, options_.cancel);
     bool verified = false;
     result<bool> put = false;
@@ -488,6 +506,7 @@ void session::work(unsigned w) {
       break;
     }
     if (got && verified && put) {
+      if (!src_[k].peer) slowest_origin_piece_ = std::max(slowest_origin_piece_, clock::now() - began);
       delivered(t, k);
       continue;
     }

@@ -133,6 +133,7 @@ struct transfer {
   bool refused = false;
   std::size_t dropped = 0;
   std::string content_range;
+  std::string bad_status;  // a status line that does not parse, printable, for the message
 
   static constexpr std::size_t max_dropped = 1 << 20;
 
@@ -153,6 +154,10 @@ struct transfer {
   static std::size_t on_header(char* data, std::size_t size, std::size_t n, void* self) {
     auto* t = static_cast<transfer*>(self);
     std::string_view line(data, size * n);
+    if (is_status_line(line) && !well_formed_status(line)) {
+      for (char ch : line.substr(0, 80)) t->bad_status += std::isprint(static_cast<unsigned char>(ch)) ? ch : '?';
+      return 0;  // aborts the transfer
+    }
     constexpr std::string_view key = "content-range:";
     if (line.size() > key.size()) {
       std::string lower(line.substr(0, key.size()));
@@ -165,6 +170,28 @@ struct transfer {
       }
     }
     return size * n;
+  }
+  // A line no header can start with ('/' and ' ' are not in a field name): libcurl passes each
+  // response's status line to the header callback first.
+  static bool is_status_line(std::string_view line) {
+    if (line.size() < 5) return false;
+    std::string head(line.substr(0, 5));
+    for (auto& ch : head) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+    return head == "HTTP/" || head == "HTTP ";
+  }
+  // HTTP/D[.D] SP DDD, then the end, a reason or the line's end. libcurl reads a line that starts
+  // with "HTTP/" and does not parse as "HTTP/1.0 200" (for NCSA httpd 1.5): drun does not.
+  static bool well_formed_status(std::string_view l) {
+    auto digit = [&](std::size_t i) { return i < l.size() && l[i] >= '0' && l[i] <= '9'; };
+    if (l.substr(0, 5) != "HTTP/" || !digit(5)) return false;
+    std::size_t at = 6;
+    if (at < l.size() && l[at] == '.') {
+      if (!digit(at + 1)) return false;
+      at += 2;
+    }
+    if (at >= l.size() || l[at] != ' ' || !digit(at + 1) || !digit(at + 2) || !digit(at + 3)) return false;
+    at += 4;
+    return at == l.size() || l[at] == ' ' || l[at] == '\r' || l[at] == '\n';
   }
   static int on_progress(void* cancel, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
     return static_cast<const std::atomic<bool>*>(cancel)->load() ? 1 : 0;
@@ -213,6 +240,7 @@ class http_client {
       if (hop > 5) return error(errc::io_error, fmt::format("{}: too many redirects", url.substr(0, url.find('?'))));
       t.refused = false;
       t.dropped = 0;
+      t.bad_status.clear();
       t.content_range.clear();
       easy_ptr handle(curl_easy_init());
       if (!handle) return error(errc::io_error, "cannot create a curl handle");
@@ -257,6 +285,8 @@ class http_client {
       r.url = url;
       curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &r.status);
       if (rc == CURLE_ABORTED_BY_CALLBACK) return error(errc::cancelled, "the transfer was cancelled");
+      if (!t.bad_status.empty())
+        return error(errc::io_error, fmt::format("the answer's status line does not parse: \"{}\"", t.bad_status));
       if (t.refused) return error(errc::io_error, "refused");  // the caller's sink says why
       if (t.dropped > transfer::max_dropped) return r;         // the status says what went wrong
       // libcurl's header store refuses a line without a name or a folded line with nothing to

@@ -212,6 +212,8 @@ result<tlog_entry> parse_tlog_entry(const json& e, std::string_view where) {
     if (!size) return std::move(size).error();
     auto root = base64_field(*proof, "rootHash", pw);
     if (!root) return std::move(root).error();
+    // SHA-256 nodes: a hash of another length is a malformed proof, not one that fails to hold.
+    if (root->size() != 32) return bad_bundle(fmt::format("{}.rootHash is {} bytes, not 32", pw, root->size()));
     p.log_index = *pi;
     p.tree_size = *size;
     p.root_hash = std::move(*root);
@@ -221,6 +223,8 @@ result<tlog_entry> parse_tlog_entry(const json& e, std::string_view where) {
       for (const auto& h : *hashes) {
         auto bytes = h.is_string() ? base64_decode(h.get_ref<const std::string&>()) : std::nullopt;
         if (!bytes) return bad_bundle(fmt::format("{}.hashes holds a value that is not base64", pw));
+        if (bytes->size() != 32)
+          return bad_bundle(fmt::format("{}.hashes holds a hash of {} bytes, not 32", pw, bytes->size()));
         p.hashes.push_back(std::move(*bytes));
       }
     }

@@ -290,7 +290,7 @@ result<void> store::add_artifact(const verified_manifest& m, std::string_view bu
     // Reserve the space now: running out of disk is reported here, not halfway through.
     if (size > 0)
       if (int e = ::posix_fallocate(fd, 0, static_cast<off_t>(size)); e != 0)
-        return cleanup(detail::sys_error("cannot reserve space for", path, e));
+        return cleanup(detail::sys_error(fmt::format("cannot reserve {} bytes", size), path, e));
   }
   std::lock_guard lock(impl_->db_mutex);
   auto txn = transaction::begin(impl_->db);

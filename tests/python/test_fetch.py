@@ -141,6 +141,10 @@ class HostileHandler(http.server.BaseHTTPRequestHandler):
             # The first header line continues nothing (obs-fold).
             self.wfile.write(b"HTTP/1.1 206 Partial Content\r\n\tX-Folded: nothing\r\nContent-Length: 0\r\n\r\n")
             return
+        if srv.mode == "garbled-status":  # what libcurl alone reads as "HTTP/1.0 200"
+            data = (srv.root / self.path.removeprefix("/model/")).read_bytes()
+            self.wfile.write(b"HTTP/q.02 Found\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+            return
         if srv.redirect_to:
             self.send_response(302)
             self.send_header("Location", srv.redirect_to + self.path.removeprefix("/model"))
@@ -294,15 +298,19 @@ def test_hostile_origin_alone_fails_and_stores_nothing_unverified(drun, tmp_path
         srv.shutdown()
 
 
-def test_a_folded_first_header_after_a_redirect_is_refused_cleanly(drun, tmp_path, published, node_key):
-    # libcurl 7.88 kept a pointer to the previous answer's last header and unfolded this line into
-    # freed memory when the handle was reused (found by tests/fuzz/origin_http.cpp; the ASan build
-    # of this test caught it): drun gives every transfer a fresh handle.
+@pytest.mark.parametrize("mode,why", [("folded", "header line that does not parse"),
+                                      ("garbled-status", 'status line does not parse: "HTTP/q.02 Found')])
+def test_answers_that_do_not_parse_are_refused_cleanly(drun, tmp_path, published, node_key, mode, why):
+    # Both found by tests/fuzz/origin_http.cpp. folded: a first header line that continues nothing,
+    # after a redirect; libcurl 7.88 kept a pointer to the previous answer's last header and
+    # unfolded the line into freed memory when the handle was reused (the ASan build of this test
+    # caught it): drun gives every transfer a fresh handle. garbled-status: libcurl reads a status
+    # line that starts with "HTTP/" and does not parse as a 200; drun refuses it.
     m, sig, pub = published
-    srv = Hostile(m, "folded")
+    srv = Hostile(m, mode)
     try:
         r = fetch(drun, sig, pub, tmp_path / "store", node_key, srv.url(), extra=["--connections", 1])
-        r.fails(3, "header line that does not parse", "failed from every source")
+        r.fails(3, why, "failed from every source")
     finally:
         srv.shutdown()
 

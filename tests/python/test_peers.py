@@ -9,8 +9,6 @@ import os
 import re
 import shutil
 import socket
-import ssl
-import struct
 import subprocess
 import threading
 import time
@@ -19,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from peerkit import PKI, Serve, free_port, seeded_store, signed_model
+from peerwire import LyingPeer  # noqa: F401 (other tests import it from here)
 from test_fetch import Nginx
 
 
@@ -184,100 +183,6 @@ def test_token_only_callers(swarm, drun, tmp_path):
     r.fails((3, 4))
     stats = seed.stop()
     assert "eyJ" not in seed.out + seed.err  # tokens are never logged
-
-
-class LyingPeer:
-    """A peer that speaks the protocol correctly and serves every piece with one byte flipped.
-    It speaks version 1; strict_v1 makes it refuse any other HELLO as a server from before
-    version 2 did (the trace context read as trailing bytes: bad_request)."""
-
-    def __init__(self, pki, model, sig, manifest, refuse=False, strict_v1=False):
-        self.refuse = refuse  # announce every piece, then answer "not found" to every request
-        self.strict_v1 = strict_v1
-        self.hellos = []      # the version of each HELLO received
-        cert, key = pki.issue("liar")
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        self.ctx.load_cert_chain(cert, key)
-        self.ctx.load_verify_locations(pki.ca)
-        self.ctx.verify_mode = ssl.CERT_REQUIRED
-        self.model, self.sig = Path(model), Path(sig)
-        self.ranges = []  # (file name, file index, begin, end) per piece
-        shard = manifest["shard_size"]
-        for fi, f in enumerate(manifest["files"]):
-            for k in range(f["pieces"]):
-                self.ranges.append((f["name"], fi, k * shard, min(f["size"], (k + 1) * shard)))
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.addr = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.served = 0
-        threading.Thread(target=self.loop, daemon=True).start()
-
-    def loop(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.session, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def read_exact(s, n):
-        b = b""
-        while len(b) < n:
-            chunk = s.recv(n - len(b))
-            if not chunk:
-                raise EOFError
-            b += chunk
-        return b
-
-    def send(self, s, t, body):
-        s.sendall(struct.pack(">BI", t, len(body)) + body)
-
-    def answer(self, s, data):
-        self.send(s, 0x82, struct.pack(">Q", len(data)))
-        for i in range(0, len(data), 1 << 20):
-            self.send(s, 0x83, data[i:i + (1 << 20)])
-
-    def session(self, conn):
-        try:
-            s = self.ctx.wrap_socket(conn, server_side=True)
-            t, n = struct.unpack(">BI", self.read_exact(s, 5))
-            hello = self.read_exact(s, n)
-            version, token_len = struct.unpack(">HH", hello[4:8])
-            self.hellos.append(version)
-            if self.strict_v1 and len(hello) != 8 + token_len:
-                msg = b"expected a HELLO frame"
-                self.send(s, 0x84, struct.pack(">H", 1) + msg)
-                s.close()
-                return
-            self.send(s, 0x81, struct.pack(">HH", 1, 0))
-            while True:
-                t, n = struct.unpack(">BI", self.read_exact(s, 5))
-                body = self.read_exact(s, n)
-                if t == 0x03:
-                    count = len(self.ranges)
-                    bits = ((1 << count) - 1) << (-count % 8)  # every piece; the padding bits 0
-                    self.answer(s, struct.pack(">I", count) + bits.to_bytes((count + 7) // 8, "big"))
-                elif t == 0x02:
-                    self.answer(s, self.sig.read_bytes())
-                elif t == 0x04 and self.refuse:
-                    self.served += 1
-                    msg = b"piece is not stored here (yet)"
-                    self.send(s, 0x84, struct.pack(">H", 5) + msg)
-                elif t == 0x04:
-                    fi, pi = struct.unpack(">II", body[32:40])
-                    name, _, b, e = self.ranges[pi]
-                    data = bytearray((self.model / name).read_bytes()[b:e])
-                    data[len(data) // 2] ^= 0x40
-                    self.served += 1
-                    self.answer(s, bytes(data))
-        except (OSError, EOFError, ssl.SSLError):
-            pass
-
-    def stop(self):
-        self.sock.close()
 
 
 def manifest_json(drun, sig):

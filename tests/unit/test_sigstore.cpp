@@ -87,6 +87,31 @@ TEST_CASE("inclusion proofs verify exactly for every leaf of trees up to 33 entr
   }
 }
 
+TEST_CASE("Rekor entries: an inclusion proof's hashes are SHA-256 nodes or the entry is malformed") {
+  // Found by tests/fuzz/sigstore.cpp: such a proof used to parse and then fail to hold, which
+  // reads as a log that did not record the entry rather than a broken bundle.
+  const std::string h32 = "wNI9atQGlz+VWfO6LRygH4QUfY/8W4RFwiT5i5WRgB0=", h21 = "zxGZFVvd0FEmjR8WrFwMdcAJ9vtc";
+  auto entry = [&](const std::string& root, const std::string& hash) {
+    return drun::detail::json::parse(R"({"logIndex": "7", "logId": {"keyId": ")" + h32 + R"("},
+      "kindVersion": {"kind": "dsse", "version": "0.0.1"}, "canonicalizedBody": "e30=",
+      "inclusionProof": {"logIndex": "7", "treeSize": "9", "rootHash": ")" + root + R"(",
+                         "hashes": [")" + h32 + R"(", ")" + hash + R"("]}})");
+  };
+  auto good = parse_tlog_entry(entry(h32, h32), "tlogEntries[0]");
+  REQUIRE_MESSAGE(good, good.error().detail());
+  REQUIRE(good->proof);
+  CHECK(good->proof->hashes.size() == 2);
+  auto bad = parse_tlog_entry(entry(h32, h21), "tlogEntries[0]");
+  REQUIRE_FALSE(bad);
+  CHECK(bad.error().code() == errc::malformed_bundle);
+  CHECK(bad.error().detail().find("tlogEntries[0].inclusionProof.hashes holds a hash of 21 bytes, not 32") !=
+        std::string::npos);
+  auto bad_root = parse_tlog_entry(entry(h21, h32), "tlogEntries[0]");
+  REQUIRE_FALSE(bad_root);
+  CHECK(bad_root.error().detail().find("tlogEntries[0].inclusionProof.rootHash is 21 bytes, not 32") !=
+        std::string::npos);
+}
+
 TEST_CASE("RFC 3339 times as trusted roots write them") {
   CHECK(parse_rfc3339("1970-01-01T00:00:00Z") == 0);
   CHECK(parse_rfc3339("2021-03-07T03:20:29Z") == 1615087229000);
