@@ -38,7 +38,9 @@ struct fetch_options {
   unsigned connections = 8;                            // pieces in flight
   unsigned per_peer = 4;                               // pieces in flight to one peer
   unsigned attempts_per_piece = 6;                     // origin failures and mismatches per piece
-  std::chrono::milliseconds first_backoff{100};        // doubled per attempt, with jitter
+  // Doubled per attempt, with jitter (each wait between half and all of it): with 6 attempts an
+  // origin has 8 to 15 s to come back (a restart, a failover) before a piece fails.
+  std::chrono::milliseconds first_backoff{500};
   std::uint64_t memory_budget = std::uint64_t{192} << 20;  // piece buffers, whatever the model size
   std::uint64_t max_bytes_per_second = 0;              // for the whole fetch; 0: unlimited
   // Called from worker threads, one call at a time; it should return quickly.
