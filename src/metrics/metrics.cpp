@@ -309,7 +309,8 @@ void metrics_server::impl::serve_one(int fd) {
     req.append(buf, static_cast<std::size_t>(n));
   }
   using metrics::scrape_request;
-  switch (metrics::judge_scrape_request(req)) {
+  const auto judged = metrics::judge_scrape_request(req);
+  switch (judged) {
     case scrape_request::too_large:
       send_all(fd, response("431 Request Header Fields Too Large", "text/plain", "request too large\n"), deadline);
       return;
@@ -328,7 +329,7 @@ void metrics_server::impl::serve_one(int fd) {
   }
   auto body = metrics_text();
   auto r = response("200 OK", "text/plain; version=0.0.4; charset=utf-8", body);
-  if (metrics::judge_scrape_request(req) == scrape_request::head) r.resize(r.size() - body.size());
+  if (judged == scrape_request::head) r.resize(r.size() - body.size());
   send_all(fd, r, deadline);
 }
 

@@ -79,7 +79,8 @@ import hashlib, json, signal, sys, time
 import drun
 store_dir, key_source, cert, key, ca, jwks, audience = sys.argv[1:8]
 store = drun.Store(store_dir, key_source=key_source)
-server = drun.PeerServer(store, cert=cert, key=key, client_ca=ca, jwks=jwks, audience=audience)
+server = drun.PeerServer(store, cert=cert, key=key, client_ca=ca, jwks=jwks, audience=audience,
+                         max_connections=1024)  # as the served case's --max-connections (see there)
 print("port", server.port, flush=True)
 stopping = []
 signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
@@ -180,11 +181,8 @@ class Soak:
         self.audience = "drun-soak"
         self.embedded = embedded
         if embedded:
-            # The binding's PeerServer keeps the default 256 connections (64 handshake slots), so
-            # each leecher takes one connection: see the note on --max-connections below.
             self.server = EmbeddedServe(w / "seed", self.ks, self.server_cert, self.server_key, self.pki.ca,
                                         w / "jwks.json", self.audience, log=w / "server.log")
-            self.leecher_connections = "1"
         else:
             self.server = Serve(self.drun_bin, w / "seed", self.ks, self.server_cert, self.server_key, self.pki.ca,
                                 extra=["--jwks", w / "jwks.json", "--audience", self.audience,
@@ -196,7 +194,7 @@ class Soak:
                                        # starts at 128.
                                        "--max-connections", "1024"],
                                 log=w / "server.log")
-            self.leecher_connections = "2"
+        self.leecher_connections = "2"
         self.pid = self.server.proc.pid
         (w / "leechers").mkdir()
 

@@ -751,6 +751,18 @@ def test_metrics_of_the_process_and_of_an_in_process_server(tmp_path, seed, smal
         drun.PeerServer(seed, cert=str(cert), key=str(key), client_ca=str(pki.ca), metrics_listen="no-port-here")
 
 
+def test_peer_server_max_connections_turns_the_rest_away_at_once(seed, pki):
+    cert, key = pki.issue("seed")
+    with pytest.raises(drun.ConfigError, match="max_connections"):
+        drun.PeerServer(seed, cert=str(cert), key=str(key), client_ca=str(pki.ca), max_connections=0)
+    with drun.PeerServer(seed, cert=str(cert), key=str(key), client_ca=str(pki.ca), max_connections=1) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port)) as first:
+            time.sleep(0.2)  # the first holds the only connection (until its first-byte timeout, 2 s)
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=1.5) as second:
+                assert second.recv(1) == b""  # closed at once, not after a timeout
+        assert srv.stats()["busy"] >= 1, srv.stats()
+
+
 def test_rdma_is_asked_for_with_rdma_true_and_falls_back_where_there_is_none(tmp_path, seed, small, publisher, pki,
                                                                               capfd):
     root, sig, art, files = small

@@ -380,10 +380,12 @@ class py_peer_server {
   py_peer_server(py_store& store, const std::string& listen, const std::string& cert, const std::string& key,
                  const std::string& client_ca, std::optional<std::string> policy, std::optional<std::string> jwks,
                  const std::string& audience, bool allow_token_only, bool rdma, const std::string& token_issuer,
-                 bool require_bound_tokens, const std::string& metrics_listen)
+                 bool require_bound_tokens, const std::string& metrics_listen, unsigned max_connections)
       : store_(store.shared()) {
     drun::peer_server_options o;
     o.metrics_listen = metrics_listen;
+    if (max_connections == 0) raise(drun::error(drun::errc::invalid_argument, "max_connections must be at least 1"));
+    o.max_connections = max_connections;
     o.rdma.enabled = rdma;
     o.listen = listen;
     o.cert_file = cert;
@@ -655,11 +657,12 @@ PYBIND11_MODULE(_drun, m) {
   py::class_<py_peer_server>(m, "PeerServer")
       .def(py::init<py_store&, const std::string&, const std::string&, const std::string&, const std::string&,
                     std::optional<std::string>, std::optional<std::string>, const std::string&, bool, bool,
-                    const std::string&, bool, const std::string&>(),
+                    const std::string&, bool, const std::string&, unsigned>(),
            py::arg("store"), py::kw_only(), py::arg("listen") = "127.0.0.1:0", py::arg("cert"), py::arg("key"),
            py::arg("client_ca") = "", py::arg("policy") = py::none(), py::arg("jwks") = py::none(),
            py::arg("audience") = "drun", py::arg("allow_token_only") = false, py::arg("rdma") = false,
-           py::arg("token_issuer") = "", py::arg("require_bound_tokens") = false, py::arg("metrics_listen") = "")
+           py::arg("token_issuer") = "", py::arg("require_bound_tokens") = false, py::arg("metrics_listen") = "",
+           py::arg("max_connections") = 256)
       .def_property_readonly("port", &py_peer_server::port)
       .def_property_readonly("metrics_port", &py_peer_server::metrics_port)
       .def("stats", &py_peer_server::stats)
