@@ -110,7 +110,8 @@ class NetSwarm:
             sh("nft", "delete", "table", "netdev", t, check=False)
 
     def spawn(self, argv, log):
-        p = subprocess.Popen(list(map(str, argv)), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        with open(log, "w") as out:  # the child keeps its own descriptor
+            p = subprocess.Popen(list(map(str, argv)), stdout=out, stderr=subprocess.STDOUT)
         self.procs.append(p)
         return p
 
