@@ -41,8 +41,8 @@ struct source_slot {
   unsigned consecutive_errors = 0;
   std::vector<bool> have;              // peers: what they announced
   std::vector<bool> refused;           // pieces it announced, then said it does not hold
-  std::size_t held = 0;                // peers: the most pieces they announced, and when that grew
-  clock::time_point grew{};
+  std::size_t held = 0;                // peers: the most pieces they announced, when that grew,
+  clock::time_point grew{}, answered{};  // and when they last answered what they hold
   std::string last_error;              // why it was last refused or failed
   errc last_code = errc::io_error;
   // A peer at its limits says so (errc::busy): it is asked again after a backoff, and its refusals
@@ -119,14 +119,16 @@ class session {
   std::atomic<std::uint64_t> received_{0};
 
   // In a swarm, whether a member's share of the origin's pieces is still worth waiting for: it is
-  // usable, the wait is under peer_wait, and its holdings grew recently. A member whose own fetch
-  // died (a full disk, a crash of its fetch while its server lives on) announces a frozen set
-  // forever; "recently" is four times the slowest piece this node took from an origin, and at
-  // least peer_wait / 6, so that a member still on its first piece is not given up on.
+  // usable, the wait is under peer_wait, and it is not stuck. A member whose own fetch died (a
+  // full disk, a crash of its fetch while its server lives on) announces a frozen set forever:
+  // stuck is an answer that shows no growth for four times the slowest piece this node took from
+  // an origin, and at least peer_wait / 6 (a guess at a first piece's time, before there is a
+  // measure). Only answers count, so a member that has not been heard from (a slow refresh, a
+  // cut link) is not judged, and it is still given up on after peer_wait.
   bool worth_waiting_for(std::size_t owner, clock::time_point now) const {
     const auto& o = src_[owner];
     auto patience = std::max<clock::duration>(options_.peer_wait / 6, 4 * slowest_origin_piece_);
-    return o.usable && now - start_ < options_.peer_wait && now - std::max(start_, o.grew) < patience;
+    return o.usable && now - start_ < options_.peer_wait && o.answered - std::max(start_, o.grew) < patience;
   }
 };
 
@@ -215,16 +217,23 @@ void session::peer_failed(std::size_t k, errc code) {
 
 // Asks every usable peer what it holds.
 void session::refresh() {
-  std::vector<std::pair<std::size_t, result<std::optional<std::vector<bool>>>>> answers;
+  struct answer {
+    std::size_t k;
+    result<std::optional<std::vector<bool>>> a;
+    clock::time_point at;  // when it came: one peer's slow answer must not age the others'
+  };
+  std::vector<answer> answers;
   for (std::size_t k = 0; k < sources_.size(); ++k) {
     {
       std::lock_guard lock(mutex_);
       if (!src_[k].peer || !src_[k].usable) continue;
     }
-    answers.emplace_back(k, sources_[k]->holdings(m_.artifact_id(), m_.pieces().size(), options_.cancel));
+    auto a = sources_[k]->holdings(m_.artifact_id(), m_.pieces().size(), options_.cancel);
+    answers.push_back({k, std::move(a), clock::now()});
   }
   std::lock_guard lock(mutex_);
-  for (auto& [k, a] : answers) {
+  for (auto& [k, a, at] : answers) {
+    if (a || a.error().code() == errc::not_found) src_[k].answered = at;
     if (a && *a) {
       // Pieces a peer announced and then refused to send are not believed again: a peer that
       // keeps announcing what it will not serve must not hold the fetch up.
@@ -234,7 +243,7 @@ void session::refresh() {
       src_[k].have = std::move(have);
       if (auto n = static_cast<std::size_t>(std::count(src_[k].have.begin(), src_[k].have.end(), true));
           n > src_[k].held)
-        src_[k].held = n, src_[k].grew = clock::now();
+        src_[k].held = n, src_[k].grew = at;
     } else if (!a && a.error().code() == errc::not_found) {
       src_[k].have.clear();  // it does not have the artifact (yet): it holds nothing
     } else if (!a) {

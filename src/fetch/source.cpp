@@ -242,6 +242,9 @@ class http_client {
       t.dropped = 0;
       t.bad_status.clear();
       t.content_range.clear();
+      // What the handle points to during the transfer outlives it: declared first, freed last.
+      slist_ptr headers;
+      char errbuf[CURL_ERROR_SIZE] = {};
       easy_ptr handle(curl_easy_init());
       if (!handle) return error(errc::io_error, "cannot create a curl handle");
       CURL* c = handle.get();
@@ -259,11 +262,9 @@ class http_client {
         curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, &transfer::on_progress);
         curl_easy_setopt(c, CURLOPT_XFERINFODATA, const_cast<std::atomic<bool>*>(cancel));
       }
-      // This hop's headers, for the origin it goes to (curl reads the list during the transfer,
-      // so it lives to the end of the hop).
+      // This hop's headers, for the origin it goes to.
       auto to = origin_of(url);
       bool signed_s3 = !sigv4_.empty() && !origin_.empty() && to == origin_;
-      slist_ptr headers;
       auto add = [&](const std::string& line) {
         if (curl_slist* l = curl_slist_append(headers.get(), line.c_str())) {
           (void)headers.release();  // curl_slist_append returned the same list, grown
@@ -278,7 +279,6 @@ class http_client {
         curl_easy_setopt(c, CURLOPT_AWS_SIGV4, sigv4_.c_str());
         curl_easy_setopt(c, CURLOPT_USERPWD, credentials_.c_str());
       }
-      char errbuf[CURL_ERROR_SIZE] = {};
       curl_easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
       CURLcode rc = curl_easy_perform(c);
       response r;

@@ -3,8 +3,9 @@
 // see them. The harness serves the input on loopback as the answers to successive connections
 // (split at "\n--next--\n"), as a forward proxy, so any host a redirect names lands here too and
 // nothing leaves the machine. Contracts: the credential header is never sent to another origin
-// than the one it is scoped to; a piece or document that is accepted is bytes the input carried, in
-// order, and of the length asked for (or at most the document bound).
+// than the one it is scoped to; a piece or document that is accepted is bytes that one answer
+// carried as its body (as it came, or de-chunked), of the length asked for (or at most the
+// document bound).
 #include "fuzz.hpp"
 #include "peer/tls.hpp"
 
@@ -14,6 +15,7 @@
 #include <sys/socket.h>
 
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <mutex>
 #include <string>
@@ -74,15 +76,41 @@ std::string origin_of_request(const std::string& req) {
   return drun::url_origin(target);
 }
 
-// The bytes appear in the input in order (a chunked body's chunks are not contiguous there).
-bool carried(std::string_view input, std::span<const std::byte> got) {
-  std::size_t at = 0;
-  for (std::byte b : got) {
-    at = input.find(static_cast<char>(b), at);
-    if (at == std::string_view::npos) return false;
-    ++at;
+// A chunked body as far as it parses (sizes in hex, extensions after ';', CRLF or bare LF).
+std::string dechunk(std::string_view b) {
+  std::string out;
+  while (!b.empty()) {
+    auto eol = b.find('\n');
+    if (eol == std::string_view::npos) break;
+    std::size_t size = 0, i = 0;
+    for (; i < eol && std::isxdigit(static_cast<unsigned char>(b[i])); ++i) {
+      size = size * 16 + static_cast<std::size_t>(std::isdigit(static_cast<unsigned char>(b[i])) ? b[i] - '0'
+                                                                                                : (b[i] | 0x20) - 'a' + 10);
+      if (size > (1u << 20)) return out;
+    }
+    if (i == 0) break;
+    b.remove_prefix(eol + 1);
+    if (size == 0) break;
+    out.append(b.substr(0, size));  // a short last chunk: what came of it
+    b.remove_prefix(std::min(size, b.size()));
+    if (b.substr(0, 2) == "\r\n") b.remove_prefix(2);
+    else if (b.substr(0, 1) == "\n") b.remove_prefix(1);
   }
-  return true;
+  return out;
+}
+
+// Whether what was accepted is bytes one of the answers carried as a body: after a header block
+// (any blank line: a 1xx answer puts another block after the first), as it came or de-chunked.
+bool carried(const std::vector<std::string>& answers, std::span<const std::byte> got) {
+  std::string_view g(reinterpret_cast<const char*>(got.data()), got.size());
+  if (g.empty()) return true;  // an empty body (an answer cut short after its headers)
+  for (std::string_view a : answers)
+    for (std::string_view sep : {"\r\n\r\n", "\n\n", "\r\n\n", "\n\r\n"})
+      for (auto at = a.find(sep); at != std::string_view::npos; at = a.find(sep, at + 1)) {
+        auto body = a.substr(at + sep.size());
+        if (body.find(g) != std::string_view::npos || dechunk(body).find(g) != std::string::npos) return true;
+      }
+  return false;
 }
 
 }  // namespace
@@ -101,16 +129,17 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size == 0) return 0;
   auto input = fuzz::text(data + 1, size - 1);
+  std::vector<std::string> answers;
+  for (std::size_t at = 0; answers.size() < 8;) {
+    auto next = input.find(delimiter, at);
+    answers.emplace_back(input.substr(at, next == std::string_view::npos ? next : next - at));
+    if (next == std::string_view::npos) break;
+    at = next + delimiter.size();
+  }
   {
     std::lock_guard lock(proxy->m);
     proxy->requests.clear();
-    proxy->answers.clear();
-    for (std::size_t at = 0; proxy->answers.size() < 8;) {
-      auto next = input.find(delimiter, at);
-      proxy->answers.emplace_back(input.substr(at, next == std::string_view::npos ? next : next - at));
-      if (next == std::string_view::npos) break;
-      at = next + delimiter.size();
-    }
+    proxy->answers = answers;
   }
   drun::source_options o;
   o.proxy = "http://127.0.0.1:" + std::to_string(proxy->l.port);
@@ -122,7 +151,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (mode == 2) {
     constexpr std::size_t max_size = 4096;
     auto doc = drun::fetch_document("http://origin.test/model.sig", max_size, o);
-    if (doc) FUZZ_REQUIRE(doc->size() <= max_size && carried(input, drun::as_bytes(*doc)));
+    if (doc) FUZZ_REQUIRE(doc->size() <= max_size && carried(answers, drun::as_bytes(*doc)));
   } else {
     auto src = drun::make_source("http://origin.test/model", o);
     FUZZ_REQUIRE(src.has_value());
@@ -131,7 +160,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     p.range = mode == 0 ? drun::byte_range{0, 32} : drun::byte_range{32, 64};
     std::vector<std::byte> out(p.range.size());
     auto got = (*src)->fetch(p, out, nullptr);
-    if (got) FUZZ_REQUIRE(carried(input, out));
+    if (got) FUZZ_REQUIRE(carried(answers, out));
     else FUZZ_REQUIRE(got.error().code() == drun::errc::io_error || got.error().code() == drun::errc::not_found);
   }
   std::lock_guard lock(proxy->m);

@@ -278,8 +278,11 @@ class LyingPeer:
                 elif t == 0x04:
                     fi, pi = struct.unpack(">II", body[32:40])
                     name, _, b, e = self.ranges[pi]
-                    data = bytearray((self.model / name).read_bytes()[b:e])
-                    data[len(data) // 2] ^= 0x40
+                    with open(self.model / name, "rb") as f:
+                        f.seek(b)
+                        data = bytearray(f.read(e - b))
+                    if data:  # (signed pieces are never empty)
+                        data[len(data) // 2] ^= 0x40
                     self.served += 1
                     self.answer(s, bytes(data))
         except (OSError, EOFError, ssl.SSLError):
