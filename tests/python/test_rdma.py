@@ -99,19 +99,35 @@ def test_rdma_flags_are_checked(swarm, drun, tmp_path):
     r.fails(2, "--rdma-gid-index needs --rdma")
 
 
+def start_bench_server(drun_bench, pki, kind, server_args, env):
+    """A drun-bench server listening: (process, port, what it printed so far). free_port() only
+    names a port that was free: another process may take it before the server binds, so a server
+    that exits before it listens is started again on another."""
+    for _ in range(3):
+        port = free_port()
+        server = subprocess.Popen([drun_bench, kind, "--server", "--port", str(port), *tls_args(pki, "bench-server"),
+                                   *map(str, server_args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env)
+        said, deadline = "", time.time() + 10
+        while time.time() < deadline:
+            line = server.stderr.readline()
+            said += line
+            if not line or "waiting for a client" in line:
+                break
+        if "waiting for a client" in said:
+            return server, port, said
+        server.kill()
+        server.wait()
+    raise AssertionError(f"drun-bench {kind} --server did not listen: {said}")
+
+
 def run_bench_pair(drun_bench, pki, kind, *client_args, server_args=(), env=None):
-    port = free_port()
-    server = subprocess.Popen([drun_bench, kind, "--server", "--port", str(port), *tls_args(pki, "bench-server"),
-                               *map(str, server_args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env)
+    server, port, said = start_bench_server(drun_bench, pki, kind, server_args, env)
     try:
-        deadline = time.time() + 10
-        while time.time() < deadline and "waiting for a client" not in (server.stderr.readline() or ""):
-            pass
         client = bench(drun_bench, kind, "--client", "127.0.0.1", "--port", port, *tls_args(pki, "bench-client"),
                        *client_args, env=env)
         out, err = server.communicate(timeout=30)
-        return client, server.returncode, err
+        return client, server.returncode, said + err
     finally:
         if server.poll() is None:
             server.kill()
