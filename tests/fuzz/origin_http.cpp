@@ -99,17 +99,20 @@ std::string dechunk(std::string_view b) {
   return out;
 }
 
-// Whether what was accepted is bytes one of the answers carried as a body: after a header block
-// (any blank line: a 1xx answer puts another block after the first), as it came or de-chunked.
+// Whether what was accepted is bytes one of the answers carried as a body, as it came or
+// de-chunked. A body starts after any line that begins with CR or LF (libcurl ends a header
+// block at such a line, "\r-\n" included; a 1xx answer puts another block after the first).
 bool carried(const std::vector<std::string>& answers, std::span<const std::byte> got) {
   std::string_view g(reinterpret_cast<const char*>(got.data()), got.size());
   if (g.empty()) return true;  // an empty body (an answer cut short after its headers)
   for (std::string_view a : answers)
-    for (std::string_view sep : {"\r\n\r\n", "\n\n", "\r\n\n", "\n\r\n"})
-      for (auto at = a.find(sep); at != std::string_view::npos; at = a.find(sep, at + 1)) {
-        auto body = a.substr(at + sep.size());
-        if (body.find(g) != std::string_view::npos || dechunk(body).find(g) != std::string::npos) return true;
-      }
+    for (auto nl = a.find('\n'); nl != std::string_view::npos && nl + 1 < a.size(); nl = a.find('\n', nl + 1)) {
+      if (a[nl + 1] != '\r' && a[nl + 1] != '\n') continue;
+      auto end = a.find('\n', nl + 1);
+      if (end == std::string_view::npos) continue;
+      auto body = a.substr(end + 1);
+      if (body.find(g) != std::string_view::npos || dechunk(body).find(g) != std::string::npos) return true;
+    }
   return false;
 }
 
