@@ -16,7 +16,8 @@ int cmd_fetch(int argc, char** argv) {
                           {"proxy-auth-file", true}, {"proxy-auth-env", true}, {"peer", true, true},
                           {"peers-dns", true, true}, {"tls-cert", true}, {"tls-key", true}, {"token-file", true},
                           {"artifact", true}, {"swarm-self", true}, {"metrics-file", true},
-                          {"traceparent", true}})));
+                          {"traceparent", true}, {"origin-cert", true}, {"origin-key", true},
+                          {"local-address", true}})));
   if (!args.positional.empty()) throw usage_error{"fetch takes no positional arguments"};
   auto sig = args.get("signature");
   auto origins = args.all("origin");
@@ -37,6 +38,10 @@ int cmd_fetch(int argc, char** argv) {
     else if (*t != "1.3") throw usage_error{"--tls-min must be 1.2 or 1.3"};
   }
   so.insecure = args.has("insecure");
+  if (args.has("origin-cert") != args.has("origin-key")) throw usage_error{"give --origin-cert and --origin-key together"};
+  so.client_cert_file = args.get("origin-cert").value_or("");
+  so.client_key_file = args.get("origin-key").value_or("");
+  so.local_address = args.get("local-address").value_or("");
   // Credentials never come from the visible command line: a file readable by its owner only, or
   // an environment variable.
   if (auto hf = args.get("header-file")) {
@@ -142,6 +147,7 @@ int cmd_fetch(int argc, char** argv) {
   po.ca_file = so.ca_file;
   po.cert_file = args.get("tls-cert").value_or("");
   po.key_file = args.get("tls-key").value_or("");
+  po.local_address = so.local_address;
   if (auto tf = args.get("token-file")) {
     auto text = read_secret_file(*tf, "token file");
     if (!text) return fail("fetch", text.error());

@@ -197,6 +197,8 @@ void print_usage(std::FILE* to) {
              "           [--tls-cert PEM --tls-key PEM] [--token-file FILE] [--swarm-self ADDR:PORT]\n"
              "           [--tls-min 1.2|1.3] [--proxy URL] [--proxy-auth-file FILE | --proxy-auth-env NAME]\n"
              "           [--header-file FILE] [--bearer-env NAME] [--credentials-origin URL]\n"
+             "           [--origin-cert PEM --origin-key PEM]   (mutual TLS toward HTTPS origins and proxies)\n"
+             "           [--local-address IP]   (connections to origins and peers go out from it)\n"
              "           [--limit-rate BYTES/s] [--stall-timeout S] [--attempts N] [--insecure]\n"
              "           [--metrics-file FILE]   (Prometheus text, written when the fetch ends) [--traceparent TP]\n"
              "           [--rdma [--rdma-device DEV] [--rdma-port N] [--rdma-gid-index N] [--rdma-qps N]]\n"

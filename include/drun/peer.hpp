@@ -119,6 +119,9 @@ struct peer_client_options {
   // (token.hpp), so bind it when there is a certificate.
   std::string token;
   unsigned connections = 4;         // per peer: pieces in flight to one peer
+  // An IP address of this host that connections to peers go out from (a multi-homed node's
+  // fabric NIC, say). Empty: the kernel picks by route.
+  std::string local_address;
   std::chrono::milliseconds connect_timeout{5000};
   std::chrono::milliseconds io_timeout{30000};  // a response with no bytes for this long fails
   // Asked for on every connection to a peer that offers it. When RDMA cannot be had (no device

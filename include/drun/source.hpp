@@ -32,6 +32,17 @@ struct source_options {
   // variables (https_proxy, no_proxy, ...) decide.
   std::string proxy;
   std::string proxy_credentials;  // "user:password" for the proxy (Basic); never logged
+  // Mutual TLS toward origins, as company origins and registries often demand: a client
+  // certificate (PEM, its chain after it) and its key (PEM, unencrypted, readable by its owner
+  // only), presented to any HTTPS server of the fetch that asks for one (origins, redirect
+  // targets, an HTTPS proxy). A certificate is not a secret (TLS 1.3 sends it encrypted, and the
+  // key never leaves the process), but it names this node to whoever asks. Both or neither;
+  // checked when a source is made (they load, and the key matches the certificate).
+  std::string client_cert_file;
+  std::string client_key_file;
+  // An IP address of this host that connections to origins and proxies go out from. Empty: the
+  // kernel picks by route.
+  std::string local_address;
   // Request headers, typically credentials ("Authorization: Bearer ..."). Sent to one origin
   // only (scheme, host and port; see url_origin): credentials_origin's, or when that is empty the
   // origin of the URL these options are used with (make_source's base URL, fetch_document's URL).

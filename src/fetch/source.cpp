@@ -3,12 +3,14 @@
 #include <drun/source.hpp>
 
 #include "detail/file.hpp"
+#include "peer/tls.hpp"
 
 #include <curl/curl.h>
 #include <fmt/format.h>
 #include <sodium.h>
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <cstdlib>
 #include <cstring>
@@ -81,6 +83,22 @@ void configure_easy(CURL* c, const source_options& o) {
   }
   if (!o.proxy.empty()) curl_easy_setopt(c, CURLOPT_PROXY, o.proxy.c_str());
   if (!o.proxy_credentials.empty()) curl_easy_setopt(c, CURLOPT_PROXYUSERPWD, o.proxy_credentials.c_str());
+  // "host!": an address to bind, never an interface name or a host name to resolve.
+  if (!o.local_address.empty()) curl_easy_setopt(c, CURLOPT_INTERFACE, ("host!" + o.local_address).c_str());
+  if (!o.client_cert_file.empty()) {
+    // An empty passphrase: OpenSSL never prompts on a terminal for a key that turned encrypted
+    // after check_options loaded it.
+    for (auto [cert, cert_type, key, key_type, pass] :
+         {std::array{CURLOPT_SSLCERT, CURLOPT_SSLCERTTYPE, CURLOPT_SSLKEY, CURLOPT_SSLKEYTYPE, CURLOPT_KEYPASSWD},
+          std::array{CURLOPT_PROXY_SSLCERT, CURLOPT_PROXY_SSLCERTTYPE, CURLOPT_PROXY_SSLKEY, CURLOPT_PROXY_SSLKEYTYPE,
+                     CURLOPT_PROXY_KEYPASSWD}}) {
+      curl_easy_setopt(c, cert, o.client_cert_file.c_str());
+      curl_easy_setopt(c, cert_type, "PEM");
+      curl_easy_setopt(c, key, o.client_key_file.c_str());
+      curl_easy_setopt(c, key_type, "PEM");
+      curl_easy_setopt(c, pass, "");
+    }
+  }
   curl_easy_setopt(c, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2TLS);
   curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, static_cast<long>(o.connect_timeout.count()));
   // A stalled transfer: under 1 byte/s for stall_timeout seconds.
@@ -117,12 +135,21 @@ struct slist_deleter {
 };
 using slist_ptr = std::unique_ptr<curl_slist, slist_deleter>;
 
-// Headers scoped to another origin than the URL's own must name a real http(s) origin: one that
-// does not parse would send them nowhere without a word, or let a typo pass for a scope.
-result<void> check_credentials_origin(const source_options& o) {
-  if (o.headers.empty() || o.credentials_origin.empty() || !origin_of(o.credentials_origin).empty()) return {};
-  return error(errc::invalid_argument,
-               fmt::format("the credentials origin \"{}\" is not an http(s) URL", o.credentials_origin));
+// What can be judged before any request. Headers scoped to another origin than the URL's own
+// must name a real http(s) origin: one that does not parse would send them nowhere without a
+// word, or let a typo pass for a scope. A client certificate must load and match its key here,
+// not fail every handshake later as an origin's refusal.
+result<void> check_options(const source_options& o) {
+  if (!o.headers.empty() && !o.credentials_origin.empty() && origin_of(o.credentials_origin).empty())
+    return error(errc::invalid_argument,
+                 fmt::format("the credentials origin \"{}\" is not an http(s) URL", o.credentials_origin));
+  if (!o.local_address.empty() && !peer::is_ip_address(o.local_address))
+    return error(errc::invalid_argument, fmt::format("the local address \"{}\" is not an IP address", o.local_address));
+  if (!o.client_cert_file.empty() || !o.client_key_file.empty()) {
+    if (auto r = peer::check_identity(o.client_cert_file, o.client_key_file); !r)
+      return std::move(r).error().with_operation("origin client certificate");
+  }
+  return {};
 }
 
 // One transfer's state: a 2xx body goes to the caller's sink, which refuses what it cannot hold;
@@ -294,6 +321,8 @@ class http_client {
       if (rc == CURLE_BAD_FUNCTION_ARGUMENT)
         return error(errc::io_error, "the answer has a header line that does not parse (no name, or a folded "
                                      "continuation of nothing)");
+      if (rc == CURLE_INTERFACE_FAILED)
+        return error(errc::io_error, fmt::format("cannot dial from {} ({})", options_.local_address, errbuf));
       if (rc != CURLE_OK) return error(errc::io_error, fmt::format("{} ({})", curl_easy_strerror(rc), errbuf));
       if (r.status == 301 || r.status == 302 || r.status == 303 || r.status == 307 || r.status == 308) {
         char* location = nullptr;
@@ -432,7 +461,7 @@ std::string url_origin(std::string_view url) {
 }
 
 result<std::unique_ptr<source>> make_source(std::string_view url, const source_options& options) {
-  if (auto r = check_credentials_origin(options); !r) return std::move(r).error();
+  if (auto r = check_options(options); !r) return std::move(r).error();
   if (url.rfind("file://", 0) == 0) return std::unique_ptr<source>(new file_source(std::string(url), std::string(url.substr(7))));
   if (url.rfind("http://", 0) == 0 || url.rfind("https://", 0) == 0) {
     curl_global();
@@ -464,7 +493,7 @@ result<std::unique_ptr<source>> make_source(std::string_view url, const source_o
 result<std::string> fetch_document(std::string_view url, std::size_t max_size, const source_options& options) {
   if (url.rfind("http://", 0) != 0 && url.rfind("https://", 0) != 0)
     return error(errc::invalid_argument, fmt::format("\"{}\" is not an http:// or https:// URL", url));
-  if (auto r = check_credentials_origin(options); !r) return std::move(r).error();
+  if (auto r = check_options(options); !r) return std::move(r).error();
   curl_global();
   std::string u(url), body;
   http_client client(u, options);

@@ -65,7 +65,7 @@ collectors& store_collectors() {
 }
 
 constexpr const char* source_names[] = {"origin", "peer", "rdma"};
-constexpr const char* refusal_names[] = {"limit", "tls", "authorization", "rate"};
+constexpr const char* refusal_names[] = {"limit", "tls", "authorization", "address"};
 constexpr const char* token_names[] = {"malformed", "signature", "expired", "audience", "issuer", "binding"};
 constexpr const char* result_names[] = {"ok", "failed", "cancelled"};
 
@@ -178,7 +178,8 @@ std::string metrics_text() {
   w.counter("drun_peer_connections_total", "Connections the peer servers accepted.", r.peer_connections_total);
   w.counter("drun_peer_connections_refused_total",
             "Connections refused before serving, by reason: limit (connections or handshake slots), tls "
-            "(handshake or certificate), authorization (token or hello refused), rate (request rate).",
+            "(handshake or certificate), authorization (token or hello refused), address (the connecting "
+            "address already held its share of the handshake slots).",
             "reason", r.peer_refused, refusal_names);
   w.counter("drun_peer_requests_total", "Piece requests the peer servers received.", r.peer_requests);
   w.counter("drun_peer_pieces_served_total", "Pieces the peer servers sent.", r.peer_pieces_served);
@@ -186,6 +187,10 @@ std::string metrics_text() {
             r.peer_bytes_served);
   w.counter("drun_peer_authorization_denials_total", "Requests the access policy refused.", r.peer_denials);
   w.counter("drun_peer_protocol_errors_total", "Malformed frames and requests from callers.", r.peer_protocol_errors);
+  w.counter("drun_peer_busy_answers_total",
+            "Piece requests answered busy: the piece buffers (memory budget, or the caller's share) stayed "
+            "taken for the whole I/O timeout.",
+            r.peer_busy_answers);
   w.counter("drun_peer_token_failures_total", "Bearer tokens refused, by the check that failed.", "reason",
             r.token_failures, token_names);
   w.counter("drun_rdma_bytes_served_total", "Piece bytes the peer servers sent over RDMA.", r.rdma_bytes_served);

@@ -19,7 +19,7 @@ namespace drun::metrics {
 // Where fetched bytes came from. A peer's pieces that moved over RDMA count as rdma.
 enum class source_kind : unsigned { origin, peer, rdma, count_ };
 // Why the peer server turned a connection away before serving it.
-enum class refusal : unsigned { limit, tls, authorization, rate, count_ };
+enum class refusal : unsigned { limit, tls, authorization, address, count_ };
 // Why a bearer token was refused (verify_token's checks, in their order).
 enum class token_failure : unsigned { malformed, signature, expired, audience, issuer, binding, count_ };
 // Which check refused a token, from verify_token's error (src/auth/token.cpp, next to its messages).
@@ -84,7 +84,7 @@ struct registry {
   // peer servers
   gauge peer_connections;
   counter peer_connections_total, peer_requests, peer_pieces_served, peer_bytes_served, peer_denials,
-      peer_protocol_errors;
+      peer_protocol_errors, peer_busy_answers;
   labeled<refusal> peer_refused;
   labeled<token_failure> token_failures;
   // RDMA

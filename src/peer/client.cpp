@@ -229,7 +229,7 @@ class peer_source final : public source {
       }
     }
     auto deadline = clock::now() + o_.connect_timeout;
-    auto fd = peer::tcp_connect(host_, port_, deadline);
+    auto fd = peer::tcp_connect(host_, port_, deadline, o_.local_address);
     if (!fd) return error(errc::io_error, fmt::format("{}: {}", name_, fd.error().detail()));
     peer::ssl_ptr ssl(SSL_new(ctx_.get()));
     if (!ssl) return error(errc::io_error, "cannot create a TLS session");
@@ -298,6 +298,8 @@ result<std::unique_ptr<source>> make_peer_source(std::string_view host_port, con
   auto hp = peer::split_host_port(host_port);
   if (!hp) return std::move(hp).error();
   if (options.token.size() > max_token_size) return error(errc::invalid_argument, "the token is too long");
+  if (!options.local_address.empty() && !peer::is_ip_address(options.local_address))
+    return error(errc::invalid_argument, fmt::format("the local address \"{}\" is not an IP address", options.local_address));
   auto ctx = peer::client_context(options.ca_file, options.cert_file, options.key_file);
   if (!ctx) return std::move(ctx).error();
   std::shared_ptr<rdma::device> dev;

@@ -24,9 +24,11 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <set>
 #include <sys/socket.h>
 #include <thread>
@@ -56,11 +58,11 @@ struct counters {
   void closed() noexcept { active--, process().peer_connections.add(-1); }
   // A connection turned away: at the accept (limit, rate) or in its handshake (tls, authorization).
   void refused(metrics::refusal why) noexcept {
-    (why == metrics::refusal::limit || why == metrics::refusal::rate ? busy : handshake_failures)++;
+    (why == metrics::refusal::limit || why == metrics::refusal::address ? busy : handshake_failures)++;
     process().peer_refused[why].add();
   }
   void token_refused(const error& e) noexcept { process().token_failures[metrics::token_failure_of(e)].add(); }
-  void buffers_busy() noexcept { busy++; }
+  void buffers_busy() noexcept { busy++, process().peer_busy_answers.add(); }
   void protocol_error() noexcept { protocol_errors++, process().peer_protocol_errors.add(); }
   void request() noexcept { requests++, process().peer_requests.add(); }
   void denial() noexcept { denied++, process().peer_denials.add(); }
@@ -123,7 +125,8 @@ struct peer_server::impl {
   std::map<std::string, std::shared_ptr<const artifact_info>> artifacts;
 
   void accept_loop();
-  void serve(detail::unique_fd fd, const std::string& source);
+  // source: the address's key for the handshake shares; address: the caller's address, for logs.
+  void serve(detail::unique_fd fd, const std::string& source, const std::string& address);
   bool handle(connection& c, const peer_identity& who, const peer::frame_in& f);
   bool setup_rdma(connection& c, const peer::frame_in& f);
   result<std::shared_ptr<const artifact_info>> artifact(const std::string& id);
@@ -408,7 +411,7 @@ bool peer_server::impl::handle(connection& c, const peer_identity& who, const pe
   return keep;
 }
 
-void peer_server::impl::serve(detail::unique_fd fd, const std::string& source) {
+void peer_server::impl::serve(detail::unique_fd fd, const std::string& source, const std::string& address) {
   // This connection holds a handshake slot (of the server's, and of its address's) until its
   // WELCOME is sent, or it ends.
   bool in_handshake = true;
@@ -514,13 +517,14 @@ void peer_server::impl::serve(detail::unique_fd fd, const std::string& source) {
   struct log_on_close {  // one line per connection, however it ends
     const connection& c;
     const peer_identity& who;
+    const std::string& address;
     clock::time_point start = clock::now();
     ~log_on_close() {
       detail::log(log_level::info, "connection closed",
-                  {{"caller", who.display()}, {"pieces", c.pieces}, {"bytes", c.bytes},
+                  {{"caller", who.display()}, {"address", address}, {"pieces", c.pieces}, {"bytes", c.bytes},
                    {"seconds", std::chrono::duration<double>(clock::now() - start).count()}});
     }
-  } summary{conn, who};
+  } summary{conn, who, address};
 
   // Requests, each slowed to the per-connection rate.
   auto gap = std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(1.0 / std::max(o.max_requests_per_second, 0.001)));
@@ -573,6 +577,42 @@ std::string source_key(const sockaddr_storage& a) {
   return {};
 }
 
+std::string address_text(const sockaddr_storage& a) {
+  char text[INET6_ADDRSTRLEN] = {};
+  const void* bytes = a.ss_family == AF_INET6 ? static_cast<const void*>(&reinterpret_cast<const sockaddr_in6&>(a).sin6_addr)
+                                              : static_cast<const void*>(&reinterpret_cast<const sockaddr_in&>(a).sin_addr);
+  return ::inet_ntop(a.ss_family, bytes, text, sizeof text) ? text : "?";
+}
+
+// Runs fn on a thread that is created detached. Not std::thread(fn).detach(): glibc's
+// pthread_detach marks the thread detached and then reads its descriptor, and a thread exiting
+// in between frees that descriptor itself (unmapping its stack once glibc's stack cache is full),
+// so the read faults. The soak found it: a rare segfault in pthread_detach after connections
+// that end at once (a reconnect storm). False when no thread can be had.
+template <class F>
+bool start_detached(F fn) noexcept {
+  std::unique_ptr<F> heap;
+  try {
+    heap = std::make_unique<F>(std::move(fn));
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  pthread_attr_t attr;
+  if (::pthread_attr_init(&attr) != 0) return false;
+  ::pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  pthread_t thread;
+  auto run = [](void* p) -> void* {
+    std::unique_ptr<F> f(static_cast<F*>(p));
+    (*f)();
+    return nullptr;
+  };
+  int rc = ::pthread_create(&thread, &attr, run, heap.get());
+  ::pthread_attr_destroy(&attr);
+  if (rc != 0) return false;
+  (void)heap.release();  // the thread owns it now
+  return true;
+}
+
 }  // namespace
 
 void peer_server::impl::accept_loop() {
@@ -601,24 +641,23 @@ void peer_server::impl::accept_loop() {
       const bool full = n.active.load() >= o.max_connections || handshaking >= cap;
       if (full || (handshaking >= cap / 2 && mine >= std::max(1u, o.max_handshakes_per_address))) {
         if (mine == 0) handshaking_from.erase(source);
-        n.refused(full ? metrics::refusal::limit : metrics::refusal::rate);
+        n.refused(full ? metrics::refusal::limit : metrics::refusal::address);
         continue;  // closed at once: a connection beyond the limit costs no thread
       }
       n.opened();
       handshaking++;
       mine++;
     }
-    try {
-      std::thread([this, c = std::move(conn), source]() mutable {
-        try {
-          serve(std::move(c), source);
-        } catch (...) {  // out of memory, say: this connection ends, the server and its host live on
-        }
-        std::lock_guard lock(threads_mutex);
-        n.closed();
-        threads_cv.notify_all();
-      }).detach();
-    } catch (const std::system_error&) {  // no thread to be had
+    bool started = start_detached([this, c = std::move(conn), source, address = address_text(from)]() mutable {
+      try {
+        serve(std::move(c), source, address);
+      } catch (...) {  // out of memory, say: this connection ends, the server and its host live on
+      }
+      std::lock_guard lock(threads_mutex);
+      n.closed();
+      threads_cv.notify_all();
+    });
+    if (!started) {  // no thread to be had
       std::lock_guard lock(threads_mutex);
       n.closed();
       handshaking--;

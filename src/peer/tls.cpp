@@ -42,12 +42,21 @@ result<void> check_key_file(const std::string& key) {
   return {};
 }
 
+// OpenSSL's default for an encrypted key is to ask for its passphrase on the terminal: a library
+// must never prompt, so an encrypted key fails to load instead (drun takes unencrypted keys,
+// protected by their file's permissions).
+int no_passphrase(char*, int, int, void*) { return 0; }
+
+// The key first: loaded after the certificate, a key of another pair fails to load with
+// OpenSSL's "key values mismatch"; loaded before, the certificate drops it and the check below
+// says what is wrong.
 result<void> load_identity(SSL_CTX* c, const std::string& cert, const std::string& key) {
   if (auto r = check_key_file(key); !r) return r;
+  SSL_CTX_set_default_passwd_cb(c, no_passphrase);
+  if (SSL_CTX_use_PrivateKey_file(c, key.c_str(), SSL_FILETYPE_PEM) != 1)
+    return tls_error(errc::key_error, "cannot load the TLS key (it must be an unencrypted PEM key)", key);
   if (SSL_CTX_use_certificate_chain_file(c, cert.c_str()) != 1)
     return tls_error(errc::key_error, "cannot load the certificate chain", cert);
-  if (SSL_CTX_use_PrivateKey_file(c, key.c_str(), SSL_FILETYPE_PEM) != 1)
-    return tls_error(errc::key_error, "cannot load the TLS key", key);
   if (SSL_CTX_check_private_key(c) != 1) return tls_error(errc::key_error, "the key does not match the certificate", key);
   return {};
 }
@@ -152,6 +161,13 @@ result<ssl_ctx_ptr> client_context(const std::string& ca, const std::string& cer
     if (auto r = load_identity(c->get(), cert, key); !r) return std::move(r).error();
   }
   return c;
+}
+
+result<void> check_identity(const std::string& cert, const std::string& key) {
+  if (cert.empty() || key.empty()) return error(errc::invalid_argument, "a client certificate needs its key, and a key its certificate");
+  auto c = new_context(TLS_client_method());
+  if (!c) return std::move(c).error();
+  return load_identity(c->get(), cert, key);
 }
 
 template <class F>
@@ -299,14 +315,36 @@ result<listener> tcp_listen(const std::string& host, const std::string& port, in
   return l;
 }
 
-result<detail::unique_fd> tcp_connect(const std::string& host, const std::string& port, clock::time_point deadline) {
+namespace {
+
+using addrinfo_ptr = std::unique_ptr<addrinfo, void (*)(addrinfo*)>;
+
+addrinfo_ptr numeric_address(const std::string& text) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  if (text.empty() || ::getaddrinfo(text.c_str(), "0", &hints, &res) != 0) res = nullptr;
+  return {res, ::freeaddrinfo};
+}
+
+}  // namespace
+
+bool is_ip_address(const std::string& text) { return numeric_address(text) != nullptr; }
+
+result<detail::unique_fd> tcp_connect(const std::string& host, const std::string& port, clock::time_point deadline,
+                                      const std::string& local) {
+  auto from = numeric_address(local);
+  if (!local.empty() && !from) return error(errc::invalid_argument, fmt::format("\"{}\" is not an IP address", local));
+  addrinfo hints{};
+  hints.ai_family = from ? from->ai_family : AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
   addrinfo* res = nullptr;
   if (int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &res); rc != 0)
-    return error(errc::io_error, fmt::format("{}:{}: {}", host, port, ::gai_strerror(rc)));
-  std::unique_ptr<addrinfo, void (*)(addrinfo*)> guard(res, ::freeaddrinfo);
+    return error(errc::io_error, fmt::format("{}:{}: {}{}", host, port, ::gai_strerror(rc),
+                                             from ? fmt::format(" (of the family of {})", local) : std::string()));
+  addrinfo_ptr guard(res, ::freeaddrinfo);
   std::string last = "no address";
   for (auto* a = res; a; a = a->ai_next) {
     detail::unique_fd fd(::socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol));
@@ -316,6 +354,10 @@ result<detail::unique_fd> tcp_connect(const std::string& host, const std::string
     }
     int one = 1;
     ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (from && ::bind(fd.get(), from->ai_addr, from->ai_addrlen) != 0) {
+      last = fmt::format("cannot dial from {}: {}", local, std::strerror(errno));
+      continue;
+    }
     if (::connect(fd.get(), a->ai_addr, a->ai_addrlen) != 0 && errno != EINPROGRESS) {
       last = std::strerror(errno);
       continue;

@@ -34,6 +34,10 @@ using ssl_ptr = std::unique_ptr<SSL, ssl_deleter>;
 result<ssl_ctx_ptr> server_context(const std::string& cert, const std::string& key, const std::string& client_ca,
                                    bool require_client_certificate);
 result<ssl_ctx_ptr> client_context(const std::string& ca, const std::string& cert, const std::string& key);
+// Whether cert (PEM, its chain after it) and key (PEM, unencrypted, readable by its owner only)
+// load and match, with the same checks and errors as the contexts above: for identities that
+// another TLS stack (libcurl's, toward origins) presents.
+result<void> check_identity(const std::string& cert, const std::string& key);
 
 class tls_stream {
  public:
@@ -62,8 +66,13 @@ class tls_stream {
   ssl_ptr ssl_;
 };
 
-// A connected non-blocking TCP socket to host:port, or the error naming it.
-result<detail::unique_fd> tcp_connect(const std::string& host, const std::string& port, clock::time_point deadline);
+// A connected non-blocking TCP socket to host:port, or the error naming it. local: an IP address
+// of this host the connection goes out from (empty: the kernel's choice); only host's addresses
+// of its family are tried.
+result<detail::unique_fd> tcp_connect(const std::string& host, const std::string& port, clock::time_point deadline,
+                                      const std::string& local = {});
+// Whether text is an IP address literal (IPv4, or IPv6 without brackets), as local addresses are.
+bool is_ip_address(const std::string& text);
 
 // A non-blocking socket listening on host:port (port "0" picks a free one), and the port it got.
 // Errors: invalid_argument (the address does not resolve), io_error (cannot bind or listen).

@@ -2,7 +2,8 @@
 
 - Leechers: LEECHERS concurrent loops of `drun fetch --peer` (each into a fresh store: every
   piece checked against the signed manifest, the bundle from the peer verified against the
-  publisher's key). A leecher's fetch must succeed with no error charged to the peer.
+  publisher's key). A leecher's fetch must succeed with no error charged to the peer. Each is a
+  host of its own: its own certificate, and its own loopback address (127.0.1.N).
 - Hostile clients, from another loopback address (127.0.0.2: another host, as the server shares
   its handshake slots out by address): slow readers (ask for a piece and never read), half-open
   TLS (a partial ClientHello, then nothing), silent sockets, garbage frames after the HELLO,
@@ -36,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peerkit import PKI, Serve, seeded_store, signed_model  # noqa: E402
+from peerkit import PKI, Serve, free_port, seeded_store, signed_model  # noqa: E402
 from peerwire import GET_PIECE, Client, Closed, PeerError, proc_status, rss_mib, threads  # noqa: E402
 
 HOSTILE_SOURCE = "127.0.0.2"
@@ -77,10 +78,11 @@ def expired_token(private_pem, audience):
 EMBEDDED_HOST = r"""
 import hashlib, json, signal, sys, time
 import drun
-store_dir, key_source, cert, key, ca, jwks, audience = sys.argv[1:8]
+store_dir, key_source, cert, key, ca, jwks, audience, metrics_port = sys.argv[1:9]
 store = drun.Store(store_dir, key_source=key_source)
 server = drun.PeerServer(store, cert=cert, key=key, client_ca=ca, jwks=jwks, audience=audience,
-                         max_connections=1024)  # as the served case's --max-connections (see there)
+                         max_connections=1024,  # as the served case's --max-connections (see there)
+                         metrics_listen=metrics_port)
 print("port", server.port, flush=True)
 stopping = []
 signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
@@ -100,12 +102,12 @@ print("stats", json.dumps(server.stats()), flush=True)
 class EmbeddedServe:
     """Serve's interface (port, addr, proc, stop()) over EMBEDDED_HOST, reading its work reports."""
 
-    def __init__(self, store, key_source, cert, key, ca, jwks, audience, log, python="/usr/bin/python3"):
+    def __init__(self, store, key_source, cert, key, ca, jwks, audience, log, metrics_port, python="/usr/bin/python3"):
         # The library's warnings (one per hostile client) go to a file: a pipe nobody reads
         # would fill and stall the logging threads.
         self.log = open(log, "w")
         self.proc = subprocess.Popen([python, "-c", EMBEDDED_HOST, *map(str, (store, key_source, cert, key, ca, jwks,
-                                                                              audience))],
+                                                                              audience, metrics_port))],
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)
         first = self.proc.stdout.readline().split()
         if len(first) != 2 or first[0] != "port":
@@ -176,23 +178,27 @@ class Soak:
         seeded_store(drun, w / "seed", self.ks, self.model, self.sig, self.pub)
         self.pki = PKI(w / "pki")
         self.server_cert, self.server_key = self.pki.issue("server")
-        self.client_cert, self.client_key = self.pki.issue("leecher")
+        # Each leecher is a host of its own, as the machines of a fleet are: its own certificate
+        # (its own caller for the server's shares of buffers) and its own loopback address
+        # (127.0.1.N; the server shares handshake slots out by address).
+        self.leecher_certs = [self.pki.issue(f"leecher-{n}") for n in range(leechers)]
+        self.leecher_addresses = [f"127.0.{1 + n // 250}.{1 + n % 250}" for n in range(leechers)]
         self.mallory_cert, self.mallory_key = self.pki.issue("mallory")
         self.audience = "drun-soak"
         self.embedded = embedded
+        self.metrics_port = free_port()
         if embedded:
             self.server = EmbeddedServe(w / "seed", self.ks, self.server_cert, self.server_key, self.pki.ca,
-                                        w / "jwks.json", self.audience, log=w / "server.log")
+                                        w / "jwks.json", self.audience, log=w / "server.log",
+                                        metrics_port=self.metrics_port)
         else:
             self.server = Serve(self.drun_bin, w / "seed", self.ks, self.server_cert, self.server_key, self.pki.ca,
                                 extra=["--jwks", w / "jwks.json", "--audience", self.audience,
-                                       # The leechers all dial from 127.0.0.1, which the server's
-                                       # share of handshake slots per address takes for one host:
-                                       # with the default 256 connections (64 slots), 64 leechers
-                                       # connecting at once are turned away as one host would be.
-                                       # 1024 connections give 256 slots, so the per-address rule
-                                       # starts at 128.
-                                       "--max-connections", "1024"],
+                                       # Sized for the load, as an operator would: the default
+                                       # 256 connections give 64 handshake slots, fewer than the
+                                       # 128 connections 64 leechers open when they start together.
+                                       "--max-connections", "1024",
+                                       "--metrics-listen", str(self.metrics_port)],
                                 log=w / "server.log")
         self.leecher_connections = "2"
         self.pid = self.server.proc.pid
@@ -207,8 +213,9 @@ class Soak:
             i += 1
             p = subprocess.run([self.drun_bin, "fetch", "--signature", str(self.sig), "--public-key", str(self.pub),
                                 "--store", str(store), "--key-source", self.ks, "--ca-cert", str(self.pki.ca),
-                                "--tls-cert", str(self.client_cert), "--tls-key", str(self.client_key),
-                                "--peer", self.server.addr, "--connections", self.leecher_connections],
+                                "--tls-cert", str(self.leecher_certs[n][0]), "--tls-key", str(self.leecher_certs[n][1]),
+                                "--peer", self.server.addr, "--connections", self.leecher_connections,
+                                "--local-address", self.leecher_addresses[n]],
                                capture_output=True, text=True, timeout=300)
             shutil.rmtree(store, ignore_errors=True)
             charged = re.search(rf"peer {re.escape(self.server.addr)}: \d+ pieces, (\d+) rejected, (\d+) errors", p.stdout)
@@ -284,6 +291,18 @@ class Soak:
             self.raw().close()
         time.sleep(0.05)
 
+    def turned_away(self):
+        """What the server turned away, by why, from its /metrics: connections refused (limit,
+        address, tls, authorization) and piece requests answered busy."""
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        got = {m.group(1): int(float(m.group(2))) for m in
+               re.finditer(r'^drun_peer_connections_refused_total\{reason="(\w+)"\} (\S+)$', text, re.M)}
+        busy = re.search(r"^drun_peer_busy_answers_total (\S+)$", text, re.M)
+        got["busy_answers"] = int(float(busy.group(1))) if busy else None
+        return got
+
     def sample(self):
         try:
             s = (time.time(), rss_mib(self.pid), fd_count(self.pid), threads(self.pid))
@@ -332,6 +351,9 @@ class Soak:
                 f"({'back to the baseline' if settled else 'NOT back to the baseline'} "
                 f"{after[0] - end:.0f} s after the load)")
         alive = self.server.proc.poll() is None
+        exit_status = self.server.proc.returncode
+        refused = self.turned_away() if alive else {}
+        log(f"turned away: {refused}")
         stats = self.server.stop()
         log(f"server: {stats}")
         work = None
@@ -343,6 +365,7 @@ class Soak:
             log(f"host work under the load: {work['seconds']} s reported, at least {work['min_per_second']} MiB "
                 f"hashed each second, longest pause {work['longest_gap']:.3f} s")
         return {"base": base, "peak": peak, "after": after, "settled": settled, "alive": alive, "stats": stats,
+                "refused": refused, "exit_status": exit_status,
                 "fetches": self.fetches, "errors": self.errors, "hostile": dict(self.hostile), "work": work}
 
 
@@ -350,7 +373,7 @@ def check(result):
     """The soak's verdict: a list of what went wrong (empty: it passed)."""
     problems = list(result["errors"][:5])
     if not result["alive"]:
-        problems.append("the server died under the load")
+        problems.append(f"the server died under the load (exit status {result['exit_status']})")
     if result["fetches"] == 0:
         problems.append("no fetch completed")
     _, rss, fds, thr = result["peak"]
@@ -387,7 +410,10 @@ def main():
     problems = check(result)
     for p in problems:
         print("FAILED:", p)
-    shutil.rmtree(a.work, ignore_errors=True)
+    if problems:
+        print(f"kept for a look: {a.work} (the server's log: {a.work}/server.log)")
+    else:
+        shutil.rmtree(a.work, ignore_errors=True)
     sys.exit(1 if problems else 0)
 
 

@@ -23,7 +23,7 @@ drun = require_binding()
 np = pytest.importorskip("numpy")
 
 from peerkit import PKI  # noqa: E402
-from test_fetch import Hostile, Nginx  # noqa: E402
+from test_fetch import Hostile, Nginx, issue_client_cert, make_ca_and_server_cert  # noqa: E402
 
 MiB = 1 << 20
 P = 65536  # piece size of the small models
@@ -460,6 +460,26 @@ def test_fetch_from_nginx_with_a_progress_callback(tmp_path, store, small, publi
     assert drun.fetch(store=store, signature=str(sig), public_key=str(publisher.pub), origins=[origin.url()],
                       progress=progress) == art
     assert seen == [] and origin.bytes_sent("w.bin") == len(files["w.bin"])
+
+
+def test_fetch_from_an_origin_demanding_a_client_certificate(tmp_path, store, small, publisher):
+    root, sig, art, files = small
+    clients, _, _ = make_ca_and_server_cert(tmp_path / "clients", "origin clients CA")
+    cert, key = issue_client_cert(tmp_path / "clients", "node-3")
+    srv = Nginx(tmp_path, root, client_ca=clients)
+    try:
+        with pytest.raises(drun.SourceError, match="400"):
+            drun.fetch(store=store, signature=str(sig), public_key=str(publisher.pub), origins=[srv.mtls_url()],
+                       ca_cert=str(srv.ca))
+        with pytest.raises(drun.ConfigError, match="together"):
+            drun.fetch(store=store, signature=str(sig), public_key=str(publisher.pub), origins=[srv.mtls_url()],
+                       ca_cert=str(srv.ca), origin_cert=str(cert))
+        got = drun.fetch(store=store, signature=str(sig), public_key=str(publisher.pub), origins=[srv.mtls_url()],
+                         ca_cert=str(srv.ca), origin_cert=str(cert), origin_key=str(key), out=str(tmp_path / "out"))
+        assert got == art and tree_digests(tmp_path / "out") == tree_digests(root)
+        assert {r[3] for r in srv.mtls_requests() if r[0] == 206} == {"CN=node-3"}
+    finally:
+        srv.stop()
 
 
 def test_fetch_bundle_by_url_over_https_with_a_test_ca(tmp_path, store, small, publisher, origin):

@@ -57,15 +57,35 @@ def make_ca_and_server_cert(d, name="drun test CA"):
     return d / "ca.pem", d / "server.pem", d / "server.key"
 
 
+def issue_client_cert(d, name):
+    """A client certificate (clientAuth) from the CA that make_ca_and_server_cert made in d."""
+    key, csr, cert, ext = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.pem", d / f"{name}.cnf"
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", f"/CN={name}",
+            "-keyout", key, "-out", csr)
+    ext.write_text("extendedKeyUsage=clientAuth\n")
+    openssl("x509", "-req", "-in", csr, "-CA", d / "ca.pem", "-CAkey", d / "ca.key", "-CAcreateserial", "-days", "2",
+            "-extfile", ext, "-out", cert)
+    os.chmod(key, 0o600)
+    return cert, key
+
+
 class Nginx:
     """nginx in the foreground, one process, serving `root` over HTTP and HTTPS on loopback."""
 
-    def __init__(self, tmp, root, tls_protocols="TLSv1.3"):
+    def __init__(self, tmp, root, tls_protocols="TLSv1.3", client_ca=None):
+        """client_ca: also serve `root` on mtls_port, to callers whose certificate chains to it
+        (ssl_verify_client on), logging each request's client certificate to mtls_log."""
         self.dir = tmp / "nginx"
         self.dir.mkdir()
         self.ca, cert, key = make_ca_and_server_cert(self.dir / "pki")
         self.port, self.tls_port = free_port(), free_port()
         self.log = self.dir / "access.log"
+        self.mtls_port, self.mtls_log = (free_port(), self.dir / "mtls.log") if client_ca else (None, None)
+        mtls = "" if not client_ca else f"""
+  log_format client '$request_method $uri $status $body_bytes_sent [$ssl_client_verify] [$ssl_client_s_dn]';
+  server {{ listen 127.0.0.1:{self.mtls_port} ssl; root {root}; access_log {self.mtls_log} client;
+           ssl_certificate {cert}; ssl_certificate_key {key}; ssl_protocols TLSv1.3;
+           ssl_client_certificate {client_ca}; ssl_verify_client on; }}"""
         temp = "\n".join(f"{k}_temp_path {self.dir / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         conf = f"""
 master_process off; daemon off; pid {self.dir / 'nginx.pid'}; error_log {self.dir / 'error.log'};
@@ -76,20 +96,30 @@ http {{
   access_log {self.log} bytes;
   server {{ listen 127.0.0.1:{self.port}; root {root}; }}
   server {{ listen 127.0.0.1:{self.tls_port} ssl http2; root {root};
-           ssl_certificate {cert}; ssl_certificate_key {key}; ssl_protocols {tls_protocols}; }}
+           ssl_certificate {cert}; ssl_certificate_key {key}; ssl_protocols {tls_protocols}; }}{mtls}
 }}
 """
         (self.dir / "nginx.conf").write_text(conf)
         self.proc = subprocess.Popen([NGINX, "-c", self.dir / "nginx.conf", "-p", self.dir],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_port(self.port, self.proc)
-        wait_port(self.tls_port, self.proc)
+        for port in (self.port, self.tls_port, self.mtls_port):
+            if port:
+                wait_port(port, self.proc)
 
     def url(self, path=""):
         return f"http://127.0.0.1:{self.port}/{path}"
 
     def tls_url(self, path=""):
         return f"https://127.0.0.1:{self.tls_port}/{path}"
+
+    def mtls_url(self, path=""):
+        return f"https://127.0.0.1:{self.mtls_port}/{path}"
+
+    def mtls_requests(self):
+        """(status, body bytes, client verification, client subject) of each mTLS request."""
+        text = self.mtls_log.read_text() if self.mtls_log.exists() else ""
+        return [(int(m.group(1)), int(m.group(2)), m.group(3), m.group(4))
+                for m in re.finditer(r"^GET \S+ (\d+) (\d+) \[(.*?)\] \[(.*?)\]$", text, re.M)]
 
     def bytes_sent(self, name):
         if not self.log.exists():
@@ -117,6 +147,7 @@ class Hostile(http.server.ThreadingHTTPServer):
     def __init__(self, root, mode):
         self.root, self.mode, self.requests, self.seen = Path(root), mode, 0, set()
         self.auth_seen = []      # Authorization headers received
+        self.callers = set()     # the addresses requests came from
         self.redirect_to = None  # base URL to redirect every request to
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), HostileHandler)
@@ -135,6 +166,7 @@ class HostileHandler(http.server.BaseHTTPRequestHandler):
         with srv.lock:
             srv.requests += 1
             srv.auth_seen.append(self.headers.get("Authorization"))
+            srv.callers.add(self.client_address[0])
         if srv.mode == "folded" and self.path.startswith("/model/"):
             srv.redirect_to = f"http://127.0.0.1:{srv.server_address[1]}/cdn"
         if srv.mode == "folded" and self.path.startswith("/cdn/"):
@@ -274,6 +306,78 @@ def test_tls12_only_origin_needs_an_explicit_step_down(drun, tmp_path, published
               extra=["--ca-cert", srv.ca, "--tls-min", "1.2"]).ok()
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def mtls(tmp_path, published):
+    """nginx demanding client certificates from the "origin clients" CA: (server, cert, key)."""
+    clients, _, _ = make_ca_and_server_cert(tmp_path / "clients", "origin clients CA")
+    cert, key = issue_client_cert(tmp_path / "clients", "node-7")
+    srv = Nginx(tmp_path, published[0], client_ca=clients)
+    yield srv, cert, key
+    srv.stop()
+
+
+def test_origin_demanding_a_client_certificate_gets_one(drun, tmp_path, published, mtls, node_key):
+    m, sig, pub = published
+    srv, cert, key = mtls
+    shutil.copy(sig, m / "model.sig")
+    ca = ["--ca-cert", srv.ca]
+    # Without one: nginx answers 400 to every request, and nothing is stored.
+    fetch(drun, sig, pub, tmp_path / "s0", node_key, srv.mtls_url(), extra=ca).fails(3, "400")
+    assert {r[:3] for r in srv.mtls_requests()} <= {(400, r[1], "NONE") for r in srv.mtls_requests()}
+    # One from a CA the origin does not trust: refused the same way.
+    other_cert, other_key = issue_client_cert(srv.dir / "pki", "stranger")
+    fetch(drun, sig, pub, tmp_path / "s1", node_key, srv.mtls_url(),
+          extra=[*ca, "--origin-cert", other_cert, "--origin-key", other_key]).fails(3, "400")
+    assert all(r[0] == 400 for r in srv.mtls_requests())
+    before = len(srv.mtls_requests())
+    # The node's own: the bundle by URL and every piece come over mutual TLS.
+    fetch(drun, srv.mtls_url("model.sig"), pub, tmp_path / "s2", node_key, srv.mtls_url(),
+          extra=[*ca, "--origin-cert", cert, "--origin-key", key, "--out", tmp_path / "out"]).ok()
+    (m / "model.sig").unlink()  # served beside the model, not part of it
+    assert same_tree(m, tmp_path / "out")
+    served = srv.mtls_requests()[before:]
+    assert served and all(r[0] in (200, 206) and r[2] == "SUCCESS" and r[3] == "CN=node-7" for r in served), served
+    assert sum(r[1] for r in served if r[0] == 206) >= 20 * PIECE
+
+
+def test_origin_client_certificate_that_cannot_serve_is_refused_before_any_request(drun, tmp_path, published, mtls,
+                                                                                  node_key):
+    _, sig, pub = published
+    srv, cert, key = mtls
+    other_cert, other_key = issue_client_cert(srv.dir / "pki", "other")
+    loose = tmp_path / "loose.key"
+    loose.write_bytes(Path(key).read_bytes())
+    os.chmod(loose, 0o644)
+    sealed = tmp_path / "encrypted.key"
+    openssl("pkey", "-in", key, "-aes256", "-passout", "pass:secret", "-out", sealed)
+    os.chmod(sealed, 0o600)
+    cases = [(["--origin-cert", cert, "--origin-key", other_key], "does not match the certificate"),
+             (["--origin-cert", cert, "--origin-key", loose], "permissions 0644"),
+             (["--origin-cert", cert, "--origin-key", sealed], "unencrypted"),
+             (["--origin-cert", tmp_path / "absent.pem", "--origin-key", key], "certificate chain"),
+             (["--origin-cert", cert], "together")]
+    for extra, why in cases:
+        r = fetch(drun, sig, pub, tmp_path / "store", node_key, srv.mtls_url(), extra=["--ca-cert", srv.ca, *extra])
+        r.fails(2, why)
+    assert srv.mtls_requests() == []
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.data"))
+
+
+def test_fetch_dials_origins_from_the_local_address_it_is_given(drun, tmp_path, published, node_key):
+    m, sig, pub = published
+    srv = Hostile(m, "honest")
+    try:
+        fetch(drun, sig, pub, tmp_path / "store", node_key, srv.url(), extra=["--local-address", "127.0.0.8"]).ok()
+        assert srv.callers == {"127.0.0.8"}
+        fetch(drun, sig, pub, tmp_path / "s2", node_key, srv.url(),
+              extra=["--local-address", "127.0.0.300"]).fails(2, "not an IP address")
+        fetch(drun, sig, pub, tmp_path / "s3", node_key, srv.url(),
+              extra=["--local-address", "192.0.2.1"]).fails(3, "cannot dial from 192.0.2.1")
+        assert srv.callers == {"127.0.0.8"}
+    finally:
+        srv.shutdown()
 
 
 def test_untrusted_bundle_downloads_nothing(drun, drun_keys, tmp_path, published, nginx, node_key):

@@ -110,6 +110,18 @@ def test_client_without_a_certificate_or_from_another_ca_is_refused(swarm, tmp_p
     assert stats["pieces"] == 0 and stats["handshakes_refused"] >= 2, stats
 
 
+def test_fetch_dials_peers_from_the_local_address_it_is_given(swarm, tmp_path):
+    seed = swarm.serve(extra=["--log-level", "info"])
+    swarm.fetch(seed.addr, extra=["--local-address", "127.0.0.7"]).ok()
+    # Not an IP address, not one of this host's, not of the peer's family: refused, naming it.
+    swarm.fetch(seed.addr, store="s2", extra=["--local-address", "localhost"]).fails(2, "not an IP address")
+    swarm.fetch(seed.addr, store="s3", extra=["--local-address", "192.0.2.1"]).fails(3, "cannot dial from 192.0.2.1")
+    swarm.fetch(seed.addr, store="s4", extra=["--local-address", "::1"]).fails(3, "::1")
+    seed.stop()
+    closed = [line for line in seed.err.splitlines() if "connection closed" in line]
+    assert closed and all("127.0.0.7" in line for line in closed), seed.err[-3000:]
+
+
 def test_server_certificate_must_chain_to_our_ca(swarm, drun_bin, tmp_path):
     other = PKI(tmp_path / "other", "another CA")
     cert, key = other.issue("impostor")

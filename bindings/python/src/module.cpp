@@ -437,7 +437,9 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
                      std::optional<std::string> out, unsigned connections, std::optional<std::string> ca_cert,
                      std::optional<std::string> tls_cert, std::optional<std::string> tls_key,
                      std::optional<std::string> token, std::uint64_t limit_rate, std::vector<std::string> headers,
-                     std::optional<std::string> credentials_origin, bool rdma, std::optional<std::string> traceparent) {
+                     std::optional<std::string> credentials_origin, bool rdma, std::optional<std::string> traceparent,
+                     std::optional<std::string> origin_cert, std::optional<std::string> origin_key,
+                     std::optional<std::string> local_address) {
   if (signature.has_value() == artifact.has_value())
     raise(drun::error(drun::errc::invalid_argument, "give signature= (a URL or file), or artifact= with peers="));
   // One trace for the whole call (the bundle from a peer included): traceparent=, else new.
@@ -447,6 +449,11 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
   auto trust = trust_from(public_key, ca_bundle, trusted_root, identity, identity_provider);
   drun::source_options so;
   so.ca_file = ca_cert.value_or("");
+  if (origin_cert.has_value() != origin_key.has_value())
+    raise(drun::error(drun::errc::invalid_argument, "give origin_cert= and origin_key= together"));
+  so.client_cert_file = origin_cert.value_or("");
+  so.client_key_file = origin_key.value_or("");
+  so.local_address = local_address.value_or("");
   so.headers = std::move(headers);
   // headers= are for one origin (scheme, host, port), as on the command line: credentials_origin=,
   // else the first of origins= (else a signature= URL). Other origins and a bundle host elsewhere
@@ -473,6 +480,7 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
   po.ca_file = so.ca_file;
   po.cert_file = tls_cert.value_or("");
   po.key_file = tls_key.value_or("");
+  po.local_address = so.local_address;
   po.token = token.value_or("");
   po.rdma.enabled = rdma;
   std::vector<std::unique_ptr<drun::source>> sources;
@@ -652,7 +660,8 @@ PYBIND11_MODULE(_drun, m) {
         py::arg("progress") = py::none(), py::arg("out") = py::none(), py::arg("connections") = 0,
         py::arg("ca_cert") = py::none(), py::arg("tls_cert") = py::none(), py::arg("tls_key") = py::none(),
         py::arg("token") = py::none(), py::arg("limit_rate") = 0, py::arg("headers") = std::vector<std::string>{},
-        py::arg("credentials_origin") = py::none(), py::arg("rdma") = false, py::arg("traceparent") = py::none());
+        py::arg("credentials_origin") = py::none(), py::arg("rdma") = false, py::arg("traceparent") = py::none(),
+        py::arg("origin_cert") = py::none(), py::arg("origin_key") = py::none(), py::arg("local_address") = py::none());
 
   py::class_<py_peer_server>(m, "PeerServer")
       .def(py::init<py_store&, const std::string&, const std::string&, const std::string&, const std::string&,
