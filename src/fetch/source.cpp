@@ -143,8 +143,7 @@ result<void> check_options(const source_options& o) {
   if (!o.headers.empty() && !o.credentials_origin.empty() && origin_of(o.credentials_origin).empty())
     return error(errc::invalid_argument,
                  fmt::format("the credentials origin \"{}\" is not an http(s) URL", o.credentials_origin));
-  if (!o.local_address.empty() && !peer::is_ip_address(o.local_address))
-    return error(errc::invalid_argument, fmt::format("the local address \"{}\" is not an IP address", o.local_address));
+  if (auto r = peer::check_local_address(o.local_address); !r) return r;
   if (!o.client_cert_file.empty() || !o.client_key_file.empty()) {
     if (auto r = peer::check_identity(o.client_cert_file, o.client_key_file); !r)
       return std::move(r).error().with_operation("origin client certificate");

@@ -298,8 +298,7 @@ result<std::unique_ptr<source>> make_peer_source(std::string_view host_port, con
   auto hp = peer::split_host_port(host_port);
   if (!hp) return std::move(hp).error();
   if (options.token.size() > max_token_size) return error(errc::invalid_argument, "the token is too long");
-  if (!options.local_address.empty() && !peer::is_ip_address(options.local_address))
-    return error(errc::invalid_argument, fmt::format("the local address \"{}\" is not an IP address", options.local_address));
+  if (auto r = peer::check_local_address(options.local_address); !r) return std::move(r).error();
   auto ctx = peer::client_context(options.ca_file, options.cert_file, options.key_file);
   if (!ctx) return std::move(ctx).error();
   std::shared_ptr<rdma::device> dev;

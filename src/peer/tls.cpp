@@ -331,12 +331,15 @@ addrinfo_ptr numeric_address(const std::string& text) {
 
 }  // namespace
 
-bool is_ip_address(const std::string& text) { return numeric_address(text) != nullptr; }
+result<void> check_local_address(const std::string& text) {
+  if (text.empty() || numeric_address(text)) return {};
+  return error(errc::invalid_argument, fmt::format("the local address \"{}\" is not an IP address", text));
+}
 
 result<detail::unique_fd> tcp_connect(const std::string& host, const std::string& port, clock::time_point deadline,
                                       const std::string& local) {
+  if (auto r = check_local_address(local); !r) return std::move(r).error();
   auto from = numeric_address(local);
-  if (!local.empty() && !from) return error(errc::invalid_argument, fmt::format("\"{}\" is not an IP address", local));
   addrinfo hints{};
   hints.ai_family = from ? from->ai_family : AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;

@@ -71,8 +71,9 @@ class tls_stream {
 // of its family are tried.
 result<detail::unique_fd> tcp_connect(const std::string& host, const std::string& port, clock::time_point deadline,
                                       const std::string& local = {});
-// Whether text is an IP address literal (IPv4, or IPv6 without brackets), as local addresses are.
-bool is_ip_address(const std::string& text);
+// A local address (options' local_address) must be an IP address literal (IPv4, or IPv6
+// without brackets): invalid_argument naming it otherwise. Empty is fine (the kernel picks).
+result<void> check_local_address(const std::string& text);
 
 // A non-blocking socket listening on host:port (port "0" picks a free one), and the port it got.
 // Errors: invalid_argument (the address does not resolve), io_error (cannot bind or listen).
