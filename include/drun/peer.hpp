@@ -76,7 +76,7 @@ struct peer_server_stats {
   std::uint64_t connections = 0;        // accepted since start
   std::uint64_t active = 0;             // open now
   std::uint64_t handshake_failures = 0; // TLS, certificate, token or hello refused
-  std::uint64_t busy = 0;               // refused for max_connections
+  std::uint64_t busy = 0;               // turned away at a limit: connections, an address's handshakes, buffers
   std::uint64_t requests = 0;
   std::uint64_t denied = 0;             // refused by the policy
   std::uint64_t protocol_errors = 0;    // malformed frames, bad lengths, unknown types after the hello

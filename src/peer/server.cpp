@@ -56,7 +56,7 @@ struct counters {
   void accepted() noexcept { connections++, process().peer_connections_total.add(); }
   void opened() noexcept { active++, process().peer_connections.add(1); }
   void closed() noexcept { active--, process().peer_connections.add(-1); }
-  // A connection turned away: at the accept (limit, rate) or in its handshake (tls, authorization).
+  // A connection turned away: at the accept (limit, address) or in its handshake (tls, authorization).
   void refused(metrics::refusal why) noexcept {
     (why == metrics::refusal::limit || why == metrics::refusal::address ? busy : handshake_failures)++;
     process().peer_refused[why].add();
