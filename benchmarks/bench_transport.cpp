@@ -68,7 +68,8 @@ options parse(int argc, char** argv) {
   o.server = seen.count("server") != 0;
   if (o.server == (seen.count("client") != 0)) throw usage_error{"give --server or --client HOST"};
   if (!o.server) o.host = seen["client"];
-  if (seen.count("port")) o.port = std::to_string(number(seen["port"], "port", 1, 65535));
+  // A server may ask for port 0 (the kernel picks a free one, and the "waiting" line names it).
+  if (seen.count("port")) o.port = std::to_string(number(seen["port"], "port", o.server ? 0 : 1, 65535));
   if (seen.count("bind")) o.bind = seen["bind"];
   if (seen.count("size")) o.size = number(seen["size"], "size", 1, peer::max_answer);
   if (seen.count("iters")) o.iters = number(seen["iters"], "iters", 1, 100000000);

@@ -100,24 +100,23 @@ def test_rdma_flags_are_checked(swarm, drun, tmp_path):
 
 
 def start_bench_server(drun_bench, pki, kind, server_args, env):
-    """A drun-bench server listening: (process, port, what it printed so far). free_port() only
-    names a port that was free: another process may take it before the server binds, so a server
-    that exits before it listens is started again on another."""
-    for _ in range(3):
-        port = free_port()
-        server = subprocess.Popen([drun_bench, kind, "--server", "--port", str(port), *tls_args(pki, "bench-server"),
-                                   *map(str, server_args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env)
-        said, deadline = "", time.time() + 10
-        while time.time() < deadline:
-            line = server.stderr.readline()
-            said += line
-            if not line or "waiting for a client" in line:
-                break
-        if "waiting for a client" in said:
-            return server, port, said
-        server.kill()
-        server.wait()
+    """A drun-bench server listening: (process, port, what it printed so far). It binds port 0 on
+    loopback and names the port the kernel gave it, so no other process can take that port between
+    a choice and the bind (a port picked beforehand was, once, on a busy CI machine)."""
+    server = subprocess.Popen([drun_bench, kind, "--server", "--bind", "127.0.0.1", "--port", "0",
+                               *tls_args(pki, "bench-server"), *map(str, server_args)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    said, deadline = "", time.time() + 10
+    while time.time() < deadline:
+        line = server.stderr.readline()
+        said += line
+        if not line or "waiting for a client" in line:
+            break
+    listening = re.search(r"waiting for a client on port (\d+)", said)
+    if listening:
+        return server, int(listening.group(1)), said
+    server.kill()
+    server.wait()
     raise AssertionError(f"drun-bench {kind} --server did not listen: {said}")
 
 
