@@ -146,10 +146,14 @@ int cache_verify(int argc, char** argv) {
   if (!failures) return fail("cache verify", failures.error());
   for (const auto& f : *failures)
     diag(drun::log_level::error, "cache verify",
-         fmt::format("{} {} bytes [{}, {}): {}", f.artifact.substr(0, 16), f.file, f.range.begin, f.range.end, f.reason));
+         f.artifact.empty() ? f.reason
+         : f.file.empty()   ? fmt::format("{}: {}", f.artifact.substr(0, 16), f.reason)
+                            : fmt::format("{} {} bytes [{}, {}): {}", f.artifact.substr(0, 16), f.file,
+                                          f.range.begin, f.range.end, f.reason));
   if (!failures->empty()) {
     diag(drun::log_level::error, "cache verify",
-         fmt::format("{} pieces failed and were dropped; import or fetch again to repair", failures->size()));
+         fmt::format("{} problems found; what they damaged was dropped: import or fetch again to repair",
+                     failures->size()));
     return exit_integrity;
   }
   // Pieces that were never stored, or dropped earlier, are not failures; say so all the same.

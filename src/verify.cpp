@@ -351,9 +351,8 @@ result<bundle_summary> inspect_bundle(std::string_view bundle_json) {
   s.subject_name = data->subject_name;
   s.signer = std::move(b->signer);
   s.ignore_paths = data->ignore_paths;
-  std::vector<manifest_piece> pieces;
-  index_resources(*data, s.files, pieces);
-  s.piece_count = pieces.size();
+  index_resources(*data, s.files, s.pieces);
+  s.piece_count = s.pieces.size();
   return s;
 }
 

@@ -50,7 +50,8 @@ struct artifact_details {
   std::vector<std::uint32_t> key_versions;  // of the stored pieces
 };
 
-// A piece that failed a scrub, named by artifact, file and piece.
+// What a scrub found: a piece that failed (named by artifact, file and piece), or damage to the
+// index (file empty: an artifact's file list; artifact empty too: the index itself).
 struct scrub_failure {
   std::string artifact;
   std::string file;
@@ -265,8 +266,11 @@ class DRUN_API store {
   // Errors: invalid_argument when another process is reading the artifact.
   result<void> remove(const std::string& artifact);
   result<gc_report> gc(const gc_options& options);
-  // Re-checks every stored piece's tag and signed digest (of one artifact, or all); drops and
-  // reports those that fail.
+  // Checks the index (SQLite's integrity check; damage to its indexes is rebuilt), each
+  // artifact's rows against its signed manifest (damaged rows are rewritten from it, their pieces
+  // missing), then every stored piece's tag and signed digest (of one artifact, or all); drops
+  // and reports what fails. Errors: model_mismatch when the index's tables are damaged beyond
+  // that repair (the message says what to do), io_error, key_error.
   result<std::vector<scrub_failure>> scrub(const std::optional<std::string>& artifact = std::nullopt);
 
   struct impl;  // opaque: defined in src/store/store.cpp

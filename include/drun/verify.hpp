@@ -156,7 +156,8 @@ struct bundle_summary {
   std::string subject_name;
   signer_info signer;
   std::vector<manifest_file> files;
-  std::size_t piece_count = 0;
+  std::vector<manifest_piece> pieces;  // by piece index, as verified_manifest::pieces() would list them
+  std::size_t piece_count = 0;         // pieces.size()
   std::vector<std::string> ignore_paths;
 };
 DRUN_API result<bundle_summary> inspect_bundle(std::string_view bundle_json);

@@ -4,6 +4,7 @@
 
 #include <drun/hash.hpp>
 #include <drun/store.hpp>
+#include <drun/verify.hpp>
 
 #include "detail/file.hpp"
 #include "metrics/registry.hpp"
@@ -105,6 +106,9 @@ struct piece_row {
 
 result<void> make_dir(const std::filesystem::path& p);
 
+// The error for an index damaged past what drun rebuilds: it names the file and what to do.
+error index_beyond_repair(const std::filesystem::path& store_dir, std::string_view what);
+
 enum class open_mode { normal, rotation };
 
 result<std::unique_ptr<store::impl>> open_impl(const std::filesystem::path& dir, const node_key& key, open_mode mode,
@@ -143,6 +147,27 @@ struct store::impl {
   const node_key* key = nullptr;
   std::mutex keys_mutex;
   std::map<std::string, std::shared_ptr<store_detail::data_key>> data_keys;
+
+  // An artifact's layout (files, and each piece's file, range and digest) comes from its signed
+  // manifest, not from the index: the index can be damaged (a flipped bit, a torn page) while
+  // each piece still opens, and a lost or altered row must not turn into a short or missing file.
+  // stored_bundle: the bundle kept with the artifact, checked against the id (its payload's hash).
+  result<std::pair<std::string, bundle_summary>> stored_bundle(const std::string& id) const;
+  // SQLite's integrity check of the index; damage confined to its indexes (rows a lookup cannot
+  // find) is rebuilt with REINDEX: true when that was done. Damage to the tables themselves is an
+  // error naming the index. Caller holds db_mutex.
+  result<bool> check_index();
+  struct layout_damage {
+    std::vector<std::size_t> pieces;  // rows missing, extra or disagreeing with the manifest
+    bool files = false;               // the file list disagrees
+    std::string first;                // what the first disagreement is, for the message
+    bool none() const { return pieces.empty() && !files; }
+  };
+  // Compares the index's rows of an artifact with its signed layout. Caller holds db_mutex.
+  result<layout_damage> check_layout(const std::string& id, const bundle_summary& signed_layout);
+  // Rewrites the damaged rows from the signed layout, their pieces as missing (a fetch or import
+  // brings them back). Caller holds db_mutex.
+  result<void> repair_layout(const std::string& id, const bundle_summary& signed_layout, const layout_damage& damage);
 
   std::filesystem::path artifact_dir(const std::string& id) const { return dir / "artifacts" / id; }
   std::filesystem::path data_file(const std::string& id, std::size_t file) const {
@@ -184,7 +209,10 @@ struct store::impl {
     st->bind(1, id).bind(2, static_cast<std::int64_t>(piece));
     auto row = st->step();
     if (!row) return std::move(row).error();
-    if (!*row) return error(errc::not_found, fmt::format("artifact {} has no piece {}", id.substr(0, 12), piece));
+    if (!*row) return error(errc::not_found, fmt::format("artifact {} has no piece {} in the store index (if its "
+                                                        "manifest has one, the index is damaged: `drun cache verify` "
+                                                        "rebuilds it)",
+                                                        id.substr(0, 12), piece));
     store_detail::piece_row r;
     r.file = static_cast<std::size_t>(st->int64(0));
     r.offset = static_cast<std::uint64_t>(st->int64(1));

@@ -43,6 +43,8 @@ result<artifact_reader> store::open_artifact(const std::string& artifact) {
   // Checked under the lock: a remove that won the race has deleted the rows by now.
   auto d = show(artifact);
   if (!d) return std::move(d).error();
+  auto signed_bundle = impl_->stored_bundle(artifact);
+  if (!signed_bundle) return std::move(signed_bundle).error();
   auto p = std::make_unique<artifact_reader::impl>();
   p->s = impl_;
   p->id = artifact;
@@ -50,6 +52,14 @@ result<artifact_reader> store::open_artifact(const std::string& artifact) {
   p->artifact_lock = std::move(*l);
   {
     std::lock_guard lock(impl_->db_mutex);
+    // What a reader serves is laid out as signed: a damaged index fails here, never as a short file.
+    auto damage = impl_->check_layout(artifact, signed_bundle->second);
+    if (!damage) return std::move(damage).error();
+    if (!damage->none())
+      return error(errc::model_mismatch,
+                   fmt::format("the store index disagrees with the signed manifest of {} ({}): the index is damaged; "
+                               "`drun cache verify` repairs it, then import or fetch again",
+                               artifact.substr(0, 12), damage->first));
     auto st = impl_->db.prepare("SELECT idx, offset, length FROM pieces WHERE artifact = ? ORDER BY idx");
     if (!st) return std::move(st).error();
     st->bind(1, artifact);

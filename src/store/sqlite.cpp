@@ -35,11 +35,30 @@ database& database::operator=(database&& o) noexcept {
   return *this;
 }
 
+namespace {
+
+// One error for every failed SQLite call. A damaged file (a flipped bit, a torn page, a file that
+// is not a database at all) is an integrity failure of the store, named with the index's path and
+// what repairs it, rather than an opaque I/O error.
+error index_error(sqlite3* db, int code, std::string_view what) {
+  std::string msg = db ? sqlite3_errmsg(db) : "out of memory";
+  switch (code & 0xff) {
+    case SQLITE_FULL: return error(errc::io_error, fmt::format("{}: {}", what, msg)).with_errno(ENOSPC);
+    case SQLITE_CORRUPT:
+    case SQLITE_NOTADB: {
+      const char* file = db ? sqlite3_db_filename(db, "main") : nullptr;
+      auto damaged = fmt::format("the store index {} is damaged ({}): `drun cache verify` rebuilds what it can",
+                                 file && *file ? file : "index.sqlite", msg);
+      return error(errc::model_mismatch, what == "store index" ? damaged : fmt::format("{}: {}", what, damaged));
+    }
+    default: return error(errc::io_error, fmt::format("{}: {}", what, msg));
+  }
+}
+
+}  // namespace
+
 error database::last_error(std::string_view what) const {
-  int code = db_ ? sqlite3_errcode(db_) : SQLITE_CANTOPEN;
-  std::string msg = db_ ? sqlite3_errmsg(db_) : "out of memory";
-  if ((code & 0xff) == SQLITE_FULL) return error(errc::io_error, fmt::format("{}: index", what)).with_errno(ENOSPC);
-  return error(errc::io_error, fmt::format("{}: {}", what, msg));
+  return index_error(db_, db_ ? sqlite3_errcode(db_) : SQLITE_CANTOPEN, what);
 }
 
 result<void> database::exec(const char* sql) {
@@ -85,8 +104,7 @@ result<bool> statement::step() {
   int rc = sqlite3_step(stmt_);
   if (rc == SQLITE_ROW) return true;
   if (rc == SQLITE_DONE) return false;
-  return error(errc::io_error, fmt::format("store index: {}", sqlite3_errmsg(db_)))
-      .with_errno((rc & 0xff) == SQLITE_FULL ? ENOSPC : 0);
+  return index_error(db_, rc, "store index");
 }
 
 result<void> statement::run() {

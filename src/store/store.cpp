@@ -54,6 +54,38 @@ constexpr added_column added_columns[] = {
     {"rotation_journal", "nonce", "nonce BLOB"},
 };
 
+// Every table's columns, as (table, column, type, not null, key) lines.
+result<std::string> columns_of(database& db) {
+  auto st = db.prepare(
+      "SELECT m.name, p.name, p.type, p.\"notnull\", p.pk FROM sqlite_schema m, pragma_table_info(m.name) p "
+      "WHERE m.type = 'table' ORDER BY m.name, p.cid");
+  if (!st) return std::move(st).error();
+  std::string out;
+  if (auto r = st->each([&] {
+        out += fmt::format("{} {} {} {} {}\n", st->text(0), st->text(1), st->text(2), st->int64(3), st->int64(4));
+      });
+      !r)
+    return std::move(r).error();
+  return out;
+}
+
+// The index's tables must be the ones drun makes. A flipped bit in the schema's text (a renamed
+// column, say) passes SQLite's integrity check and would fail every later query obscurely.
+result<void> check_schema(database& db, const std::filesystem::path& dir) {
+  auto reference = database::open(":memory:");
+  if (!reference) return std::move(reference).error();
+  if (auto r = reference->exec(schema); !r) return std::move(r).error();
+  for (const auto& c : added_columns)
+    if (auto r = reference->exec(fmt::format("ALTER TABLE {} ADD COLUMN {}", c.table, c.definition).c_str()); !r)
+      return std::move(r).error();
+  auto want = columns_of(*reference);
+  if (!want) return std::move(want).error();
+  auto have = columns_of(db);
+  if (!have) return std::move(have).error();
+  if (*have != *want) return index_beyond_repair(dir, "its tables are not the ones drun makes");
+  return {};
+}
+
 }  // namespace
 
 namespace store_detail {
@@ -172,6 +204,7 @@ result<std::unique_ptr<store::impl>> open_impl(const std::filesystem::path& dir,
       if (auto r = p->db.exec(fmt::format("ALTER TABLE {} ADD COLUMN {}", c.table, c.definition).c_str()); !r)
         return std::move(r).error();
   }
+  if (auto r = check_schema(p->db, dir); !r) return std::move(r).error();
   // The store id salts every data key, so two stores under one node key never share a nonce space.
   {
     auto st = p->db.prepare("SELECT value FROM meta WHERE key = 'store_id'");
@@ -343,17 +376,9 @@ result<std::string> store::bundle(const std::string& artifact) {
         return std::isdigit(static_cast<unsigned char>(c)) || (c >= 'a' && c <= 'f');
       }))
     return error(errc::invalid_argument, "not an artifact id");
-  auto text = read_bundle_file(impl_->artifact_dir(artifact) / "bundle.sig");
-  if (!text) {
-    if (text.error().code() == errc::not_found)
-      return error(errc::not_found, fmt::format("no artifact {} in the store", artifact));
-    return std::move(text).error();
-  }
-  // The file was verified when it came in; a swapped one is caught by its payload's hash.
-  auto summary = inspect_bundle(*text);
-  if (!summary || summary->artifact_id != artifact)
-    return error(errc::model_mismatch, fmt::format("the stored bundle of {} does not match its id", artifact));
-  return text;
+  auto b = impl_->stored_bundle(artifact);
+  if (!b) return std::move(b).error();
+  return std::move(b->first);
 }
 
 result<missing_pieces> store::missing(const verified_manifest& m) {
@@ -556,6 +581,58 @@ result<gc_report> store::gc(const gc_options& options) {
 
 result<std::vector<scrub_failure>> store::scrub(const std::optional<std::string>& artifact) {
   store_lock g(impl_->dir, LOCK_SH);
+  std::vector<scrub_failure> failures;
+  auto finding = [&](scrub_failure f) {
+    metrics::global().store_scrub_findings.add();
+    detail::audit("store.scrub_finding", {{"store", impl_->dir.string()}, {"artifact", f.artifact}, {"file", f.file},
+                                          {"piece", f.piece}, {"reason", f.reason}});
+    failures.push_back(std::move(f));
+  };
+  // The index first, then each artifact's rows against its signed manifest, then every piece.
+  {
+    std::lock_guard lock(impl_->db_mutex);
+    auto repaired = impl_->check_index();
+    if (!repaired) return std::move(repaired).error();
+    if (*repaired) finding({"", "", 0, {}, "the store index's own indexes were damaged: rebuilt (REINDEX)"});
+  }
+  std::vector<std::string> ids;
+  {
+    std::lock_guard lock(impl_->db_mutex);
+    auto st = impl_->db.prepare("SELECT id FROM artifacts WHERE (? IS NULL OR id = ?) ORDER BY id");
+    if (!st) return std::move(st).error();
+    if (artifact) st->bind(1, *artifact).bind(2, *artifact);
+    if (auto r = st->each([&] { ids.push_back(st->text(0)); }); !r) return std::move(r).error();
+  }
+  for (const auto& id : ids) {
+    // Held like a reader (rm and gc wait), and skipped if it was removed since it was listed.
+    auto held = impl_->artifact_lock(id);
+    if (!held) continue;
+    ::flock(held->get(), LOCK_SH);
+    if (!show(id)) continue;
+    auto signed_bundle = impl_->stored_bundle(id);
+    if (!signed_bundle) {
+      finding({id, "", 0, {}, fmt::format("{}: `drun cache rm` it and fetch it again", signed_bundle.error().message())});
+      continue;
+    }
+    const auto& layout = signed_bundle->second;
+    std::lock_guard lock(impl_->db_mutex);
+    auto damage = impl_->check_layout(id, layout);
+    if (!damage) return std::move(damage).error();
+    if (damage->none()) continue;
+    if (auto r = impl_->repair_layout(id, layout, *damage); !r) return std::move(r).error();
+    if (damage->files)
+      finding({id, "", 0, {}, fmt::format("the index's file list was damaged ({}): rewritten from the signed manifest",
+                                          damage->first)});
+    for (auto k : damage->pieces) {
+      scrub_failure f{id, "", k, {},
+                      fmt::format("piece {}'s index entry was damaged: reset from the signed manifest, to be fetched again", k)};
+      if (k < layout.pieces.size()) {
+        f.file = layout.files[layout.pieces[k].file].name;
+        f.range = layout.pieces[k].range.value_or(byte_range{});
+      }
+      finding(std::move(f));
+    }
+  }
   struct todo { std::string id; std::size_t piece; };
   std::vector<todo> work;
   {
@@ -570,7 +647,6 @@ result<std::vector<scrub_failure>> store::scrub(const std::optional<std::string>
     });
     if (!rows) return std::move(rows).error();
   }
-  std::vector<scrub_failure> failures;
   std::vector<std::byte> buf;
   std::string locked_id;
   detail::unique_fd artifact_lock;
@@ -608,10 +684,7 @@ result<std::vector<scrub_failure>> store::scrub(const std::optional<std::string>
       // Only a piece that is bad is a failure; a bad key or a failing disk stops the scrub.
       auto code = opened.error().code();
       if (code != errc::digest_mismatch && code != errc::model_mismatch) return std::move(opened).error();
-      metrics::global().store_scrub_findings.add();
-      failures.push_back({w.id, row.file_name, w.piece, {row.offset, row.offset + row.length}, opened.error().detail()});
-      detail::audit("store.scrub_finding", {{"store", impl_->dir.string()}, {"artifact", w.id}, {"file", row.file_name},
-                                            {"piece", w.piece}, {"reason", opened.error().detail()}});
+      finding({w.id, row.file_name, w.piece, {row.offset, row.offset + row.length}, opened.error().detail()});
     }
   }
   sodium_memzero(buf.data(), buf.size());

@@ -344,6 +344,37 @@ TEST_CASE("store: a truncated or deleted data file is named, dropped and repaire
   CHECK(test::read_text(out / "x/big.bin") == sm.big);
 }
 
+TEST_CASE("store: a data file truncated under an open reader is named, dropped and repaired under it") {
+  signed_model sm;
+  temp_dir sd;
+  auto s = store::open(sd / "store", key_from_hex('c'));
+  REQUIRE(s);
+  REQUIRE(import_model(*s, *sm.vm, sm.bundle, sm.model()));
+  auto reader = s->open_artifact(sm.vm->artifact_id());
+  REQUIRE(reader);
+  std::vector<std::byte> head(1000), tail(1000, std::byte{0x5a});
+  REQUIRE(reader->read(0, 0, head));
+  // Another process cuts big.bin's data file to its first piece while the reader is open.
+  std::filesystem::resize_file(sd / "store/artifacts" / sm.vm->artifact_id() / "data/0", 100000);
+  auto cut = reader->read(0, 250000, tail);
+  REQUIRE_FALSE(cut);
+  CHECK(cut.error().code() == errc::model_mismatch);
+  CHECK(cut.error().message().find("truncated data file") != std::string::npos);
+  CHECK(cut.error().message().find("big.bin") != std::string::npos);
+  CHECK(std::all_of(tail.begin(), tail.end(), [](std::byte b) { return b == std::byte{0}; }));  // wiped
+  REQUIRE(reader->read(0, 0, head));  // the piece the cut left whole still reads
+  CHECK(std::string(reinterpret_cast<const char*>(head.data()), head.size()) == sm.big.substr(0, 1000));
+  CHECK(s->missing(*sm.vm)->indices == std::vector<std::size_t>{3});  // dropped: the next fetch brings it
+  // The import repairs it while the reader stays open, and the reader then reads it.
+  auto repaired = import_model(*s, *sm.vm, sm.bundle, sm.model());
+  REQUIRE(repaired);
+  REQUIRE(reader->read(0, 250000, tail));
+  CHECK(std::string(reinterpret_cast<const char*>(tail.data()), tail.size()) == sm.big.substr(250000, 1000));
+  CHECK(s->scrub()->size() == 3);  // pieces 1, 2 and 4 lay past the cut too: the scrub finds and drops them
+  REQUIRE(import_model(*s, *sm.vm, sm.bundle, sm.model()));
+  CHECK(s->scrub()->empty());
+}
+
 namespace {
 
 // The nonce of every stored piece of an artifact, as the store would use it to open the piece
