@@ -136,14 +136,37 @@ int cache_show(int argc, char** argv) {
 }
 
 int cache_verify(int argc, char** argv) {
-  auto args = parse_args(argc, argv, 3, with_store({}));
-  if (args.positional.size() > 1) throw usage_error{"usage: drun cache verify [ARTIFACT] --store DIR --key-source SPEC"};
+  auto args = parse_args(argc, argv, 3, with_store({{"reset-index", false}}));
+  if (args.positional.size() > 1)
+    throw usage_error{"usage: drun cache verify [ARTIFACT] [--reset-index] --store DIR --key-source SPEC"};
+  // An index damaged past what the scrub rebuilds is reported as model_mismatch, by the open or by
+  // the scrub (piece failures are findings, not errors); --reset-index then sets it aside.
+  auto damaged = [&](const drun::error& e) {
+    if (e.code() != drun::errc::model_mismatch) return fail("cache verify", e);
+    if (!args.has("reset-index")) {
+      auto status = fail("cache verify", e);
+      diag(drun::log_level::error, "cache verify",
+           "the index cannot be rebuilt: `drun cache verify --reset-index` sets it aside and starts the store empty "
+           "(what it held is fetched or imported again)");
+      return status;
+    }
+    diag(drun::log_level::error, "cache verify", e.message());
+    auto aside = drun::store::set_aside_index(*args.get("store"));
+    if (!aside) return fail("cache verify", aside.error());
+    diag(drun::log_level::warning, "cache verify",
+         fmt::format("the damaged index was set aside as {}; the store starts empty: import or fetch again",
+                     aside->string()));
+    return exit_integrity;
+  };
   auto o = open_store(args);
-  if (!o) return fail("cache verify", o.error());
+  if (!o) return damaged(o.error());
   std::optional<std::string> id;
   if (!args.positional.empty()) id = artifact_arg(*o, args.positional[0]);
   auto failures = o->scrub(id);
-  if (!failures) return fail("cache verify", failures.error());
+  if (!failures) {
+    o = drun::error(drun::errc::cancelled, "closed");  // the index is closed before it is moved
+    return damaged(failures.error());
+  }
   for (const auto& f : *failures)
     diag(drun::log_level::error, "cache verify",
          f.artifact.empty() ? f.reason

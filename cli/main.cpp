@@ -216,7 +216,7 @@ void print_usage(std::FILE* to) {
              "           [--clock-skew 60s] < TOKEN\n"
              "  cache keygen --out FILE    a new node key for an encrypted store\n"
              "  cache import PATH [--signature SIG] TRUST [--threads N]\n"
-             "  cache export ARTIFACT DEST [--umask-modes] | ls [--json] | show ARTIFACT [--json] | verify [ARTIFACT]\n"
+             "  cache export ARTIFACT DEST [--umask-modes] | ls [--json] | show ARTIFACT [--json] | verify [ARTIFACT] [--reset-index]\n"
              "  cache gc [--ttl SECONDS] [--high BYTES --low BYTES] | rm ARTIFACT... | pin | unpin ARTIFACT\n"
              "  cache rotate-key --new-key-source SPEC\n"
              "        every cache command takes --store DIR --key-source file:PATH|env:NAME|cmd:COMMAND\n"

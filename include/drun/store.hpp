@@ -203,6 +203,12 @@ class DRUN_API store {
   // "wrong key"), as is a key retired by rotate_key.
   static result<store> open(const std::filesystem::path& dir, node_key key);
 
+  // Sets a damaged index aside (renamed index.sqlite.damaged-UNIXTIME, with its -wal and -shm
+  // files), under the store's exclusive lock, so that the next open starts the store empty: what
+  // it held is fetched or imported again. For an index that open or scrub reports as damaged
+  // beyond repair. Returns the name it was set aside as. Errors: not_found, io_error.
+  static result<std::filesystem::path> set_aside_index(const std::filesystem::path& dir);
+
   // Re-seals every stored piece under new_key, which becomes the store's only key. Crash safe:
   // a rotation interrupted at any point is finished by calling this again with the same keys,
   // and no piece is lost. Holds the store exclusively while it runs.

@@ -229,11 +229,11 @@ struct store::impl {
     if (st->is_null(9)) {
       r.nonce = store_detail::legacy_nonce(r.key_version, r.generation);
     } else {
-      if (nonce.size() != r.nonce.size()) return error(errc::io_error, "store index is damaged (nonce)");
+      if (nonce.size() != r.nonce.size()) return error(errc::model_mismatch, "store index is damaged (nonce)");
       std::copy(nonce.begin(), nonce.end(), r.nonce.begin());
     }
     auto alg = parse_hash_algorithm(st->text(10));
-    if (!alg) return error(errc::io_error, "store index is damaged (hash type)");
+    if (!alg) return error(errc::model_mismatch, "store index is damaged (hash type)");
     r.hash = *alg;
     return r;
   }

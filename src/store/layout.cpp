@@ -1,6 +1,8 @@
 // An artifact's layout in the index checked against (and repaired from) its signed manifest.
 #include "store/impl.hpp"
 
+#include "detail/audit.hpp"
+
 #include <algorithm>
 
 namespace drun {
@@ -22,9 +24,24 @@ result<std::pair<std::string, bundle_summary>> store::impl::stored_bundle(const 
 
 error store_detail::index_beyond_repair(const std::filesystem::path& store_dir, std::string_view what) {
   return error(errc::model_mismatch,
-               fmt::format("the store index {} is damaged beyond what drun can rebuild ({}): move index.sqlite and its "
-                           "-wal and -shm files aside; the store then starts empty and fetches or imports again",
+               fmt::format("the store index {} is damaged beyond what drun can rebuild ({}): `drun cache verify "
+                           "--reset-index` sets it aside and starts the store empty (what it held is fetched or "
+                           "imported again)",
                            (store_dir / "index.sqlite").string(), what));
+}
+
+result<std::filesystem::path> store::set_aside_index(const std::filesystem::path& dir) {
+  const auto index = dir / "index.sqlite";
+  if (!std::filesystem::exists(index)) return error(errc::not_found, "the store has no index").with_path(index.string());
+  store_lock exclusive(dir, LOCK_EX);  // no operation of another process is halfway through it
+  const auto aside = dir / fmt::format("index.sqlite.damaged-{}", now_seconds());
+  for (const char* suffix : {"", "-wal", "-shm"}) {
+    std::filesystem::path from = index.string() + suffix, to = aside.string() + suffix;
+    if (::rename(from.c_str(), to.c_str()) != 0 && errno != ENOENT)
+      return detail::sys_error("cannot set the damaged index aside", from, errno);
+  }
+  detail::audit("store.index_set_aside", {{"store", dir.string()}, {"as", aside.string()}});
+  return aside;
 }
 
 namespace {

@@ -213,7 +213,7 @@ result<std::unique_ptr<store::impl>> open_impl(const std::filesystem::path& dir,
     if (!row) return std::move(row).error();
     if (*row) {
       auto b = st->blob(0);
-      if (b.size() != p->store_id.size()) return error(errc::io_error, "store index is damaged (store id)");
+      if (b.size() != p->store_id.size()) return error(errc::model_mismatch, "store index is damaged (store id)");
       std::copy(b.begin(), b.end(), p->store_id.begin());
     } else {
       randombytes_buf(p->store_id.data(), p->store_id.size());
@@ -671,6 +671,15 @@ result<std::vector<scrub_failure>> store::scrub(const std::optional<std::string>
     {
       std::lock_guard lock(impl_->db_mutex);
       auto r = impl_->load_piece(w.id, w.piece);
+      if (!r && r.error().code() == errc::model_mismatch) {
+        // The row cannot say how its piece was sealed (a damaged nonce, say): the piece is lost.
+        auto drop = impl_->db.prepare("UPDATE pieces SET state = ? WHERE artifact = ? AND idx = ?");
+        if (!drop) return std::move(drop).error();
+        drop->bind(1, state_missing).bind(2, w.id).bind(3, static_cast<std::int64_t>(w.piece));
+        if (auto d = drop->run(); !d) return std::move(d).error();
+        finding({w.id, "", w.piece, {}, fmt::format("piece {}: {}; dropped from the store", w.piece, r.error().detail())});
+        continue;
+      }
       if (!r) return std::move(r).error();
       row = std::move(*r);
     }

@@ -495,6 +495,14 @@ def damaged_index_outcome(store, art, m, pub, tmp_path, write_damage):
         assert e.rc in (1, 2, 3), e
         assert not dest.exists() or not any(dest.iterdir()), f"a failed export left files behind{e!r}"
     v = store("verify")
+    if v.rc == 2 and "wrong key" in v.err:
+        # A flip in the record of the store's key reads as another key: the store refuses (fails
+        # closed) and nothing proves the key right. The operator moves the index aside by hand.
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{store.dir / 'index.sqlite'}{suffix}").unlink(missing_ok=True)
+        store.imported(m, pub)
+        store.export_identical(art, dest, m)
+        return "key record"
     assert v.rc in (0, 1), f"verify of a damaged index must report (exit 1) or find it sound{v!r}"
     if e.rc != 0 and e.rc != 1:
         assert v.rc == 1, f"the export failed on the damaged index but verify found nothing{e!r}{v!r}"
@@ -503,11 +511,13 @@ def damaged_index_outcome(store, art, m, pub, tmp_path, write_damage):
         assert "index" in v.err or "piece" in v.err, v
         label = ("rebuilt" if "REINDEX" in v.err else "rows reset" if "index entry" in v.err or "file list" in v.err
                  else "piece dropped" if "piece" in v.err else "beyond repair")
-        if "move index.sqlite" in v.err or "damaged (" in v.err:
-            # what the message says to do: the store starts afresh and the import brings everything back
+        if "--reset-index" in v.err:
+            # what the message says to do: the index is set aside, the store starts empty, and the
+            # import brings everything back
             label = "beyond repair"
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{store.dir / 'index.sqlite'}{suffix}").unlink(missing_ok=True)
+            r = store("verify", "--reset-index").fails(1, "set aside as")
+            aside = re.search(r"set aside as (\S+);", r.err).group(1)
+            assert Path(aside).is_file() and not (store.dir / "index.sqlite").exists(), r
     elif e.rc == 1:
         label = "piece dropped"  # the export dropped it; verify found the rest sound
     store.imported(m, pub)
