@@ -13,6 +13,7 @@
 
 #include "detail/audit.hpp"
 #include "detail/encoding.hpp"
+#include "detail/log.hpp"
 
 #include <drun/manifest.hpp>
 #include <drun/sign.hpp>
@@ -171,6 +172,46 @@ result<void> make_dir(const std::filesystem::path& p) {
   return check_owned(st, p, /*directory=*/true);
 }
 
+namespace {
+
+// A damaged fingerprint in the index reads like another node key. A stored piece sealed under the
+// active key that opens (its GCM tag checks) under `key` proves that key is the store's: returns
+// that key version, or nothing when no such piece opens (then it is another key, or unprovable).
+// Nothing is dropped on the way. Caller holds the open's transaction.
+result<std::optional<std::uint32_t>> active_key_proven_by_a_piece(store::impl& s, const node_key& key) {
+  auto st = s.db.prepare(
+      "SELECT p.artifact, p.idx FROM pieces p JOIN key_versions k ON k.version = p.key_version "
+      "WHERE p.state = ? AND k.state = 'active' ORDER BY p.length LIMIT 1");
+  if (!st) return std::move(st).error();
+  st->bind(1, state_stored);
+  auto row = st->step();
+  if (!row) return std::move(row).error();
+  if (!*row) return std::optional<std::uint32_t>{};
+  auto id = st->text(0);
+  auto piece = static_cast<std::size_t>(st->int64(1));
+  auto r = s.load_piece(id, piece);
+  if (!r) return std::optional<std::uint32_t>{};
+  auto dk = s.data_key_for(id, key, false);
+  if (!dk) return std::move(dk).error();
+  auto fd = open_owned(s.data_file(id, r->file), O_RDONLY, "cannot open");
+  if (!fd) return std::optional<std::uint32_t>{};
+  gcm g(gcm::mode::open, **dk, store::impl::address(id, piece, *r));
+  std::vector<std::byte> chunk(static_cast<std::size_t>(std::min<std::uint64_t>(io_chunk, r->length)));
+  for (std::uint64_t off = 0; off < r->length; off += chunk.size()) {
+    auto part = std::span(chunk).first(static_cast<std::size_t>(std::min<std::uint64_t>(chunk.size(), r->length - off)));
+    if (!detail::pread_exact(fd->get(), part, r->offset + off, s.data_file(id, r->file))) {
+      sodium_memzero(chunk.data(), chunk.size());
+      return std::optional<std::uint32_t>{};
+    }
+    g.update(part, part);
+  }
+  sodium_memzero(chunk.data(), chunk.size());  // plaintext, never released
+  if (!g.open_check(r->tag)) return std::optional<std::uint32_t>{};
+  return std::optional<std::uint32_t>{r->key_version};
+}
+
+}  // namespace
+
 result<std::unique_ptr<store::impl>> open_impl(const std::filesystem::path& dir, const node_key& key, open_mode mode,
                                                const std::string* pending_fp) {
   if (auto r = make_dir(dir); !r) return std::move(r).error();
@@ -251,7 +292,20 @@ result<std::unique_ptr<store::impl>> open_impl(const std::filesystem::path& dir,
     if (auto r = ins->run(); !r) return std::move(r).error();
     p->key_version = 1;
   } else if (!found) {
-    return error(errc::key_error, "wrong key: this store was created with another node key").with_path(dir.string());
+    auto proven = pending_other ? result<std::optional<std::uint32_t>>(std::optional<std::uint32_t>{})
+                                : active_key_proven_by_a_piece(*p, key);
+    if (!proven) return std::move(proven).error();
+    if (!*proven)
+      return error(errc::key_error, "wrong key: this store was created with another node key").with_path(dir.string());
+    // The key is the store's and its record in the index was damaged: the record is rewritten.
+    auto fix = p->db.prepare("UPDATE key_versions SET fingerprint = ? WHERE version = ?");
+    if (!fix) return std::move(fix).error();
+    fix->bind(1, fp).bind(2, static_cast<std::int64_t>(**proven));
+    if (auto r = fix->run(); !r) return std::move(r).error();
+    p->key_version = **proven;
+    detail::log(log_level::warning, "the store index's record of the node key was damaged; a stored piece proved the key, "
+                "and the record was rewritten", {{"store", dir.string()}});
+    detail::audit("store.key_record_repaired", {{"store", dir.string()}, {"key_version", **proven}});
   } else if (pending_other) {
     return error(errc::key_error, "a key rotation is incomplete: finish it with drun cache rotate-key")
         .with_path(dir.string());

@@ -449,6 +449,50 @@ TEST_CASE("store: an index rolled back to an older copy never repeats a nonce") 
     for (const auto& nonce : *set) CHECK_MESSAGE(nonces.insert(nonce).second, "nonce used twice: " << nonce);
 }
 
+TEST_CASE("store: a damaged record of the node key is proven by a stored piece and rewritten") {
+  signed_model sm;
+  temp_dir sd;
+  auto dir = sd / "store";
+  auto damage_key_record = [&] {
+    auto db = store_detail::database::open(dir / "index.sqlite");
+    REQUIRE(db);
+    // One hex digit changed, as a flipped bit would: it still reads as a fingerprint.
+    REQUIRE(db->exec("UPDATE key_versions SET fingerprint = "
+                     "(CASE substr(fingerprint, 1, 1) WHEN '0' THEN '1' ELSE '0' END) || substr(fingerprint, 2)"));
+  };
+  {
+    auto s = store::open(dir, key_from_hex('c'));
+    REQUIRE(s);
+    REQUIRE(s->add_artifact(*sm.vm, sm.bundle));
+  }
+  damage_key_record();
+  // Nothing stored yet: nothing proves the key, so the store fails closed.
+  auto unproven = store::open(dir, key_from_hex('c'));
+  REQUIRE_FALSE(unproven);
+  CHECK(unproven.error().code() == errc::key_error);
+  {
+    auto db = store_detail::database::open(dir / "index.sqlite");
+    REQUIRE(db);
+    REQUIRE(db->exec("DELETE FROM key_versions"));  // start over: the next open records the key
+  }
+  {
+    auto s = store::open(dir, key_from_hex('c'));
+    REQUIRE(s);
+    REQUIRE(import_model(*s, *sm.vm, sm.bundle, sm.model()));
+  }
+  damage_key_record();
+  auto other = store::open(dir, key_from_hex('d'));  // another key opens no piece: still refused
+  REQUIRE_FALSE(other);
+  CHECK(other.error().message().find("wrong key") != std::string::npos);
+  auto s = store::open(dir, key_from_hex('c'));  // the store's key opens one: the record is rewritten
+  REQUIRE(s);
+  CHECK(s->scrub()->empty());
+  temp_dir out;
+  REQUIRE(s->materialize(sm.vm->artifact_id(), out / "x"));
+  CHECK(test::read_text(out / "x/big.bin") == sm.big);
+  CHECK_FALSE(store::open(dir, key_from_hex('d')));  // and another key is refused by the record again
+}
+
 TEST_CASE("store: a piece forged with a valid tag is never returned") {
   // What an attacker who learnt a data key (from a nonce reuse, or the node key) could write:
   // other bytes, sealed properly under the piece's address. The tag verifies; the signed digest
