@@ -9,6 +9,7 @@ problem is a failure.
 """
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -952,15 +953,25 @@ def test_sigkill_during_rotate_key(drun, drun_bin, drun_keys, store, tmp_path):
 # 9. a full disk
 
 
-def test_disk_full_is_io_error_and_store_stays_consistent(drun, drun_bin, drun_keys, tmp_path):
+@contextlib.contextmanager
+def small_tmpfs(tmp_path, size):
+    """A tmpfs of `size` mounted at tmp_path/small for the block, unmounted after; skips without root."""
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a small tmpfs")
     small = tmp_path / "small"
     small.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)], capture_output=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(small)], capture_output=True)
     if p.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {p.stderr.decode(errors='replace').strip()}")
     try:
+        yield small
+    finally:
+        if subprocess.run(["umount", str(small)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+def test_disk_full_is_io_error_and_store_stays_consistent(drun, drun_bin, drun_keys, tmp_path):
+    with small_tmpfs(tmp_path, "6m") as small:
         key = tmp_path / "node.key"
         write_node_key(key)
         s = Store(drun, drun_bin, small / "store", key)
@@ -984,9 +995,6 @@ def test_disk_full_is_io_error_and_store_stays_consistent(drun, drun_bin, drun_k
         art, _ = s.imported(sm, pub)
         s("verify").ok()
         s.export_identical(art, tmp_path / "out", sm)
-    finally:
-        if subprocess.run(["umount", str(small)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(small)], capture_output=True)
 
 
 def test_disk_full_in_the_middle_of_a_batch_loses_only_that_batch(drun, drun_bin, drun_keys, tmp_path):
@@ -994,14 +1002,7 @@ def test_disk_full_in_the_middle_of_a_batch_loses_only_that_batch(drun, drun_bin
     grows: a batch's commit. The free space is set, by a filler file, to the model's size plus a
     slack; over a range of slacks some import must stop with ENOSPC after some batches committed.
     Every one of them keeps what it committed (verified), and resumes from there once there is room."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    small = tmp_path / "small"
-    small.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)], capture_output=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.decode(errors='replace').strip()}")
-    try:
+    with small_tmpfs(tmp_path, "16m") as small:
         key = tmp_path / "node.key"
         write_node_key(key)
         s = Store(drun, drun_bin, small / "store", key)
@@ -1044,9 +1045,6 @@ def test_disk_full_in_the_middle_of_a_batch_loses_only_that_batch(drun, drun_bin
                 s("rm", ls["m"]["id"]).ok()
         assert any(rc == 3 and 0 < stored < total for _, rc, stored in outcomes), \
             f"no import ran out of space between batches: (slack, exit, stored) = {outcomes}"
-    finally:
-        if subprocess.run(["umount", str(small)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(small)], capture_output=True)
 
 
 # ------------------------------------------------------------------------------------------------
