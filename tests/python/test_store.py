@@ -548,8 +548,11 @@ def test_index_bit_flips_and_torn_pages_are_named_repaired_and_never_yield_wrong
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
     labels = {}
+    # Under ASan every drun start costs about a second: a quarter of the flips there (the plain
+    # build's run checks the kinds of damage; this one checks the same paths for memory errors).
+    sparse = 4 if "ASAN_OPTIONS" in os.environ else 1
     # A bit flip every ~2,000 bytes, from a random start: headers, schema, b-tree pages, rows.
-    pos = rng.randrange(2000)
+    pos = rng.randrange(2000 * sparse)
     while pos < len(pristine_index):
         restored()
         bit = 1 << rng.randrange(8)
@@ -562,7 +565,7 @@ def test_index_bit_flips_and_torn_pages_are_named_repaired_and_never_yield_wrong
                 f.write(bytes([b ^ bit]))
         label = damaged_index_outcome(store, art, m, pub, tmp_path, flip)
         labels.setdefault(label, []).append(pos)
-        pos += rng.randrange(1400, 2600)
+        pos += rng.randrange(1400, 2600) * sparse
     # A torn write of every page that changed: its first half new, its second half as it was.
     page = 4096
     torn = 0
@@ -581,8 +584,9 @@ def test_index_bit_flips_and_torn_pages_are_named_repaired_and_never_yield_wrong
     print(msg)
     assert torn >= 3, msg
     # the kinds of damage this test is for did all come up
-    assert len(labels.get("sound", [])) > 0 and len(labels) >= 3, msg
-    assert sum(len(v) for k, v in labels.items() if k != "sound") >= 6, msg
+    if sparse == 1:
+        assert len(labels.get("sound", [])) > 0 and len(labels) >= 3, msg
+        assert sum(len(v) for k, v in labels.items() if k != "sound") >= 6, msg
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1158,7 +1162,8 @@ def test_memory_stays_bounded_with_huge_pieces(drun, drun_keys, store, tmp_path)
         assert p.returncode == 0, p.stderr.decode(errors="replace")
         return int(p.stderr.decode().strip().splitlines()[-1])
 
-    limit = 128 << 10  # KiB
+    # KiB, half a piece; under ASan (its shadow memory and quarantine) three quarters of one
+    limit = (192 if "ASAN_OPTIONS" in os.environ else 128) << 10
     assert peak_kib("import", m, "--public-key", pub, "--threads", 2) < limit
     assert peak_kib("verify") < limit
     art = store.ls()[0]["id"]
