@@ -218,6 +218,26 @@ inline drun::result<std::string> read_secret_file(const std::string& path, const
   return text;
 }
 
+// Registry credentials (oci://): --registry-auth FILE (a Docker config.json or containers
+// auth.json, owner-only), else $REGISTRY_AUTH_FILE as skopeo and podman read it; or
+// DRUN_REGISTRY_CREDENTIALS=user:password in the environment, which comes first.
+template <class Args>
+drun::result<void> registry_credentials_from_args(const Args& args, drun::source_options& so) {
+  if (auto f = args.get("registry-auth")) so.registry_auth_file = *f;
+  else if (const char* env = std::getenv("REGISTRY_AUTH_FILE"); env && *env) so.registry_auth_file = env;
+  if (!so.registry_auth_file.empty()) {
+    auto text = read_secret_file(so.registry_auth_file, "registry auth file");  // refused early, not at the first 401
+    if (!text) return std::move(text).error();
+    std::fill(text->begin(), text->end(), '\0');
+  }
+  if (const char* env = std::getenv("DRUN_REGISTRY_CREDENTIALS"); env && *env) {
+    so.registry_credentials = env;
+    if (so.registry_credentials.find(':') == std::string::npos)
+      return drun::error(drun::errc::key_error, "DRUN_REGISTRY_CREDENTIALS must read user:password");
+  }
+  return {};
+}
+
 // A progress line on stderr, only when stderr is a terminal and the work has run for a second.
 class progress_line {
  public:
@@ -327,6 +347,7 @@ int cmd_fetch(int argc, char** argv);
 int cmd_serve(int argc, char** argv);
 int cmd_token(int argc, char** argv);  // cli/token.cpp
 int cmd_audit(int argc, char** argv);  // cli/audit.cpp
+int cmd_push(int argc, char** argv);   // cli/push.cpp
 
 // Options every command takes (logging) or that the commands making security decisions take
 // (the audit log); main() takes them out of argv before the command parses the rest.

@@ -17,7 +17,7 @@ int cmd_fetch(int argc, char** argv) {
                           {"peers-dns", true, true}, {"tls-cert", true}, {"tls-key", true}, {"token-file", true},
                           {"artifact", true}, {"swarm-self", true}, {"metrics-file", true},
                           {"traceparent", true}, {"origin-cert", true}, {"origin-key", true},
-                          {"local-address", true}})));
+                          {"local-address", true}, {"registry-auth", true}})));
   if (!args.positional.empty()) throw usage_error{"fetch takes no positional arguments"};
   auto sig = args.get("signature");
   auto origins = args.all("origin");
@@ -42,6 +42,7 @@ int cmd_fetch(int argc, char** argv) {
   so.client_cert_file = args.get("origin-cert").value_or("");
   so.client_key_file = args.get("origin-key").value_or("");
   so.local_address = args.get("local-address").value_or("");
+  if (auto r = registry_credentials_from_args(args, so); !r) return fail("fetch", r.error());
   // Credentials never come from the visible command line: a file readable by its owner only, or
   // an environment variable.
   if (auto hf = args.get("header-file")) {
@@ -199,8 +200,7 @@ int cmd_fetch(int argc, char** argv) {
       else text = std::move(got);
     }
   } else {
-    bool remote = sig->rfind("http://", 0) == 0 || sig->rfind("https://", 0) == 0;
-    text = remote ? drun::fetch_document(*sig, drun::max_bundle_size, so) : drun::read_bundle_file(*sig);
+    text = drun::is_remote_document(*sig) ? drun::fetch_document(*sig, drun::max_bundle_size, so) : drun::read_bundle_file(*sig);
     if (!text) return fail("fetch", text.error());
     vm = drun::verify_bundle(*text, *trust);
     if (!vm) vm = std::move(vm).error().with_path(*sig);

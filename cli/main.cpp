@@ -198,10 +198,15 @@ void print_usage(std::FILE* to) {
              "           [--tls-min 1.2|1.3] [--proxy URL] [--proxy-auth-file FILE | --proxy-auth-env NAME]\n"
              "           [--header-file FILE] [--bearer-env NAME] [--credentials-origin URL]\n"
              "           [--origin-cert PEM --origin-key PEM]   (mutual TLS toward HTTPS origins and proxies)\n"
+             "           [--registry-auth FILE]   (oci:// origins: a Docker config.json; or $REGISTRY_AUTH_FILE,\n"
+             "                                     or DRUN_REGISTRY_CREDENTIALS=user:password)\n"
              "           [--local-address IP]   (connections to origins and peers go out from it)\n"
              "           [--limit-rate BYTES/s] [--stall-timeout S] [--attempts N] [--insecure]\n"
              "           [--metrics-file FILE]   (Prometheus text, written when the fetch ends) [--traceparent TP]\n"
              "           [--rdma [--rdma-device DEV] [--rdma-port N] [--rdma-gid-index N] [--rdma-qps N]]\n"
+             "  push     MODEL oci://REGISTRY/REPOSITORY:TAG [--signature SIG] [--registry-auth FILE]\n"
+             "           [--ca-cert PEM] [--origin-cert PEM --origin-key PEM] [--chunk-size BYTES] [--tls-min 1.2|1.3]\n"
+             "                                   prints oci://REGISTRY/REPOSITORY@sha256:... of what it pushed\n"
              "  serve    --store DIR --key-source SPEC --listen ADDR:PORT --tls-cert PEM --tls-key PEM\n"
              "           --client-ca PEM [--policy FILE] [--jwks FILE [--audience A] [--token-issuer I]\n"
              "           [--require-bound-tokens]] [--allow-token-only]\n"
@@ -242,6 +247,7 @@ int run(const std::string& command, int argc, char** argv) {
   if (command == "cache") return drun::cli::write_requested_metrics(command, drun::cli::cmd_cache(argc, argv));
   if (command == "fetch") return drun::cli::write_requested_metrics(command, drun::cli::cmd_fetch(argc, argv));
   if (command == "serve") return drun::cli::cmd_serve(argc, argv);
+  if (command == "push") return drun::cli::cmd_push(argc, argv);
   if (command == "token") return drun::cli::cmd_token(argc, argv);
   if (command == "audit") return drun::cli::cmd_audit(argc, argv);
   if (command == "help" || command == "--help" || command == "-h") {

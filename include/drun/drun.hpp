@@ -13,6 +13,7 @@
 #include <drun/peer.hpp>
 #include <drun/piece.hpp>
 #include <drun/policy.hpp>
+#include <drun/registry.hpp>
 #include <drun/safetensors.hpp>
 #include <drun/sign.hpp>
 #include <drun/source.hpp>

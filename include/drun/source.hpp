@@ -58,6 +58,16 @@ struct source_options {
   // AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN and AWS_REGION (or AWS_DEFAULT_REGION) from the
   // environment.
   std::string s3_endpoint;
+  // OCI registries (oci://REGISTRY/REPOSITORY:TAG): Basic credentials "user:password" for the
+  // registry. They go to the registry when it asks for Basic, or to the token service it names
+  // (https only) for a token scoped to the one repository, as Docker's clients do; never
+  // anywhere else, never logged. Empty: the registry's entry of registry_auth_file, else
+  // anonymous.
+  std::string registry_credentials;
+  // A Docker config.json or containers auth.json: its "auths" entry for the registry ("auth":
+  // base64 of user:password, or "username" and "password"). Read when a registry asks for
+  // credentials; must be readable by its owner only.
+  std::string registry_auth_file;
   std::chrono::seconds connect_timeout{10};
   std::chrono::seconds stall_timeout{30};  // a transfer with no bytes for this long is abandoned
 };
@@ -108,14 +118,24 @@ class DRUN_API source {
 // lower-cased, the default port filled in. Empty when the URL is not http(s) or does not parse.
 DRUN_API std::string url_origin(std::string_view url);
 
-// http://, https://, s3:// or file:// (a local directory or file). Errors: invalid_argument
+// http://, https://, s3://, oci:// or file:// (a local directory or file). oci://REGISTRY/
+// REPOSITORY:TAG (or @sha256:DIGEST) is a model stored as an OCI artifact: its image manifest
+// (or the first image manifest of an index) is resolved at the first piece, each file is the
+// layer titled with its name (org.opencontainers.image.title, or ModelPack's
+// org.cncf.model.filepath), read by Range requests on the blob, through the registry's redirects
+// to its storage. The registry is only a source: what it serves is checked against the bundle like
+// any origin's bytes. Errors: invalid_argument
 // (also: headers with a credentials_origin that is not an http(s) URL), key_error (s3:// without
 // credentials).
 DRUN_API result<std::unique_ptr<source>> make_source(std::string_view url, const source_options& options = {});
 
 // Downloads a whole small document (a bundle), refusing more than max_size bytes. Headers go to
-// one origin only, as for a source (credentials_origin's, else the URL's own).
+// one origin only, as for a source (credentials_origin's, else the URL's own). oci://... takes the
+// bundle from the artifact's layer titled model.sig, else from an OCI 1.1 referrer of the
+// artifact with a Sigstore bundle artifact type (the referrers API, else its sha256-DIGEST tag).
 DRUN_API result<std::string> fetch_document(std::string_view url, std::size_t max_size,
                                             const source_options& options = {});
+// Whether fetch_document takes this URL (http://, https://, oci://) rather than it being a file.
+DRUN_API bool is_remote_document(std::string_view url) noexcept;
 
 }  // namespace drun

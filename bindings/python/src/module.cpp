@@ -439,7 +439,7 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
                      std::optional<std::string> token, std::uint64_t limit_rate, std::vector<std::string> headers,
                      std::optional<std::string> credentials_origin, bool rdma, std::optional<std::string> traceparent,
                      std::optional<std::string> origin_cert, std::optional<std::string> origin_key,
-                     std::optional<std::string> local_address) {
+                     std::optional<std::string> local_address, std::optional<std::string> registry_auth) {
   if (signature.has_value() == artifact.has_value())
     raise(drun::error(drun::errc::invalid_argument, "give signature= (a URL or file), or artifact= with peers="));
   // One trace for the whole call (the bundle from a peer included): traceparent=, else new.
@@ -454,6 +454,7 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
   so.client_cert_file = origin_cert.value_or("");
   so.client_key_file = origin_key.value_or("");
   so.local_address = local_address.value_or("");
+  so.registry_auth_file = registry_auth.value_or("");  // oci:// credentials: a config.json or auth.json
   so.headers = std::move(headers);
   // headers= are for one origin (scheme, host, port), as on the command line: credentials_origin=,
   // else the first of origins= (else a signature= URL). Other origins and a bundle host elsewhere
@@ -506,8 +507,7 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
       for (std::size_t k = 0; k < peer_count && !got; ++k) got = sources[k]->bundle(*artifact);
       text = py_store::take_nogil(std::move(got), io_kind::source);
     } else {
-      bool remote = signature->rfind("http://", 0) == 0 || signature->rfind("https://", 0) == 0;
-      text = remote ? py_store::take_nogil(drun::fetch_document(*signature, drun::max_bundle_size, so), io_kind::source)
+      text = drun::is_remote_document(*signature) ? py_store::take_nogil(drun::fetch_document(*signature, drun::max_bundle_size, so), io_kind::source)
                     : py_store::take_nogil(drun::read_bundle_file(*signature), io_kind::input);
     }
     auto verified = drun::verify_bundle(text, trust);
@@ -661,7 +661,8 @@ PYBIND11_MODULE(_drun, m) {
         py::arg("ca_cert") = py::none(), py::arg("tls_cert") = py::none(), py::arg("tls_key") = py::none(),
         py::arg("token") = py::none(), py::arg("limit_rate") = 0, py::arg("headers") = std::vector<std::string>{},
         py::arg("credentials_origin") = py::none(), py::arg("rdma") = false, py::arg("traceparent") = py::none(),
-        py::arg("origin_cert") = py::none(), py::arg("origin_key") = py::none(), py::arg("local_address") = py::none());
+        py::arg("origin_cert") = py::none(), py::arg("origin_key") = py::none(), py::arg("local_address") = py::none(),
+        py::arg("registry_auth") = py::none());
 
   py::class_<py_peer_server>(m, "PeerServer")
       .def(py::init<py_store&, const std::string&, const std::string&, const std::string&, const std::string&,
