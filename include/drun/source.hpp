@@ -124,7 +124,11 @@ DRUN_API std::string url_origin(std::string_view url);
 // layer titled with its name (org.opencontainers.image.title, or ModelPack's
 // org.cncf.model.filepath), read by Range requests on the blob, through the registry's redirects
 // to its storage. The registry is only a source: what it serves is checked against the bundle like
-// any origin's bytes. Errors: invalid_argument
+// any origin's bytes. hf://ORG/NAME[@REVISION] is a Hugging Face-style hub by name:
+// $HF_ENDPOINT (else https://huggingface.co)/ORG/NAME/resolve/REVISION (main unless given), with
+// $HF_TOKEN (else the owner-only file $HF_TOKEN_PATH or ~/.cache/huggingface/token) as a bearer
+// token for the hub's origin only, never for the CDN it redirects to; `headers` are not used.
+// Errors: invalid_argument
 // (also: headers with a credentials_origin that is not an http(s) URL), key_error (s3:// without
 // credentials).
 DRUN_API result<std::unique_ptr<source>> make_source(std::string_view url, const source_options& options = {});
@@ -133,9 +137,10 @@ DRUN_API result<std::unique_ptr<source>> make_source(std::string_view url, const
 // one origin only, as for a source (credentials_origin's, else the URL's own). oci://... takes the
 // bundle from the artifact's layer titled model.sig, else from an OCI 1.1 referrer of the
 // artifact with a Sigstore bundle artifact type (the referrers API, else its sha256-DIGEST tag).
+// hf://ORG/NAME[@REVISION]/PATH is that file of the hub's repository.
 DRUN_API result<std::string> fetch_document(std::string_view url, std::size_t max_size,
                                             const source_options& options = {});
-// Whether fetch_document takes this URL (http://, https://, oci://) rather than it being a file.
+// Whether fetch_document takes this URL (http://, https://, oci://, hf://) rather than a file path.
 DRUN_API bool is_remote_document(std::string_view url) noexcept;
 
 }  // namespace drun
