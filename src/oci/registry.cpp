@@ -211,10 +211,11 @@ result<bool> registry::authenticate(const http::response& answer) {
   if (!creds->empty()) to_realm.headers.push_back("Authorization: Basic " + detail::base64_encode(as_bytes(*creds)));
   http::client realm_client(url, std::move(to_realm));
   auto body = http::get_document(realm_client, url, 1 << 20, "token answer");
-  if (!body)
-    return std::move(body).error().with_code(body.error().code() == errc::io_error ? errc::io_error
-                                                                                    : errc::permission_denied)
-        .with_operation("registry token");
+  if (!body) {
+    // The service answered, and refused: a denial. It could not be reached: a network failure.
+    errc code = body.error().code() == errc::io_error ? errc::io_error : errc::permission_denied;
+    return std::move(body).error().with_code(code).with_operation("registry token");
+  }
   auto doc = detail::parse_json_strict(*body, "token answer", 1000);
   sodium_memzero(body->data(), body->size());
   if (!doc) return std::move(doc).error().with_code(errc::permission_denied).with_operation("registry token");

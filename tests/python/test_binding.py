@@ -462,6 +462,34 @@ def test_fetch_from_nginx_with_a_progress_callback(tmp_path, store, small, publi
     assert seen == [] and origin.bytes_sent("w.bin") == len(files["w.bin"])
 
 
+def test_fetch_from_a_registry_with_credentials_from_an_auth_file(tmp_path, store, small, publisher, drun_bin):
+    """oci:// origins and bundles through the binding: the model pushed by the CLI into a real
+    registry behind htpasswd, pulled with registry_auth= (a Docker config.json)."""
+    from test_registry import PASSWORD, USER, Registry
+    import subprocess
+
+    root, sig, art, files = small
+    ca, cert, key = make_ca_and_server_cert(tmp_path / "pki")
+    reg = Registry(tmp_path, {"ca": ca, "cert": cert, "key": key}, auth="htpasswd")
+    try:
+        auth = tmp_path / "auth.json"
+        auth.write_text(json.dumps({"auths": {reg.host: {"username": USER, "password": PASSWORD}}}))
+        auth.chmod(0o600)
+        subprocess.run([drun_bin, "push", str(root), reg.ref("small/model:v1"), "--signature", str(sig), "--ca-cert",
+                        str(ca), "--registry-auth", str(auth)], check=True, capture_output=True)
+        got = drun.fetch(store=store, signature=reg.ref("small/model:v1"), public_key=str(publisher.pub),
+                         origins=[reg.ref("small/model:v1")], ca_cert=str(ca), registry_auth=str(auth),
+                         out=str(tmp_path / "out"))
+        assert got == art
+        assert tree_digests(tmp_path / "out") == tree_digests(root)
+        with pytest.raises(drun.Error) as e:  # anonymous: the registry refuses
+            drun.fetch(store=store, signature=reg.ref("small/model:v1"), public_key=str(publisher.pub),
+                       origins=[reg.ref("small/model:v1")], ca_cert=str(ca))
+        assert "asks for credentials" in str(e.value)
+    finally:
+        reg.stop()
+
+
 def test_fetch_from_an_origin_demanding_a_client_certificate(tmp_path, store, small, publisher):
     root, sig, art, files = small
     clients, _, _ = make_ca_and_server_cert(tmp_path / "clients", "origin clients CA")

@@ -125,7 +125,7 @@ class Registry:
         for attempt in range(5):  # the registry takes its port from its config: retry a taken one
             self.port = free_port()
             (self.dir / "config.yml").write_text(
-                f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {self.dir / 'data'}\n"
+                f"version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {self.dir / 'data'}\n"
                 f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{self.port}\n  tls:\n"
                 f"    certificate: {pki['cert']}\n    key: {pki['key']}\n{auth_conf}")
             self.proc = subprocess.Popen([REGISTRY, "serve", self.dir / "config.yml"], stdout=subprocess.DEVNULL,
