@@ -218,11 +218,26 @@ inline drun::result<std::string> read_secret_file(const std::string& path, const
   return text;
 }
 
-// Registry credentials (oci://): --registry-auth FILE (a Docker config.json or containers
+// How this node talks to origins and registries, for fetch and push: --ca-cert, --tls-min,
+// --insecure (which warns on every run), --origin-cert/--origin-key, --local-address, and the
+// registry credentials (oci://): --registry-auth FILE (a Docker config.json or containers
 // auth.json, owner-only), else $REGISTRY_AUTH_FILE as skopeo and podman read it; or
 // DRUN_REGISTRY_CREDENTIALS=user:password in the environment, which comes first.
 template <class Args>
-drun::result<void> registry_credentials_from_args(const Args& args, drun::source_options& so) {
+drun::result<void> origin_options_from_args(const Args& args, drun::source_options& so, const char* command) {
+  so.ca_file = args.get("ca-cert").value_or("");
+  if (auto t = args.get("tls-min")) {
+    if (*t == "1.2") so.allow_tls12 = true;
+    else if (*t != "1.3") throw usage_error{"--tls-min must be 1.2 or 1.3"};
+  }
+  so.insecure = args.has("insecure");
+  if (so.insecure)
+    diag(drun::log_level::warning, command,
+         fmt::format("WARNING: --insecure: TLS certificates are NOT verified for this {}", command));
+  if (args.has("origin-cert") != args.has("origin-key")) throw usage_error{"give --origin-cert and --origin-key together"};
+  so.client_cert_file = args.get("origin-cert").value_or("");
+  so.client_key_file = args.get("origin-key").value_or("");
+  so.local_address = args.get("local-address").value_or("");
   if (auto f = args.get("registry-auth")) so.registry_auth_file = *f;
   else if (const char* env = std::getenv("REGISTRY_AUTH_FILE"); env && *env) so.registry_auth_file = env;
   if (!so.registry_auth_file.empty()) {

@@ -17,7 +17,7 @@ int cmd_fetch(int argc, char** argv) {
                           {"peers-dns", true, true}, {"tls-cert", true}, {"tls-key", true}, {"token-file", true},
                           {"artifact", true}, {"swarm-self", true}, {"metrics-file", true},
                           {"traceparent", true}, {"origin-cert", true}, {"origin-key", true},
-                          {"local-address", true}, {"registry-auth", true}})));
+                          {"local-address", true}, {"registry-auth", true}, {"peer-server-name", true}})));
   if (!args.positional.empty()) throw usage_error{"fetch takes no positional arguments"};
   auto sig = args.get("signature");
   auto origins = args.all("origin");
@@ -30,19 +30,9 @@ int cmd_fetch(int argc, char** argv) {
   if (!args.has("store") || !args.has("key-source")) throw usage_error{"--store DIR and --key-source SPEC are required"};
 
   drun::source_options so;
-  so.ca_file = args.get("ca-cert").value_or("");
+  if (auto r = origin_options_from_args(args, so, "fetch"); !r) return fail("fetch", r.error());
   so.proxy = args.get("proxy").value_or("");
   so.s3_endpoint = args.get("s3-endpoint").value_or("");
-  if (auto t = args.get("tls-min")) {
-    if (*t == "1.2") so.allow_tls12 = true;
-    else if (*t != "1.3") throw usage_error{"--tls-min must be 1.2 or 1.3"};
-  }
-  so.insecure = args.has("insecure");
-  if (args.has("origin-cert") != args.has("origin-key")) throw usage_error{"give --origin-cert and --origin-key together"};
-  so.client_cert_file = args.get("origin-cert").value_or("");
-  so.client_key_file = args.get("origin-key").value_or("");
-  so.local_address = args.get("local-address").value_or("");
-  if (auto r = registry_credentials_from_args(args, so); !r) return fail("fetch", r.error());
   // Credentials never come from the visible command line: a file readable by its owner only, or
   // an environment variable.
   if (auto hf = args.get("header-file")) {
@@ -107,8 +97,6 @@ int cmd_fetch(int argc, char** argv) {
     throw usage_error{"--credentials-origin names where --header-file or --bearer-env credentials go: give one"};
   }
   if (auto t = args.get("stall-timeout")) so.stall_timeout = std::chrono::seconds(parse_size(*t, "--stall-timeout"));
-  if (so.insecure)
-    diag(drun::log_level::warning, "fetch", "WARNING: --insecure: TLS certificates are NOT verified for this fetch");
   drun::fetch_options fo;
   // The trace this fetch belongs to: --traceparent, else $TRACEPARENT (as OpenTelemetry's
   // environment carrier has it), else a new one; the whole command is in it (the bundle from a
@@ -149,6 +137,7 @@ int cmd_fetch(int argc, char** argv) {
   po.cert_file = args.get("tls-cert").value_or("");
   po.key_file = args.get("tls-key").value_or("");
   po.local_address = so.local_address;
+  po.server_name = args.get("peer-server-name").value_or("");
   if (auto tf = args.get("token-file")) {
     auto text = read_secret_file(*tf, "token file");
     if (!text) return fail("fetch", text.error());

@@ -195,6 +195,7 @@ void print_usage(std::FILE* to) {
              "           [--origin URL]... [--peer HOST:PORT]... [--peers-dns NAME:PORT]\n"
              "           --store DIR --key-source SPEC [--out DIR [--umask-modes]] [--connections N] [--ca-cert PEM]\n"
              "           [--tls-cert PEM --tls-key PEM] [--token-file FILE] [--swarm-self ADDR:PORT]\n"
+             "           [--peer-server-name NAME]   (peers' certificates name NAME, not their address)\n"
              "           [--tls-min 1.2|1.3] [--proxy URL] [--proxy-auth-file FILE | --proxy-auth-env NAME]\n"
              "           [--header-file FILE] [--bearer-env NAME] [--credentials-origin URL]\n"
              "           [--origin-cert PEM --origin-key PEM]   (mutual TLS toward HTTPS origins and proxies)\n"

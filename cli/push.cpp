@@ -13,20 +13,7 @@ int cmd_push(int argc, char** argv) {
                           {"chunk-size", true}, {"local-address", true}});
   if (args.positional.size() != 2) throw usage_error{"push takes MODEL and oci://REGISTRY/REPOSITORY:TAG"};
   drun::push_options po;
-  auto& so = po.source;
-  so.ca_file = args.get("ca-cert").value_or("");
-  if (auto t = args.get("tls-min")) {
-    if (*t == "1.2") so.allow_tls12 = true;
-    else if (*t != "1.3") throw usage_error{"--tls-min must be 1.2 or 1.3"};
-  }
-  so.insecure = args.has("insecure");
-  if (so.insecure)
-    diag(drun::log_level::warning, "push", "WARNING: --insecure: TLS certificates are NOT verified for this push");
-  if (args.has("origin-cert") != args.has("origin-key")) throw usage_error{"give --origin-cert and --origin-key together"};
-  so.client_cert_file = args.get("origin-cert").value_or("");
-  so.client_key_file = args.get("origin-key").value_or("");
-  so.local_address = args.get("local-address").value_or("");
-  if (auto r = registry_credentials_from_args(args, so); !r) return fail("push", r.error());
+  if (auto r = origin_options_from_args(args, po.source, "push"); !r) return fail("push", r.error());
   if (auto c = args.get("chunk-size")) {
     auto n = parse_size(*c, "--chunk-size");
     if (n < 4096 || n > (1ull << 30)) throw usage_error{"--chunk-size must be between 4096 and 1 GiB"};

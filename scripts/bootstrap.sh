@@ -34,14 +34,17 @@ packages=(
 if ! command -v npm >/dev/null 2>&1; then packages+=(nodejs npm); fi
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-# Test-only npm packages (sigstore-js, @sigstore/tuf's seeds), pinned by the lock file, into
-# tests/sigstore-js/node_modules. Reinstalled when the lock file is newer than the install.
-install_sigstore_js() {
-  local dir="$root/tests/sigstore-js"
-  if [ ! -f "$dir/node_modules/.package-lock.json" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
-    echo "bootstrap: npm ci in tests/sigstore-js" >&2
-    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
-  fi
+# Test-only npm packages, pinned by their lock files: tests/sigstore-js (sigstore-js,
+# @sigstore/tuf's seeds) and tests/k8s (the Kubernetes API schemas that check deploy/kubernetes).
+# Each is reinstalled when its lock file is newer than its install.
+install_npm_tools() {
+  local dir
+  for dir in "$root/tests/sigstore-js" "$root/tests/k8s"; do
+    if [ ! -f "$dir/node_modules/.package-lock.json" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
+      echo "bootstrap: npm ci in ${dir#"$root"/}" >&2
+      (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    fi
+  done
 }
 
 missing=()
@@ -52,7 +55,7 @@ for p in "${packages[@]}"; do
 done
 
 if [ ${#missing[@]} -eq 0 ]; then
-  install_sigstore_js
+  install_npm_tools
   exit 0
 fi
 
@@ -65,4 +68,4 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-install_sigstore_js
+install_npm_tools

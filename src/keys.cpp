@@ -225,13 +225,9 @@ result<private_key> private_key::load(const std::filesystem::path& file) {
   // Follow symlinks (a Kubernetes Secret mount is one), but judge the file actually opened.
   auto fd = detail::open_read(file, /*follow=*/true);
   if (!fd) return std::move(fd).error().with_operation("private key");
+  if (auto r = detail::check_owner_only(fd->get(), "private key file", file); !r) return std::move(r).error();
   struct stat st {};
   if (::fstat(fd->get(), &st) != 0) return detail::sys_error("cannot stat", file, errno);
-  if ((st.st_mode & 077) != 0)
-    return error(errc::key_error,
-                 fmt::format("private key file has permissions {:04o}: it must be readable by its owner only "
-                             "(chmod 600)", st.st_mode & 07777))
-        .with_path(file.string());
   auto size = static_cast<std::uint64_t>(st.st_size);
   if (size > max_key_file)
     return error(errc::key_error, fmt::format("private key file is too large ({} bytes)", size)).with_path(file.string());

@@ -79,12 +79,7 @@ result<node_key> from_file(const std::string& path) {
   auto fd = detail::open_read(path, /*follow=*/true);  // a Kubernetes Secret mount is a symlink
   // Any failure to read the key is a configuration error, whatever the errno.
   if (!fd) return std::move(fd).error().with_code(errc::key_error).with_operation("node key");
-  struct stat st {};
-  if (::fstat(fd->get(), &st) != 0) return detail::sys_error("cannot stat", path, errno);
-  if ((st.st_mode & 077) != 0)
-    return error(errc::key_error, fmt::format("node key file has permissions {:04o}: it must be readable by its "
-                                              "owner only (chmod 600)", st.st_mode & 07777))
-        .with_path(path);
+  if (auto r = detail::check_owner_only(fd->get(), "node key file", path); !r) return std::move(r).error();
   detail::secret_buffer text(256);
   auto len = read_secret(fd->get(), text, "the node key file");
   if (!len) return std::move(len).error().with_path(path);

@@ -122,6 +122,11 @@ struct peer_client_options {
   // An IP address of this host that connections to peers go out from (a multi-homed node's
   // fabric NIC, say). Empty: the kernel picks by route.
   std::string local_address;
+  // When set, every peer's certificate must name this (a DNS name) instead of the address
+  // dialled. For the members of a headless Service, whose addresses change with every pod: a
+  // certificate for the Service's name (from the CA that issues only to members) says "a member
+  // of this swarm", and cert-manager's csi-driver can give each pod its own key for it.
+  std::string server_name;
   std::chrono::milliseconds connect_timeout{5000};
   std::chrono::milliseconds io_timeout{30000};  // a response with no bytes for this long fails
   // Asked for on every connection to a peer that offers it. When RDMA cannot be had (no device
@@ -131,7 +136,7 @@ struct peer_client_options {
 };
 
 // A peer as a source: "HOST:PORT" ("[v6]:PORT"). The peer's certificate must chain to ca_file
-// and name HOST (DNS or IP SAN). Nothing is connected until the first request.
+// and name HOST (DNS or IP SAN), or options.server_name when that is set. Nothing is connected until the first request.
 // Errors: invalid_argument, key_error.
 DRUN_API result<std::unique_ptr<source>> make_peer_source(std::string_view host_port, const peer_client_options& options);
 

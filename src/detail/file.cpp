@@ -62,21 +62,49 @@ result<void> pread_exact(int fd, std::span<std::byte> buf, std::uint64_t offset,
   return {};
 }
 
-result<std::string> read_file(const std::filesystem::path& path, std::size_t max_size, errc too_large) {
-  auto fd = open_read(path, /*follow=*/true);
-  if (!fd) return std::move(fd).error();
-  auto size = file_size(fd->get(), path);
+namespace {
+
+result<std::string> read_whole(int fd, const std::filesystem::path& path, std::size_t max_size, errc too_large) {
+  auto size = file_size(fd, path);
   if (!size) return std::move(size).error();
   if (*size > max_size)
     return error(too_large, fmt::format("file is too large ({} bytes, at most {})", *size, max_size))
         .with_path(path.string());
   // Sized once from fstat: no reallocation leaves stray copies (key files are read this way too).
   std::string out(static_cast<std::size_t>(*size), '\0');
-  if (auto r = pread_exact(fd->get(), std::as_writable_bytes(std::span(out)), 0, path); !r) return std::move(r).error();
+  if (auto r = pread_exact(fd, std::as_writable_bytes(std::span(out)), 0, path); !r) return std::move(r).error();
   char extra;
-  if (::pread(fd->get(), &extra, 1, static_cast<off_t>(out.size())) != 0)
+  if (::pread(fd, &extra, 1, static_cast<off_t>(out.size())) != 0)
     return error(errc::io_error, "file changed while it was read").with_path(path.string());
   return out;
+}
+
+}  // namespace
+
+result<std::string> read_file(const std::filesystem::path& path, std::size_t max_size, errc too_large) {
+  auto fd = open_read(path, /*follow=*/true);
+  if (!fd) return std::move(fd).error();
+  return read_whole(fd->get(), path, max_size, too_large);
+}
+
+result<void> check_owner_only(int fd, std::string_view what, const std::filesystem::path& path) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return sys_error("cannot stat", path, errno).with_code(errc::key_error);
+  if ((st.st_mode & 077) != 0)
+    return error(errc::key_error, fmt::format("{} has permissions {:04o}: it must be readable by its owner only "
+                                              "(chmod 600)",
+                                              what, st.st_mode & 07777))
+        .with_path(path.string());
+  return {};
+}
+
+result<std::string> read_owner_only(const std::filesystem::path& path, std::string_view what, std::size_t max_size) {
+  auto fd = open_read(path, /*follow=*/true);
+  if (!fd) return std::move(fd).error().with_code(errc::key_error);
+  if (auto r = check_owner_only(fd->get(), what, path); !r) return std::move(r).error();
+  auto text = read_whole(fd->get(), path, max_size, errc::key_error);
+  if (!text) return std::move(text).error().with_code(errc::key_error);
+  return text;
 }
 
 result<void> write_all(int fd, std::string_view data, const std::filesystem::path& path) {

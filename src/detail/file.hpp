@@ -49,6 +49,13 @@ result<void> pread_exact(int fd, std::span<std::byte> buf, std::uint64_t offset,
 result<std::string> read_file(const std::filesystem::path& path, std::size_t max_size,
                               errc too_large = errc::invalid_argument);
 
+// Secrets on disk (keys, credentials, tokens) are for their owner only: a file that group or
+// others may read is refused (key_error), naming what it is and how to fix it.
+result<void> check_owner_only(int fd, std::string_view what, const std::filesystem::path& path);
+// A small secret file whole: opened following symlinks (a Kubernetes Secret mount is one), checked
+// as above on the file actually opened, read once. Every failure is a key_error.
+result<std::string> read_owner_only(const std::filesystem::path& path, std::string_view what, std::size_t max_size);
+
 // Writes all of data; retries short writes and EINTR.
 result<void> write_all(int fd, std::string_view data, const std::filesystem::path& path);
 

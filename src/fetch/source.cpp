@@ -4,7 +4,6 @@
 
 #include "detail/file.hpp"
 #include <drun/manifest.hpp>
-#include <sys/stat.h>
 #include "fetch/http.hpp"
 #include "oci/registry.hpp"
 
@@ -106,14 +105,9 @@ result<source_options> hub_options(const hub_url& h, source_options o) {
   if (token.empty()) {
     const char* home = std::getenv("HOME");
     std::string file = env_or("HF_TOKEN_PATH", home ? std::string(home) + "/.cache/huggingface/token" : std::string());
-    struct stat st {};
-    if (!file.empty() && ::stat(file.c_str(), &st) == 0) {
-      if ((st.st_mode & 077) != 0)
-        return error(errc::key_error, fmt::format("the hub token file has permissions {:04o}: it must be readable by "
-                                                  "its owner only",
-                                                  st.st_mode & 07777))
-            .with_path(file);
-      auto text = detail::read_file(file, 4096, errc::key_error);
+    std::error_code ec;
+    if (!file.empty() && std::filesystem::exists(file, ec)) {
+      auto text = detail::read_owner_only(file, "hub token file", 4096);
       if (!text) return std::move(text).error();
       token = text->substr(0, text->find_first_of("\r\n"));
       sodium_memzero(text->data(), text->size());

@@ -10,6 +10,7 @@
 
 #include <fmt/format.h>
 
+#include <charconv>
 #include <vector>
 
 namespace drun {
@@ -113,9 +114,19 @@ class pusher {
         return status_error(*answer, "a chunk of the upload", b.title);
       }
       auto stands = upload_status(at_url);
-      if (!stands) return std::move(stands).error().with_path(b.title);
-      at_url = stands->first;
-      sent = stands->second;
+      if (stands) {
+        at_url = stands->first;
+        sent = stands->second;
+      } else if (stands.error().code() == errc::not_found || stands.error().code() == errc::io_error) {
+        // The registry no longer knows this upload (or the state its Location carried): start
+        // it again from the first byte.
+        auto fresh = start_upload(b.title);
+        if (!fresh) return std::move(fresh).error();
+        at_url = *fresh;
+        sent = 0;
+      } else {
+        return std::move(stands).error().with_path(b.title);
+      }
       ++report_.resumed;
     }
     http::request put;
@@ -179,8 +190,16 @@ class pusher {
     if (got->status != 204) return status_error(*got, "the upload's status", url.substr(0, url.find('?')));
     std::uint64_t next = 0;
     if (const std::string* range = got->header("range")) {
+      // "0-LAST", or "bytes=0-LAST" from some registries; anything else is not an answer.
       auto dash = range->find('-');
-      if (dash != std::string::npos) next = std::stoull(range->substr(dash + 1)) + 1;
+      std::uint64_t last = 0;
+      const char* end = range->data() + range->size();
+      auto [p, ec] = dash == std::string::npos ? std::from_chars(end, end, last)
+                                               : std::from_chars(range->data() + dash + 1, end, last);
+      if (dash == std::string::npos || ec != std::errc() || p != end)
+        return error(errc::io_error, fmt::format("{}: the upload's Range \"{}\" does not parse", ref_.text(),
+                                                 range->substr(0, 80)));
+      next = last + 1;
     }
     auto location = location_of(*got, url);
     return std::pair{location.empty() ? url : location, next};

@@ -11,7 +11,6 @@
 #include <curl/curl.h>
 #include <fmt/format.h>
 #include <sodium.h>
-#include <sys/stat.h>
 
 #include <cctype>
 #include <map>
@@ -80,15 +79,7 @@ std::string query_escape(const std::string& s) {
 // The "auths" entry for host in a Docker config.json / containers auth.json: keys are
 // "host[:port]", optionally with a scheme and a path ("https://index.docker.io/v1/").
 result<std::string> credentials_from_file(const std::string& path, const std::string& host) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0)
-    return error(errc::key_error, "cannot read the registry auth file").with_path(path).with_errno(errno);
-  if ((st.st_mode & 077) != 0)
-    return error(errc::key_error, fmt::format("the registry auth file has permissions {:04o}: it must be readable by "
-                                              "its owner only",
-                                              st.st_mode & 07777))
-        .with_path(path);
-  auto text = detail::read_file(path, 1 << 20, errc::key_error);
+  auto text = detail::read_owner_only(path, "registry auth file", 1 << 20);
   if (!text) return std::move(text).error();
   auto doc = detail::parse_json_strict(*text, "registry auth file");
   sodium_memzero(text->data(), text->size());

@@ -238,7 +238,9 @@ class peer_source final : public source {
     c.tls = std::make_unique<peer::tls_stream>(std::move(*fd), std::move(ssl));
     c.tcp = transport::make_tcp_transport(*c.tls);
     auto* s = c.tls.get();
-    if (auto r = s->connect(host_, deadline, cancel); !r) return error(r.error().code(), fmt::format("{}: {}", name_, r.error().detail()));
+    // The name the certificate must carry: the one the caller gave for every peer, else the address.
+    const std::string& expected = o_.server_name.empty() ? host_ : o_.server_name;
+    if (auto r = s->connect(expected, deadline, cancel); !r) return error(r.error().code(), fmt::format("{}: {}", name_, r.error().detail()));
     // The token goes only to a peer whose certificate the handshake above verified against
     // ca_file and the address dialled; a bound token is worth nothing to that peer elsewhere.
     const std::uint16_t version = hello_version_.load();

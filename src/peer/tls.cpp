@@ -3,6 +3,7 @@
 
 #include <drun/token.hpp>
 
+#include "detail/file.hpp"
 #include "detail/openssl.hpp"
 
 #include <fmt/format.h>
@@ -31,15 +32,9 @@ error tls_error(errc code, std::string what, const std::string& path) {
 
 // Private keys readable by anyone but their owner are refused, as for signing keys.
 result<void> check_key_file(const std::string& key) {
-  struct stat st {};
-  if (::stat(key.c_str(), &st) != 0)
-    return error(errc::key_error, "cannot read the TLS key").with_path(key).with_errno(errno);
-  if ((st.st_mode & 077) != 0)
-    return error(errc::key_error, fmt::format("TLS key file has permissions {:04o}: it must be readable by its owner "
-                                              "only (chmod 600)",
-                                              st.st_mode & 07777))
-        .with_path(key);
-  return {};
+  auto fd = detail::open_read(key, /*follow=*/true);
+  if (!fd) return std::move(fd).error().with_code(errc::key_error).with_operation("TLS key");
+  return detail::check_owner_only(fd->get(), "TLS key file", key);
 }
 
 // OpenSSL's default for an encrypted key is to ask for its passphrase on the terminal: a library

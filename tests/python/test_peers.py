@@ -347,6 +347,19 @@ def test_bad_tokens_are_refused_by_the_server(swarm, drun, tmp_path):
     assert "eyJ" not in seed.out + seed.err
 
 
+def test_peer_certificates_for_the_swarm_name_instead_of_each_address(swarm, drun_bin, tmp_path):
+    """--peer-server-name: members of a headless Service share a name, not their addresses."""
+    cert, key = swarm.pki.issue("member", ip=None, dns="drun-peers.ml.svc.cluster.local")
+    member = Serve(drun_bin, tmp_path / "seed", swarm.ks, cert, key, swarm.pki.ca)
+    swarm.servers.append(member)
+    # Its certificate names no address: by address, it is refused.
+    swarm.fetch(member.addr).fails(3, "certificate")
+    swarm.fetch(member.addr, extra=["--peer-server-name", "other.ml.svc.cluster.local"]).fails(3, "certificate")
+    swarm.fetch(member.addr, extra=["--peer-server-name", "drun-peers.ml.svc.cluster.local",
+                                    "--out", tmp_path / "out"]).ok()
+    assert same_tree(swarm.model, tmp_path / "out")
+
+
 def test_peers_from_dns_every_address_of_a_name(swarm, tmp_path):
     seed = swarm.serve()
     # localhost may resolve to ::1 as well: the seed listens on 127.0.0.1 only, so that address

@@ -408,10 +408,12 @@ class HostileProxy:
     """TLS in front of a registry, forwarding every request (credentials included) and answering
     the way a broken or hostile registry would: mode "flip" flips a byte of every blob body,
     "no-range" drops the Range header, "redirect" sends blob GETs to a CDN on another origin
-    (which records what headers reached it)."""
+    (which records what headers reached it), "fail-patch" fails the second chunk of an upload
+    once (as a dropped connection would) after passing it on: the registry has it, the client
+    does not know."""
 
     def __init__(self, reg, pki, mode):
-        self.mode, self.cdn_headers = mode, []
+        self.mode, self.cdn_headers, self.patches = mode, [], 0
         proxy = self
 
         class CDN(http.server.BaseHTTPRequestHandler):
@@ -443,7 +445,8 @@ class HostileProxy:
             def forward(self, method):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                # Host passes through: the registry's Location headers then point at the proxy.
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "content-length"}
                 is_blob = method == "GET" and "/blobs/sha256:" in self.path
                 if is_blob and proxy.mode == "no-range":
                     headers.pop("Range", None)
@@ -456,6 +459,10 @@ class HostileProxy:
                     self.end_headers()
                     return
                 status, rh, data = reg.call(method, self.path, body, headers)
+                if method == "PATCH" and proxy.mode == "fail-patch":
+                    proxy.patches += 1
+                    if proxy.patches == 2:
+                        status, data = 500, b"chunk lost"
                 if is_blob and proxy.mode == "flip" and data:
                     data = bytes([data[0] ^ 1]) + data[1:]
                 self.send_response(status)
@@ -472,6 +479,15 @@ class HostileProxy:
 
             def do_HEAD(self):
                 self.forward("HEAD")
+
+            def do_POST(self):
+                self.forward("POST")
+
+            def do_PATCH(self):
+                self.forward("PATCH")
+
+            def do_PUT(self):
+                self.forward("PUT")
 
         self.cdn = http.server.ThreadingHTTPServer(("localhost", 0), CDN)
         self.cdn_port = self.cdn.server_address[1]
@@ -511,6 +527,23 @@ def test_a_hostile_registry_is_refused_or_recovered_and_nothing_unverified_is_st
             finally:
                 proxy.stop()
     finally:
+        reg.stop()
+
+
+def test_a_push_whose_chunk_failed_resumes_where_the_registry_says_it_stands(
+        drun, tmp_path, pki, signed, node_key, creds):
+    m, sig, pub = signed
+    reg = Registry(tmp_path, pki, auth="htpasswd")
+    proxy = HostileProxy(reg, pki, "fail-patch")
+    try:
+        r = drun("push", m, proxy.ref("models/resumed:v1"), "--ca-cert", reg.ca, "--chunk-size", 100000).ok()
+        assert "1 resumed chunks" in r.err, r
+        assert proxy.patches > 2
+        out = tmp_path / "out"
+        pull(drun, reg, "models/resumed:v1", pub, tmp_path / "store", node_key, out=out).ok()
+        assert (out / "weights.bin").read_bytes() == (m / "weights.bin").read_bytes()
+    finally:
+        proxy.stop()
         reg.stop()
 
 

@@ -439,7 +439,8 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
                      std::optional<std::string> token, std::uint64_t limit_rate, std::vector<std::string> headers,
                      std::optional<std::string> credentials_origin, bool rdma, std::optional<std::string> traceparent,
                      std::optional<std::string> origin_cert, std::optional<std::string> origin_key,
-                     std::optional<std::string> local_address, std::optional<std::string> registry_auth) {
+                     std::optional<std::string> local_address, std::optional<std::string> registry_auth,
+                     std::optional<std::string> peer_server_name) {
   if (signature.has_value() == artifact.has_value())
     raise(drun::error(drun::errc::invalid_argument, "give signature= (a URL or file), or artifact= with peers="));
   // One trace for the whole call (the bundle from a peer included): traceparent=, else new.
@@ -482,6 +483,7 @@ std::string do_fetch(py_store& store, std::optional<std::string> signature, std:
   po.cert_file = tls_cert.value_or("");
   po.key_file = tls_key.value_or("");
   po.local_address = so.local_address;
+  po.server_name = peer_server_name.value_or("");
   po.token = token.value_or("");
   po.rdma.enabled = rdma;
   std::vector<std::unique_ptr<drun::source>> sources;
@@ -662,7 +664,7 @@ PYBIND11_MODULE(_drun, m) {
         py::arg("token") = py::none(), py::arg("limit_rate") = 0, py::arg("headers") = std::vector<std::string>{},
         py::arg("credentials_origin") = py::none(), py::arg("rdma") = false, py::arg("traceparent") = py::none(),
         py::arg("origin_cert") = py::none(), py::arg("origin_key") = py::none(), py::arg("local_address") = py::none(),
-        py::arg("registry_auth") = py::none());
+        py::arg("registry_auth") = py::none(), py::arg("peer_server_name") = py::none());
 
   py::class_<py_peer_server>(m, "PeerServer")
       .def(py::init<py_store&, const std::string&, const std::string&, const std::string&, const std::string&,
