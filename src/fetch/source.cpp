@@ -1,9 +1,10 @@
-// Origins: HTTP(S) through libcurl (one Range request per piece, a pool of connection caches so
-// connections stay open), and file:// for local copies.
+// Origins: HTTP(S) (one Range request per piece over fetch/http.hpp's pooled client), S3, hubs
+// by name (hf://), OCI registries (oci://, src/oci/), and file:// for local copies.
 #include <drun/source.hpp>
 
-#include "detail/file.hpp"
 #include <drun/manifest.hpp>
+
+#include "detail/file.hpp"
 #include "fetch/http.hpp"
 #include "oci/registry.hpp"
 
