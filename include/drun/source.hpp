@@ -6,6 +6,7 @@
 
 #include <drun/config.hpp>
 #include <drun/error.hpp>
+#include <drun/hash.hpp>
 #include <drun/piece.hpp>
 
 #include <atomic>
@@ -80,6 +81,10 @@ struct piece_request {
   std::size_t file_index = 0;
   std::size_t piece = 0;         // index in the manifest's pieces
   byte_range range;              // within the file
+  // The signed digest of the whole file when this one piece covers it (a file of one shard),
+  // else null: a source that names files by their own digest (an OCI layer) can tell before
+  // transferring anything that it holds other bytes than the signed ones. Valid for the call.
+  const digest* file_digest = nullptr;
 };
 
 // Thread safe: several fetch workers call fetch() at once (an HTTP source keeps a pool of

@@ -489,7 +489,10 @@ void session::work(unsigned w) {
     lock.unlock();
 
     buf.resize(mp.range->size());
-    piece_request req{m_.artifact_id(), m_.files()[mp.file].name, mp.file, index, *mp.range};
+    const manifest_file& file = m_.files()[mp.file];
+    const bool whole_file = file.piece_count == 1 && mp.range->begin == 0 && file.size == mp.range->end;
+    piece_request req{m_.artifact_id(), file.name, mp.file, index, *mp.range,
+                      whole_file ? &mp.expected : nullptr};
     const auto began = clock::now();
     auto got = sources_[k]->fetch(req, buf, options_.cancel);
     bool verified = false;

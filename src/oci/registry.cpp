@@ -341,6 +341,16 @@ class oci_source final : public http::origin_source {
         return error(errc::unsupported, fmt::format("{}: the layer titled \"{}\" is {} (archived or compressed); drun "
                                                     "reads files stored as raw layers",
                                                     text_, file, l->media_type));
+    // The layer's digest is the registry's claim about its bytes. Where the bundle signs the whole
+    // file with SHA-256 the two must agree, so a manifest naming other bytes is refused before any
+    // is transferred; otherwise the piece digests decide, as for any origin.
+    if (const digest* signed_digest = piece.file_digest;
+        signed_digest && signed_digest->algorithm() == hash_algorithm::sha256 &&
+        l->digest != "sha256:" + signed_digest->hex())
+      return error(errc::digest_mismatch,
+                   fmt::format("{}: the layer titled \"{}\" is {}, but the signed file hashes to sha256:{}: the "
+                               "registry's manifest names other bytes than the bundle signs",
+                               text_, file, l->digest, signed_digest->hex()));
     return base_ + "/blobs/" + l->digest;
   }
 

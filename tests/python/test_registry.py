@@ -410,10 +410,10 @@ class HostileProxy:
     "no-range" drops the Range header, "redirect" sends blob GETs to a CDN on another origin
     (which records what headers reached it), "fail-patch" fails the second chunk of an upload
     once (as a dropped connection would) after passing it on: the registry has it, the client
-    does not know."""
+    does not know. Any other mode passes everything on; blob_gets counts the blob GETs."""
 
     def __init__(self, reg, pki, mode):
-        self.mode, self.cdn_headers, self.patches = mode, [], 0
+        self.mode, self.cdn_headers, self.patches, self.blob_gets = mode, [], 0, 0
         proxy = self
 
         class CDN(http.server.BaseHTTPRequestHandler):
@@ -448,6 +448,7 @@ class HostileProxy:
                 # Host passes through: the registry's Location headers then point at the proxy.
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "content-length"}
                 is_blob = method == "GET" and "/blobs/sha256:" in self.path
+                proxy.blob_gets += is_blob
                 if is_blob and proxy.mode == "no-range":
                     headers.pop("Range", None)
                 if is_blob and proxy.mode == "redirect":
@@ -501,6 +502,36 @@ class HostileProxy:
     def stop(self):
         self.srv.shutdown()
         self.cdn.shutdown()
+
+
+def test_a_layer_digest_other_than_the_signed_file_digest_is_refused_before_any_transfer(
+        drun, tmp_path, pki, drun_keys, node_key):
+    m = tmp_path / "model"
+    m.mkdir()
+    (m / "a.bin").write_bytes(det_bytes(PIECE // 2, 1))  # one piece each: the piece is the file
+    (m / "b.bin").write_bytes(det_bytes(PIECE // 2, 2))
+    key, pub = drun_keys["ecdsa-p256"]
+    drun("sign", m, "--key", key, "--piece-size", PIECE).ok()
+    reg = Registry(tmp_path, pki)
+    try:
+        drun("push", m, reg.ref("models/one:v1"), "--ca-cert", reg.ca).ok()
+        mf = reg.get_manifest("models/one", "v1")
+        for l in mf["layers"]:
+            t = l["annotations"]["org.opencontainers.image.title"]
+            l["annotations"]["org.opencontainers.image.title"] = {"a.bin": "b.bin", "b.bin": "a.bin"}.get(t, t)
+        reg.put_manifest("models/one", "v1", mf)
+        proxy = HostileProxy(reg, pki, "count")
+        try:
+            r = pull(drun, proxy, "models/one:v1", pub, tmp_path / "store", node_key, out=tmp_path / "out",
+                     signature=m / "model.sig").fails(1, "names other bytes than the bundle signs")
+            assert 'the layer titled "a.bin"' in r.err, r
+            assert proxy.blob_gets == 0  # refused from the manifest alone
+        finally:
+            proxy.stop()
+        assert stored_pieces(drun, tmp_path / "store", node_key) == 0
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    finally:
+        reg.stop()
 
 
 def test_a_hostile_registry_is_refused_or_recovered_and_nothing_unverified_is_stored(
