@@ -410,10 +410,13 @@ class HostileProxy:
     "no-range" drops the Range header, "redirect" sends blob GETs to a CDN on another origin
     (which records what headers reached it), "fail-patch" fails the second chunk of an upload
     once (as a dropped connection would) after passing it on: the registry has it, the client
-    does not know. Any other mode passes everything on; blob_gets counts the blob GETs."""
+    does not know, "referrers" answers the OCI 1.1 referrers API from `referrers` (subject
+    digest -> index) and hides the sha256-<digest> tags of the fallback. Any other mode passes
+    everything on; blob_gets counts the blob GETs."""
 
     def __init__(self, reg, pki, mode):
         self.mode, self.cdn_headers, self.patches, self.blob_gets = mode, [], 0, 0
+        self.referrers, self.referrer_gets = {}, 0
         proxy = self
 
         class CDN(http.server.BaseHTTPRequestHandler):
@@ -459,7 +462,20 @@ class HostileProxy:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                status, rh, data = reg.call(method, self.path, body, headers)
+                if proxy.mode == "referrers" and "/referrers/" in self.path:
+                    proxy.referrer_gets += 1
+                    index = proxy.referrers.get(self.path.rsplit("/", 1)[1])
+                    data = json.dumps(index or {"schemaVersion": 2, "manifests": []}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/vnd.oci.image.index.v1+json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                if proxy.mode == "referrers" and "/manifests/sha256-" in self.path:
+                    status, rh, data = 404, {}, b""
+                else:
+                    status, rh, data = reg.call(method, self.path, body, headers)
                 if method == "PATCH" and proxy.mode == "fail-patch":
                     proxy.patches += 1
                     if proxy.patches == 2:
@@ -530,6 +546,49 @@ def test_a_layer_digest_other_than_the_signed_file_digest_is_refused_before_any_
             proxy.stop()
         assert stored_pieces(drun, tmp_path / "store", node_key) == 0
         assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    finally:
+        reg.stop()
+
+
+def test_the_bundle_found_through_the_referrers_api(drun, tmp_path, pki, signed, node_key):
+    m, sig, pub = signed
+    reg = Registry(tmp_path, pki)
+    try:
+        drun("push", m, reg.ref("models/refs:v1"), "--ca-cert", reg.ca).ok()
+        # The same artifact without its model.sig layer; the bundle is a referrer of it instead.
+        mf = reg.get_manifest("models/refs", "v1")
+        bundle_layers = [l for l in mf["layers"] if l["annotations"]["org.opencontainers.image.title"] == "model.sig"]
+        mf["layers"] = [l for l in mf["layers"] if l not in bundle_layers]
+        subject, size = reg.put_manifest("models/refs", "v2", mf)
+        btype = "application/vnd.dev.sigstore.bundle.v0.3+json"
+        bundle = sig.read_bytes()
+        referrer = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "artifactType": btype, "config": mf["config"],
+                    "layers": [{"mediaType": btype, "digest": reg.put_blob("models/refs", bundle), "size": len(bundle)}],
+                    "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": subject,
+                                "size": size}}
+        rd, rs = reg.put_manifest("models/refs", "bundle", referrer)
+        proxy = HostileProxy(reg, pki, "referrers")
+        try:
+            # A referrer of another type comes first in the index: it is passed over.
+            proxy.referrers[subject] = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                                        "manifests": [
+                                            {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                                             "digest": subject, "size": size, "artifactType": "application/x-sbom"},
+                                            {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                                             "digest": rd, "size": rs, "artifactType": btype}]}
+            out = tmp_path / "out"
+            pull(drun, proxy, "models/refs:v2", pub, tmp_path / "store", node_key, out=out).ok()
+            assert proxy.referrer_gets == 1
+            shutil.copy(sig, out / "model.sig")
+            assert same_tree(m, out)
+            # An API that lists no bundle: not found (exit 3), nothing stored.
+            del proxy.referrers[subject]
+            pull(drun, proxy, "models/refs:v2", pub, tmp_path / "s2", node_key).fails(
+                3, "no referrer holds a sigstore bundle")
+            assert stored_pieces(drun, tmp_path / "s2", node_key) == 0
+        finally:
+            proxy.stop()
     finally:
         reg.stop()
 
