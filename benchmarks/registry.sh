@@ -76,4 +76,32 @@ echo "curl -o of the blob from the registry           : ${t_curl_reg} s  ($(rati
 echo "drun fetch from nginx (HTTPS)                   : ${t_nginx} s  ($(ratio "$t_nginx" "$t_curl")x curl)"
 echo "drun fetch from the registry (oci://, HTTPS)    : ${t_reg} s  ($(ratio "$t_reg" "$t_nginx")x the nginx fetch; goal <= 1.1)"
 echo "  ... with the bundle from the registry too     : ${t_reg_sig} s  ($(ratio "$t_reg_sig" "$t_nginx")x)"
-rm -rf "$work/rstore" "$work/dl" "$work/registry" "$lay"
+
+# Where the time goes: the core-seconds of drun and of the server, for one more fetch from each
+# (all of them share the two cores, so a server's own cost lengthens the fetch).
+ticks() { local s=0 p; for p in "$@"; do s=$((s + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo "$s"; }
+nginx_pids=("$nginx_pid" $(pgrep -P "$nginx_pid" || true))
+hz=$(getconf CLK_TCK)
+for o in nginx registry; do
+  if [ $o = nginx ]; then url="https://127.0.0.1:$tls_port" pids=("${nginx_pids[@]}"); else url="oci://127.0.0.1:$reg_port/bench/model:v1" pids=("$reg_pid"); fi
+  rm -rf "$work/rstore" && sync
+  a=$(ticks "${pids[@]}")
+  /usr/bin/time -f "%U %S" -o "$work/cpu" "$drun" fetch "${common[@]}" --origin "$url" >/dev/null
+  b=$(ticks "${pids[@]}")
+  printf "core-seconds, fetch from %-8s : drun %.1f, the server %.1f\n" $o "$(awk '{ print $1 + $2 }' "$work/cpu")" \
+    "$(awk -v t=$((b - a)) -v hz="$hz" 'BEGIN { print t / hz }')"
+done
+
+# As if the servers ran on other machines, the way a registry does: the servers on the last core,
+# drun on the others, and the same two fetches again.
+if [ "$(nproc)" -ge 2 ]; then
+  last=$(($(nproc) - 1))
+  for p in "${nginx_pids[@]}" "$reg_pid"; do taskset -a -p -c "$last" "$p" >/dev/null; done
+  pin=(taskset -c "0-$((last - 1))")
+  t_nginx_pin=$(best_fresh "$work/rstore" "${pin[@]}" "$drun" fetch "${common[@]}" --origin "https://127.0.0.1:$tls_port")
+  t_reg_pin=$(best_fresh "$work/rstore" "${pin[@]}" "$drun" fetch "${common[@]}" --origin "oci://127.0.0.1:$reg_port/bench/model:v1")
+  echo "servers on core $last, drun on the rest:"
+  echo "drun fetch from nginx (HTTPS)                   : ${t_nginx_pin} s"
+  echo "drun fetch from the registry (oci://, HTTPS)    : ${t_reg_pin} s  ($(ratio "$t_reg_pin" "$t_nginx_pin")x the nginx fetch; goal <= 1.1)"
+fi
+rm -rf "$work/rstore" "$work/dl" "$work/registry" "$lay" "$work/cpu"

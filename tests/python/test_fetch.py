@@ -653,11 +653,12 @@ def test_through_a_forward_proxy(drun, tmp_path, published, nginx, node_key):
         proc.wait(timeout=10)
 
 
-def test_http2_where_the_origin_offers_it(drun, tmp_path, published, nginx, node_key):
+def test_http11_even_where_the_origin_offers_http2(drun, tmp_path, published, nginx, node_key):
     m, sig, pub = published
     fetch(drun, sig, pub, tmp_path / "store", node_key, nginx.tls_url(), extra=["--ca-cert", nginx.ca]).ok()
-    # nginx offers h2 over TLS (ALPN): every range went over HTTP/2.
-    assert set(nginx.protocols("weights.bin")) == {"HTTP/2.0"}, nginx.protocols("weights.bin")
+    # nginx offers h2 over TLS (ALPN); drun's pieces, each on a connection of its own, take
+    # HTTP/1.1, which moves them faster (src/fetch/http.cpp says by how much).
+    assert set(nginx.protocols("weights.bin")) == {"HTTP/1.1"}, nginx.protocols("weights.bin")
     fetch(drun, sig, pub, tmp_path / "store2", node_key, nginx.url()).ok()
     assert "HTTP/1.1" in nginx.protocols("weights.bin")  # cleartext stays on HTTP/1.1
 
