@@ -160,8 +160,9 @@ struct store::impl {
   struct layout_damage {
     std::vector<std::size_t> pieces;  // rows missing, extra or disagreeing with the manifest
     bool files = false;               // the file list disagrees
+    bool hash_type = false;           // the artifact row names another hash than the manifest
     std::string first;                // what the first disagreement is, for the message
-    bool none() const { return pieces.empty() && !files; }
+    bool none() const { return pieces.empty() && !files && !hash_type; }
   };
   // Compares the index's rows of an artifact with its signed layout. Caller holds db_mutex.
   result<layout_damage> check_layout(const std::string& id, const bundle_summary& signed_layout);

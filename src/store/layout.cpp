@@ -77,6 +77,17 @@ result<store::impl::layout_damage> store::impl::check_layout(const std::string& 
   auto note = [&](std::string what) {
     if (damage.first.empty()) damage.first = std::move(what);
   };
+  // Every piece row is read with the artifact's hash type: a damaged one would fail them all.
+  auto hs = db.prepare("SELECT hash_type FROM artifacts WHERE id = ?");
+  if (!hs) return std::move(hs).error();
+  hs->bind(1, id);
+  auto hash_row = hs->each([&] {
+    if (hs->text(0) != to_string(signed_layout.hash_type)) {
+      damage.hash_type = true;
+      note("its hash type is not the signed manifest's");
+    }
+  });
+  if (!hash_row) return std::move(hash_row).error();
   auto fs = db.prepare("SELECT idx, name, size FROM files WHERE artifact = ? ORDER BY idx");
   if (!fs) return std::move(fs).error();
   fs->bind(1, id);
@@ -136,6 +147,12 @@ result<void> store::impl::repair_layout(const std::string& id, const bundle_summ
                                         const layout_damage& damage) {
   auto txn = transaction::begin(db);
   if (!txn) return std::move(txn).error();
+  if (damage.hash_type) {
+    auto up = db.prepare("UPDATE artifacts SET hash_type = ? WHERE id = ?");
+    if (!up) return std::move(up).error();
+    up->bind(1, to_string(signed_layout.hash_type)).bind(2, id);
+    if (auto r = up->run(); !r) return r;
+  }
   if (damage.files) {
     auto del = db.prepare("DELETE FROM files WHERE artifact = ?");
     if (!del) return std::move(del).error();

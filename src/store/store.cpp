@@ -674,6 +674,8 @@ result<std::vector<scrub_failure>> store::scrub(const std::optional<std::string>
     if (!damage) return std::move(damage).error();
     if (damage->none()) continue;
     if (auto r = impl_->repair_layout(id, layout, *damage); !r) return std::move(r).error();
+    if (damage->hash_type)
+      finding({id, "", 0, {}, "the index entry of the artifact's hash type was damaged: rewritten from the signed manifest"});
     if (damage->files)
       finding({id, "", 0, {}, fmt::format("the index's file list was damaged ({}): rewritten from the signed manifest",
                                           damage->first)});
