@@ -505,10 +505,9 @@ void session::work(unsigned w) {
         put = batch_.put(*piece);
         if (put && out_)
           if (auto written = out_->write(*piece); !written) put = std::move(written).error();
-        buf = std::move(*piece).release();  // the buffer serves the next piece
+        buf = std::move(*piece).release();  // the buffer serves the next piece, which overwrites it
       }
     }
-    sodium_memzero(buf.data(), buf.size());
 
     lock.lock();
     src_[k].in_flight--;
@@ -529,6 +528,7 @@ void session::work(unsigned w) {
     charge(t, k, got, rng);
   }
   lock.unlock();
+  buf.resize(buf.capacity());  // a shorter last piece left older plaintext past its end
   sodium_memzero(buf.data(), buf.size());
 }
 

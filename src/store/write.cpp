@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <memory>
 #include <set>
 #include <thread>
 
@@ -54,6 +55,13 @@ struct held_locks {
   }
 };
 
+// A piece's plaintext: bytes in memory that verified (sealed from where they lie), or a stream
+// that fills a scratch buffer chunk by chunk and is checked against the digest as it is sealed.
+struct plaintext {
+  std::span<const std::byte> bytes;
+  const piece_source* stream = nullptr;
+};
+
 // A piece sealed and written, not yet durable nor marked stored.
 struct pending_piece {
   std::size_t index = 0, file = 0;
@@ -64,13 +72,12 @@ struct pending_piece {
   std::shared_ptr<held_locks> locks;
 };
 
-// Seals one piece from `source` into its place, under the locks of `held`. With check_digest, the
-// plaintext is hashed on the way through and bytes that do not match the signed digest are
-// refused (written, but never marked stored); otherwise the caller already holds verified bytes.
+// Seals one piece from `source` into its place, under the locks of `held`. A streamed plaintext
+// is hashed on the way through and bytes that do not match the signed digest are refused
+// (written, but never marked stored); bytes in memory were verified by the caller.
 // Returns nothing when the piece is already stored.
 result<std::optional<pending_piece>> seal_piece(store::impl& s, const verified_manifest& m, std::size_t index,
-                                                const piece_source& source, bool check_digest,
-                                                const std::shared_ptr<held_locks>& held) {
+                                                const plaintext& source, const std::shared_ptr<held_locks>& held) {
   const std::string& id = m.artifact_id();
   if (index >= m.pieces().size() || !m.pieces()[index].range)
     return error(errc::invalid_argument, fmt::format("piece {} does not exist", index));
@@ -105,22 +112,39 @@ result<std::optional<pending_piece>> seal_piece(store::impl& s, const verified_m
   if (!dk) return give_up(std::move(dk).error());
   gcm sealer(gcm::mode::seal, **dk, {raw_id(id), static_cast<std::uint32_t>(mp.file), index, s.key_version,
                                      p.generation, p.nonce});
+  const bool check_digest = source.stream != nullptr;
   hasher h(m.hash_type());
   std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(io_chunk, range.size()));
-  std::vector<std::byte> plain(chunk), sealed(chunk);
-  auto wipe = [&] { sodium_memzero(plain.data(), plain.size()); };
+  // Bytes already in memory are sealed from where they lie; a streamed source fills `plain`.
+  // Neither scratch buffer is zero-filled first: every byte is written before it is read.
+  auto plain = !check_digest ? nullptr : std::make_unique_for_overwrite<std::byte[]>(chunk);
+  auto sealed = std::make_unique_for_overwrite<std::byte[]>(chunk);
+  std::size_t filled = 0;
+  auto wipe = [&] {
+    if (plain) sodium_memzero(plain.get(), filled);
+  };
   for (std::uint64_t off = 0; off < range.size(); off += chunk) {
     auto n = static_cast<std::size_t>(std::min<std::uint64_t>(chunk, range.size() - off));
-    auto in = std::span(plain.data(), n);
-    if (auto r = source(in, off); !r) {
-      wipe();
-      return give_up(std::move(r).error());
+    std::span<const std::byte> in;
+    if (!check_digest) {
+      in = source.bytes.subspan(static_cast<std::size_t>(off), n);
+    } else {
+      filled = std::max(filled, n);
+      if (auto r = (*source.stream)(std::span(plain.get(), n), off); !r) {
+        wipe();
+        return give_up(std::move(r).error());
+      }
+      in = std::span<const std::byte>(plain.get(), n);
     }
     if (check_digest) h.update(in);
-    sealer.update(in, std::span(sealed.data(), n));
-    if (auto r = pwrite_all(*fd, std::span(sealed.data(), n), range.begin + off, path); !r) {
+    sealer.update(in, std::span(sealed.get(), n));
+    auto written = [&] {
+      std::lock_guard turn(s.write_stripe(id, mp.file));
+      return pwrite_all(*fd, std::span<const std::byte>(sealed.get(), n), range.begin + off, path);
+    }();
+    if (!written) {
       wipe();
-      return give_up(std::move(r).error());
+      return give_up(std::move(written).error());
     }
   }
   wipe();
@@ -174,7 +198,7 @@ void count_failure(const error& e) {
 
 // A piece verified for another artifact, or another piece of this one, carries a valid digest for
 // the wrong place: sealing it here would make the store serve it as this piece.
-result<piece_source> source_of(const verified_manifest& m, const verified_piece& piece) {
+result<plaintext> source_of(const verified_manifest& m, const verified_piece& piece) {
   const auto i = piece.index();
   if (piece.artifact_id() != m.artifact_id() || i >= m.pieces().size() || !m.pieces()[i].range ||
       *m.pieces()[i].range != piece.range() || m.pieces()[i].file != piece.file() ||
@@ -182,19 +206,15 @@ result<piece_source> source_of(const verified_manifest& m, const verified_piece&
     return error(errc::invalid_argument,
                  fmt::format("piece {} was verified for artifact {}, not for piece {} of artifact {}", i,
                              piece.artifact_id().substr(0, 12), i, m.artifact_id().substr(0, 12)));
-  return piece_source([bytes = piece.bytes()](std::span<std::byte> chunk, std::uint64_t offset) -> result<void> {
-    std::copy_n(bytes.begin() + static_cast<std::ptrdiff_t>(offset), chunk.size(), chunk.begin());
-    return {};
-  });
+  return plaintext{piece.bytes(), nullptr};
 }
 
 // One piece, durable and stored before this returns.
-result<bool> put_one(store::impl& s, const verified_manifest& m, std::size_t index, const piece_source& source,
-                     bool check_digest) {
+result<bool> put_one(store::impl& s, const verified_manifest& m, std::size_t index, const plaintext& source) {
   auto r = [&]() -> result<bool> {
     auto held = held_locks::take(s, m.artifact_id());
     if (!held) return std::move(held).error();
-    auto p = seal_piece(s, m, index, source, check_digest, *held);
+    auto p = seal_piece(s, m, index, source, *held);
     if (!p) return std::move(p).error();
     if (!*p) return false;
     std::vector<pending_piece> one;
@@ -212,11 +232,11 @@ result<bool> put_one(store::impl& s, const verified_manifest& m, std::size_t ind
 result<bool> store::put_piece(const verified_manifest& m, const verified_piece& piece) {
   auto source = source_of(m, piece);
   if (!source) return std::move(source).error();
-  return put_one(*impl_, m, piece.index(), *source, /*check_digest=*/false);
+  return put_one(*impl_, m, piece.index(), *source);
 }
 
 result<bool> store::put_piece_streamed(const verified_manifest& m, std::size_t index, const piece_source& source) {
-  return put_one(*impl_, m, index, source, /*check_digest=*/true);
+  return put_one(*impl_, m, index, plaintext{{}, &source});
 }
 
 // ---- group commit -------------------------------------------------------------------------------
@@ -299,7 +319,7 @@ struct piece_batch::impl {
     return r;
   }
 
-  result<bool> put(std::size_t index, const piece_source& source, bool check_digest) {
+  result<bool> put(std::size_t index, const plaintext& source) {
     std::shared_ptr<held_locks> group;
     {
       std::unique_lock lock(mutex);
@@ -319,7 +339,7 @@ struct piece_batch::impl {
       }
       group = held;
     }
-    auto p = seal_piece(*s, m, index, source, check_digest, group);
+    auto p = seal_piece(*s, m, index, source, group);
     std::unique_lock lock(mutex);
     if (!p || !*p) {
       claimed.erase(index);
@@ -355,11 +375,11 @@ piece_batch& piece_batch::operator=(piece_batch&&) noexcept = default;
 result<bool> piece_batch::put(const verified_piece& piece) {
   auto source = source_of(impl_->m, piece);
   if (!source) return std::move(source).error();
-  return impl_->put(piece.index(), *source, /*check_digest=*/false);
+  return impl_->put(piece.index(), *source);
 }
 
 result<bool> piece_batch::put_streamed(std::size_t index, const piece_source& source) {
-  return impl_->put(index, source, /*check_digest=*/true);
+  return impl_->put(index, plaintext{{}, &source});
 }
 
 result<std::size_t> piece_batch::commit() { return impl_->commit(); }
