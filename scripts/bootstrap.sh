@@ -18,6 +18,7 @@ packages=(
   doctest-dev                      # unit tests
   openssl                          # the CLI: benchmark baseline and interop checks
   python3 python3-pytest python3-cryptography python3-jwt   # CLI and interop tests, independent OMS checker
+  python3-pytest-xdist             # the CLI tests run on every core (scripts/test.sh)
   docker-registry skopeo           # a real OCI registry and another tool that writes to it (test_registry.py)
   python3-dev pybind11-dev python3-numpy   # the Python binding
   python3-torch                    # load_safetensors(framework="torch") and the TorchServe example
