@@ -32,6 +32,8 @@ if [ -z "$base" ]; then
       { tail -20 "$work/log" >&2; exit 1; }
     rm -rf "$work"/rootfs/var/cache/apt/archives/*.deb "$work"/rootfs/var/lib/apt/lists/*
     tar -C "$work/rootfs" -c . | podman import - "$base" >/dev/null
+    rm -rf "$work"
+    trap - EXIT
   fi
 fi
 

@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
+#include <mutex>
 #include <dirent.h>
 
 namespace drun {
@@ -72,6 +74,9 @@ struct export_writer::impl {
   struct out_file {
     std::string name;
     detail::unique_fd fd;
+    // Its writers take turns: the kernel serializes buffered writes to one inode anyway and spins
+    // on the CPU while it does (see store::impl::write_stripes).
+    std::unique_ptr<std::mutex> turn = std::make_unique<std::mutex>();
   };
   std::vector<out_file> files;               // by file index
   std::vector<std::size_t> piece_file;       // file index of each piece
@@ -91,6 +96,7 @@ struct export_writer::impl {
   }
   result<void> put(std::size_t piece, std::uint64_t offset, std::span<const std::byte> plain) {
     const auto& f = files[piece_file[piece]];
+    std::lock_guard lock(*f.turn);
     return pwrite_all(f.fd.get(), plain, ranges[piece].begin + offset, dest / f.name);
   }
 };

@@ -1405,7 +1405,14 @@ def test_sigkill_during_appends_never_loses_a_confirmed_record(tmp_path):
     rng = random.Random(7)
     for round_ in range(10):
         procs = [_appender(tmp_path, log, f"w{round_}.{k}") for k in range(2)]
-        time.sleep(0.3 + rng.random() * 0.4)
+        # Kill them mid-appends, not while Python still starts (seconds on a loaded machine): once
+        # both have written, after a random while.
+        started = time.monotonic()
+        while not {f"w{round_}.{k}" for k in range(2)} <= {w for w, _ in (_written(log) if log.exists() else ())}:
+            assert time.monotonic() - started < 60, "the appenders wrote nothing in 60 s"
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.01)
+        time.sleep(rng.random() * 0.4)
         for p in procs:
             p.send_signal(signal.SIGKILL)
         for k, p in enumerate(procs):

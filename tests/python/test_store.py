@@ -705,6 +705,19 @@ def popen_killed(argv, delay):
     return Result(argv[1:], p.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
+def popen_killed_once(argv, condition, timeout=60):
+    """Start argv and SIGKILL it as soon as condition() holds (polled), unless it ended first."""
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    started = time.monotonic()
+    while p.poll() is None and time.monotonic() - started < timeout:
+        if condition():
+            p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    out, err = p.communicate(timeout=60)
+    return Result(argv[1:], p.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
 def test_sigkill_during_import(drun, drun_bin, drun_keys, store, tmp_path):
     m = make_model(tmp_path / "big", BIG_FILES)
     pub = sign_model(drun, drun_keys, m)
@@ -728,8 +741,8 @@ def test_sigkill_during_import(drun, drun_bin, drun_keys, store, tmp_path):
     counts = {"killed": 0, "completed": 0}
     unexpected = []
 
-    def attempt(delay):
-        res = popen_killed(argv, delay)
+    def attempt(delay=None):
+        res = popen_killed(argv, delay) if delay is not None else popen_killed_once(argv, lambda: stored_now() > 0)
         if res.rc == -signal.SIGKILL:
             counts["killed"] += 1
         elif res.rc == 0:
@@ -758,11 +771,16 @@ def test_sigkill_during_import(drun, drun_bin, drun_keys, store, tmp_path):
         # End on a partly stored artifact, so that the final import has something to resume. The
         # kill time is bisected: a kill that left nothing stored came too early, an import that
         # completed too late (on a fast machine a whole import takes 50 ms, most of it start-up).
+        # Every other try kills once the store shows a first batch instead: on a loaded machine,
+        # where one import's duration is no guide to the next, that is what lands inside one.
         early, late = 0.0, 1.5 * t_full
-        for _ in range(60):
+        for k in range(60):
             now = stored_now()
             if unexpected or reader.failures or 0 < now < total:
                 break
+            if k % 2:
+                attempt()
+                continue
             delay = rng.uniform(early, late)
             before = counts["completed"]
             attempt(delay)
