@@ -371,29 +371,39 @@ def test_fetch_an_artifact_that_skopeo_copied_in_with_the_bundle_as_a_referrer(d
         reg.stop()
 
 
-def test_a_manifest_that_swaps_two_files_layers_is_refused(drun, tmp_path, pki, drun_keys, node_key):
+def swap_titles(manifest):
+    for l in manifest["layers"]:
+        t = l["annotations"]["org.opencontainers.image.title"]
+        l["annotations"]["org.opencontainers.image.title"] = {"a.bin": "b.bin", "b.bin": "a.bin"}.get(t, t)
+
+
+def pushed_with_swapped_layers(drun, drun_keys, tmp_path, reg, repo, size):
+    """Two files of `size` bytes, signed and pushed to repo:v1, whose manifest is then rewritten
+    with the two layers' titles swapped: (model, public key, the swapped manifest)."""
     m = tmp_path / "model"
     m.mkdir()
-    (m / "a.bin").write_bytes(det_bytes(3 * PIECE, 1))
-    (m / "b.bin").write_bytes(det_bytes(3 * PIECE, 2))
+    (m / "a.bin").write_bytes(det_bytes(size, 1))
+    (m / "b.bin").write_bytes(det_bytes(size, 2))
     key, pub = drun_keys["ecdsa-p256"]
     drun("sign", m, "--key", key, "--piece-size", PIECE).ok()
+    drun("push", m, reg.ref(f"{repo}:v1"), "--ca-cert", reg.ca).ok()
+    mf = reg.get_manifest(repo, "v1")
+    swap_titles(mf)
+    reg.put_manifest(repo, "v1", mf)
+    return m, pub, mf
+
+
+def test_a_manifest_that_swaps_two_files_layers_is_refused(drun, tmp_path, pki, drun_keys, node_key):
     reg = Registry(tmp_path, pki)
     try:
-        drun("push", m, reg.ref("models/swap:v1"), "--ca-cert", reg.ca).ok()
-        mf = reg.get_manifest("models/swap", "v1")
-        for l in mf["layers"]:
-            t = l["annotations"]["org.opencontainers.image.title"]
-            l["annotations"]["org.opencontainers.image.title"] = {"a.bin": "b.bin", "b.bin": "a.bin"}.get(t, t)
-        reg.put_manifest("models/swap", "v1", mf)
+        m, pub, mf = pushed_with_swapped_layers(drun, drun_keys, tmp_path, reg, "models/swap", 3 * PIECE)
         pull(drun, reg, "models/swap:v1", pub, tmp_path / "store", node_key, out=tmp_path / "out").fails(
             1, "digest mismatch")
         assert stored_pieces(drun, tmp_path / "store", node_key) == 0
         assert not (tmp_path / "out" / "a.bin").exists()
         # Layers the manifest says are shorter than the signed files: named, nothing fetched.
+        swap_titles(mf)
         for l in mf["layers"]:
-            t = l["annotations"]["org.opencontainers.image.title"]
-            l["annotations"]["org.opencontainers.image.title"] = {"a.bin": "b.bin", "b.bin": "a.bin"}.get(t, t)
             l["size"] = l["size"] // 2 if l["size"] > 1000 else l["size"]
         status, _, _ = reg.call("PUT", "/v2/models/swap/manifests/short", json.dumps(mf).encode(),
                                 {"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
@@ -522,20 +532,10 @@ class HostileProxy:
 
 def test_a_layer_digest_other_than_the_signed_file_digest_is_refused_before_any_transfer(
         drun, tmp_path, pki, drun_keys, node_key):
-    m = tmp_path / "model"
-    m.mkdir()
-    (m / "a.bin").write_bytes(det_bytes(PIECE // 2, 1))  # one piece each: the piece is the file
-    (m / "b.bin").write_bytes(det_bytes(PIECE // 2, 2))
-    key, pub = drun_keys["ecdsa-p256"]
-    drun("sign", m, "--key", key, "--piece-size", PIECE).ok()
     reg = Registry(tmp_path, pki)
     try:
-        drun("push", m, reg.ref("models/one:v1"), "--ca-cert", reg.ca).ok()
-        mf = reg.get_manifest("models/one", "v1")
-        for l in mf["layers"]:
-            t = l["annotations"]["org.opencontainers.image.title"]
-            l["annotations"]["org.opencontainers.image.title"] = {"a.bin": "b.bin", "b.bin": "a.bin"}.get(t, t)
-        reg.put_manifest("models/one", "v1", mf)
+        # One piece each: the piece is the file.
+        m, pub, _ = pushed_with_swapped_layers(drun, drun_keys, tmp_path, reg, "models/one", PIECE // 2)
         proxy = HostileProxy(reg, pki, "count")
         try:
             r = pull(drun, proxy, "models/one:v1", pub, tmp_path / "store", node_key, out=tmp_path / "out",
